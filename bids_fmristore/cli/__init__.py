@@ -1,0 +1,1 @@
+"""Command line: ``parser`` builds arguments, ``run`` orchestrates."""

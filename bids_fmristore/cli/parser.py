@@ -1,0 +1,152 @@
+"""Command-line arguments (BIDS-Apps conventions, flag names as fMRIPrep/XCP-D use them).
+
+Building the parser has no side effects; :mod:`bids_fmristore.cli.run` acts on the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bids_fmristore import __version__
+
+__all__ = ["build_parser", "parse_name_path", "strip_prefix"]
+
+EPILOG = """\
+exit codes:
+  0    success
+  1    unexpected internal error (a bug: please report it with the traceback)
+  2    command-line usage error
+  3    input dataset problem (missing BIDS_DIR, unknown participant, no BOLD run matches)
+  4    atlas problem (missing file, non-integer labels, bad label table)
+  5    some runs or subjects failed; the others were written
+  130  interrupted
+"""
+
+
+def strip_prefix(prefix: str):
+    """argparse ``type`` that accepts ``01`` as well as ``sub-01`` (for ``prefix="sub-"``)."""
+
+    def convert(value: str) -> str:
+        label = value[len(prefix):] if value.startswith(prefix) else value
+        if not label or not label.replace("+", "").isalnum():
+            raise argparse.ArgumentTypeError(f"invalid label {value!r}")
+        return label
+
+    return convert
+
+
+def parse_name_path(value: str) -> tuple[str, Path]:
+    """``NAME=PATH`` → (NAME, PATH); a bare PATH is named after its folder."""
+    name, sep, path = value.partition("=")
+    if not sep:
+        path = value
+        name = Path(value).resolve().name
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    return name, Path(path)
+
+
+def _atlas(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH to a labels NIfTI, got {value!r}")
+    if not name.isalnum():
+        raise argparse.ArgumentTypeError(f"atlas name {name!r} must be alphanumeric")
+    return name, Path(path)
+
+
+def _space(value: str) -> tuple[str, str | None]:
+    """``MNI152NLin2009cAsym`` or ``MNI152NLin2009cAsym:res-2`` → (space, res)."""
+    space, _, rest = value.partition(":")
+    res = None
+    if rest:
+        key, _, res = rest.partition("-")
+        if key != "res" or not res.isalnum():
+            raise argparse.ArgumentTypeError(f"expected SPACE[:res-LABEL], got {value!r}")
+    if not space.replace("+", "").isalnum():
+        raise argparse.ArgumentTypeError(f"invalid space {space!r}")
+    return space, res
+
+
+def _filter_file(value: str) -> dict:
+    path = Path(value)
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot read {value}: {err.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise argparse.ArgumentTypeError(f"{value} is not valid JSON ({err})") from None
+    if not isinstance(content, dict) or not all(isinstance(v, dict) for v in content.values()):
+        raise argparse.ArgumentTypeError(
+            f"{value}: expected an object of queries, e.g. {{\"bold\": {{\"acquisition\": \"x\"}}}}"
+        )
+    return content
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bids_fmristore`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="bids_fmristore",
+        description="Parcellate BIDS/fMRIPrep BOLD runs into fmristore HDF5 files.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("bids_dir", type=Path, metavar="BIDS_DIR",
+                   help="raw BIDS dataset, or an fMRIPrep derivatives folder")
+    p.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR",
+                   help="where outputs go (must not be inside BIDS_DIR)")
+    p.add_argument("analysis_level", choices=["participant", "group"])
+    p.add_argument("--version", action="version", version=f"bids_fmristore {__version__}")
+
+    g = p.add_argument_group("selecting data")
+    g.add_argument("--participant-label", "--participant_label", nargs="+",
+                   type=strip_prefix("sub-"), metavar="LABEL", dest="participant_label",
+                   help="subjects to process (01 or sub-01); default: all")
+    g.add_argument("--session-label", "--session_label", nargs="+", type=strip_prefix("ses-"),
+                   metavar="LABEL", dest="session_label",
+                   help="sessions to process; outputs are then written per session")
+    g.add_argument("-t", "--task-id", "--task_id", nargs="+", type=strip_prefix("task-"),
+                   metavar="TASK", dest="task_id", help="tasks to process; default: all")
+    g.add_argument("--bids-filter-file", "--bids_filter_file", type=_filter_file,
+                   metavar="FILE", dest="bids_filters",
+                   help='JSON of pybids filters per query ("bold", "mask")')
+    g.add_argument("-d", "--derivatives", nargs="+", action="extend", type=parse_name_path,
+                   metavar="NAME=PATH", default=[],
+                   help="preprocessed derivatives (e.g. fmriprep=/data/derivatives/fmriprep)")
+    g.add_argument("--space", type=_space, default=("MNI152NLin2009cAsym", None),
+                   metavar="SPACE[:res-N]",
+                   help="template space of the BOLD runs (default: MNI152NLin2009cAsym)")
+    g.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
+                   dest="skip_bids_validation", help="do not validate BIDS_DIR file names")
+    g.add_argument("--bids-database-dir", type=Path, metavar="DIR",
+                   help="pybids database folder, reused across runs")
+
+    g = p.add_argument_group("atlases and outputs")
+    g.add_argument("--atlas", nargs="+", action="extend", type=_atlas, metavar="NAME=PATH",
+                   default=[], help="labels NIfTI (_dseg.nii.gz) with a sibling .tsv "
+                   "(index, name); repeatable")
+    g.add_argument("--store", choices=["summary", "full", "both"], default="both",
+                   help="parcel means, every voxel's series, or both (default)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (default: keep them and skip)")
+
+    g = p.add_argument_group("resources and logging")
+    g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
+                   help="scratch folder (holds the pybids database unless --bids-database-dir)")
+    g.add_argument("--nprocs", "--nthreads", "--n_cpus", type=_positive_int, default=1,
+                   dest="nprocs", metavar="N", help="output files built in parallel")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    g.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
+    return p

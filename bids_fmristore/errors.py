@@ -1,0 +1,66 @@
+"""User-facing errors and the exit codes they map to.
+
+A :class:`UserError` is a problem with the user's input (files, flags, datasets). The command
+line prints its one-line message without a traceback and exits with its ``exit_code``. Anything
+else that escapes is a bug and keeps its traceback.
+
+Exit codes (also listed in the README and ``bids_fmristore --help``):
+
+====  ==========================================================================
+0     success
+1     unexpected internal error (a bug; the traceback is printed)
+2     command-line usage error (bad flag or value, OUTPUT_DIR inside BIDS_DIR)
+3     input dataset problem (missing BIDS_DIR, unknown participant, no BOLD run matches)
+4     atlas problem (missing file, non-integer labels, bad label table)
+5     some runs or subjects failed, the others were written
+130   interrupted (Ctrl-C / SIGINT)
+====  ==========================================================================
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EXIT_OK",
+    "EXIT_BUG",
+    "EXIT_USAGE",
+    "EXIT_INPUT",
+    "EXIT_ATLAS",
+    "EXIT_PARTIAL",
+    "EXIT_INTERRUPTED",
+    "UserError",
+    "UsageError",
+    "InputError",
+    "AtlasError",
+]
+
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_USAGE = 2
+EXIT_INPUT = 3
+EXIT_ATLAS = 4
+EXIT_PARTIAL = 5
+EXIT_INTERRUPTED = 130
+
+
+class UserError(Exception):
+    """A problem with the user's input; ``str(err)`` is the one line shown to them."""
+
+    exit_code = EXIT_INPUT
+
+
+class UsageError(UserError):
+    """Inconsistent or invalid command-line options."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputError(UserError):
+    """The BIDS dataset, a derivative dataset or one of their files cannot be used."""
+
+    exit_code = EXIT_INPUT
+
+
+class AtlasError(UserError):
+    """An atlas image or its label table cannot be used."""
+
+    exit_code = EXIT_ATLAS

@@ -1,0 +1,508 @@
+"""H5ParcellatedMultiScan: several scans of one subject, parcellated by one cluster map.
+
+Layout: ``../shared/spec/fmristore-hdf5.md`` §3 and §11.1. One ``/mask`` and ``/cluster_map``
+per file; each scan under ``/scans/<name>`` holds per-cluster voxel blocks
+(``clusters/cluster_<id>``, h5py shape ``(T, n_id)``), a summary matrix
+(``clusters_summary/summary_data``, h5py shape ``(K, T)``, columns in ascending cluster id), or
+both. Voxels are in fmristore order (:func:`~bids_fmristore.formats.header.mask_order`).
+
+:class:`MultiScanWriter` streams scans into a temporary file that becomes the final file only
+when everything was written. :class:`ParcellatedMultiScan` reads any such file lazily,
+including files written by fmristore itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from bids_fmristore.formats._h5 import (
+    decode,
+    read_group_datasets,
+    str_attr,
+    write_metadata_value,
+)
+from bids_fmristore.formats.atomic import atomic_path
+from bids_fmristore.formats.header import (
+    Geometry,
+    mask_coords,
+    mask_from_disk,
+    mask_order,
+    mask_to_disk,
+    read_header,
+    write_header,
+)
+
+__all__ = ["ClusterLayout", "MultiScanWriter", "ParcellatedMultiScan", "STORE_MODES"]
+
+Store = Literal["summary", "full", "both"]
+STORE_MODES: tuple[str, ...] = ("summary", "full", "both")
+FMRISTORE_CLASS = "H5ParcellatedMultiScan"
+SCAN_FULL = "H5ParcellatedScan"
+SCAN_SUMMARY = "H5ParcellatedScanSummary"
+#: Time points per HDF5 chunk, as fmristore's writer (R chunk ``c(1024, 128)``).
+TIME_CHUNK = 128
+_GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+
+
+@dataclass(frozen=True)
+class ClusterLayout:
+    """Voxels of a file grouped by cluster.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (X, Y, Z)
+    cluster_map : ndarray of int, shape (N,)
+        Positive cluster id of every mask voxel, in fmristore voxel order.
+    """
+
+    mask: np.ndarray
+    cluster_map: np.ndarray
+    cluster_ids: np.ndarray = field(init=False)
+    #: permutation of mask-order voxels that groups them by ascending cluster id (stable)
+    by_cluster: np.ndarray = field(init=False)
+    #: start offset of each cluster in ``by_cluster``; shape (K + 1,)
+    bounds: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        cmap = np.asarray(self.cluster_map)
+        if cmap.ndim != 1 or cmap.size != int(np.count_nonzero(self.mask)):
+            raise ValueError(
+                f"cluster_map has {cmap.size} values for {int(np.count_nonzero(self.mask))} "
+                "mask voxels"
+            )
+        if cmap.size and (cmap.min() <= 0 or cmap.max() >= 2**31):
+            raise ValueError("cluster ids must be positive and below 2**31")
+        ids, counts = np.unique(cmap, return_counts=True)
+        object.__setattr__(self, "cluster_ids", ids.astype(np.int64))
+        object.__setattr__(self, "by_cluster", np.argsort(cmap, kind="stable"))
+        object.__setattr__(self, "bounds", np.concatenate([[0], np.cumsum(counts)]))
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Voxels per cluster, shape (K,), in ascending cluster id order."""
+        return np.diff(self.bounds)
+
+
+class MultiScanWriter:
+    """Write an H5ParcellatedMultiScan file scan by scan, atomically.
+
+    Use as a context manager; the file appears under ``path`` only if the block exits without
+    an exception. Data are given in mask order; this class groups them by cluster.
+
+    Parameters
+    ----------
+    path : path-like
+        Final file name.
+    geometry : Geometry
+        Grid of the mask (the BOLD grid).
+    layout : ClusterLayout
+    store : {"summary", "full", "both"}
+        Which parts every scan holds (§3.4 of the spec decides the ``class`` attributes).
+    cluster_meta : dict of str to array, optional
+        Extra ``/clusters/cluster_meta`` columns, each shape (K,) in ascending id order.
+    label_table : (index, name) arrays, optional
+        The whole atlas table, clusters or not, stored under ``/label_table`` so readers can
+        re-index summaries onto every atlas label.
+    attrs : dict, optional
+        Extra root attributes (ignored by fmristore).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        geometry: Geometry,
+        layout: ClusterLayout,
+        store: Store = "both",
+        cluster_meta: dict[str, np.ndarray] | None = None,
+        label_table: tuple[np.ndarray, np.ndarray] | None = None,
+        attrs: dict[str, str] | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        if store not in STORE_MODES:
+            raise ValueError(f"store must be one of {STORE_MODES}, not {store!r}")
+        if tuple(geometry.shape) != tuple(layout.mask.shape):
+            raise ValueError(f"mask shape {layout.mask.shape} != grid {geometry.shape}")
+        self.path = Path(path)
+        self.geometry, self.layout, self.store = geometry, layout, store
+        self._meta = dict(cluster_meta or {})
+        self._label_table = label_table
+        self._attrs = dict(attrs or {})
+        self._overwrite = overwrite
+        self._trs: list[float] = []
+        self._file: h5py.File | None = None
+
+    def __enter__(self) -> MultiScanWriter:
+        self._atomic = atomic_path(self.path, overwrite=self._overwrite)
+        tmp = self._atomic.__enter__()
+        try:
+            self._file = h5py.File(tmp, "w")
+            self._write_static()
+        except BaseException as exc:
+            self._abort(exc)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self._abort(exc)
+            return
+        try:
+            self._finish()
+            self._file.close()
+        except BaseException as err:
+            self._abort(err)
+            raise
+        self._atomic.__exit__(None, None, None)
+
+    def _abort(self, exc: BaseException) -> None:
+        if self._file is not None and self._file.id.valid:
+            self._file.close()
+        self._atomic.__exit__(type(exc), exc, exc.__traceback__)
+
+    def _write_static(self) -> None:
+        f, lay = self._file, self.layout
+        f.attrs["fmristore_class"] = FMRISTORE_CLASS
+        for key, value in self._attrs.items():
+            f.attrs[key] = value
+        write_header(f.create_group("header"), self.geometry, 0)
+        f.create_dataset("mask", data=mask_to_disk(lay.mask))
+        f.create_dataset("cluster_map", data=lay.cluster_map.astype(np.int32))
+        coords = mask_coords(lay.mask).T + 1  # R's which(arr.ind=TRUE) is 1-based
+        f.create_dataset("voxel_coords", data=coords.astype(np.int32))
+        clusters = f.create_group("clusters")
+        clusters.create_dataset("cluster_ids", data=lay.cluster_ids.astype(np.int32))
+        meta = clusters.create_group("cluster_meta")
+        meta.create_dataset("cluster_id", data=lay.cluster_ids.astype(np.int32))
+        for key, values in self._meta.items():
+            values = np.asarray(values)
+            if values.shape != lay.cluster_ids.shape:
+                raise ValueError(f"cluster_meta[{key!r}] has shape {values.shape}")
+            write_metadata_value(meta, key, values)
+        if self._label_table is not None:
+            index, names = self._label_table
+            table = f.create_group("label_table")
+            table.create_dataset("index", data=np.asarray(index, dtype=np.int32))
+            table.create_dataset("name", data=np.asarray(names, dtype=object),
+                                 dtype=h5py.string_dtype())
+        scans = f.create_group("scans")
+        scans.attrs["summary_only"] = np.bool_(self.store == "summary")
+
+    def _finish(self) -> None:
+        n_scans = len(self._file["scans"])
+        self._file["header/dim"][4] = n_scans
+        if self._trs and np.allclose(self._trs, self._trs[0]):
+            self._file["header/pixdim"][4] = self._trs[0]
+
+    def add_scan(self, name: str, n_time: int, metadata: dict | None = None) -> ScanWriter:
+        """Create ``/scans/<name>`` for a scan of ``n_time`` volumes and return its writer.
+
+        ``metadata`` values (str, int, float, bool or 1-D arrays) go to ``metadata/<key>``;
+        ``n_time`` is always written as an int32 there and as a scan attribute (pitfall 13).
+        """
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"invalid scan name {name!r}")
+        if n_time < 1:
+            raise ValueError(f"scan {name!r} has no volumes")
+        group = self._file["scans"].create_group(name)
+        group.attrs["n_time"] = np.int32(n_time)
+        if self.store != "both":  # §3.4: without `class`, R users may pick either part
+            group.attrs["class"] = SCAN_SUMMARY if self.store == "summary" else SCAN_FULL
+        meta = group.create_group("metadata")
+        meta.create_dataset("n_time", data=np.int32(n_time))
+        for key, value in (metadata or {}).items():
+            if key.startswith("n_time"):
+                raise ValueError(f"metadata key {key!r} would shadow n_time in R")
+            if value is not None:
+                write_metadata_value(meta, key, value)
+        tr = (metadata or {}).get("TR")
+        if tr:
+            self._trs.append(float(tr))
+        return ScanWriter(group, self.layout, int(n_time), self.store)
+
+    def discard_scan(self, name: str) -> None:
+        """Remove a scan whose data could not be completed (its TR no longer counts)."""
+        group = self._file["scans"][name]
+        tr = group.get("metadata/TR")
+        if tr is not None and float(tr[()]) in self._trs:
+            self._trs.remove(float(tr[()]))
+        del self._file["scans"][name]
+
+
+class ScanWriter:
+    """Receives one scan's data in time order; created by :meth:`MultiScanWriter.add_scan`."""
+
+    def __init__(self, group: h5py.Group, layout: ClusterLayout, n_time: int, store: Store):
+        self.layout, self.n_time = layout, n_time
+        self._written = 0
+        self._datasets: list[h5py.Dataset] = []
+        self._group = group
+        if store in ("full", "both"):
+            clusters = group.create_group("clusters")
+            for cid, n in zip(layout.cluster_ids, layout.counts, strict=True):
+                self._datasets.append(
+                    clusters.create_dataset(
+                        f"cluster_{int(cid)}", shape=(n_time, int(n)), dtype=np.float32,
+                        chunks=(min(n_time, TIME_CHUNK), int(min(n, 1024))), **_GZIP,
+                    )
+                )
+        self.wants_voxels = bool(self._datasets)
+        self.wants_summary = store in ("summary", "both")
+        self._summary_written = False
+
+    def write_voxels(self, block: np.ndarray) -> None:
+        """Append time points: ``block`` shape (k, N), mask order, the next k volumes.
+
+        Callers get the best speed with k a multiple of :data:`TIME_CHUNK`.
+        """
+        if not self.wants_voxels:
+            return
+        block = np.asarray(block, dtype=np.float32)
+        t0, t1 = self._written, self._written + block.shape[0]
+        if t1 > self.n_time or block.shape[1] != self.layout.by_cluster.size:
+            raise ValueError(f"voxel block {block.shape} does not fit at t={t0}")
+        grouped = block[:, self.layout.by_cluster]
+        bounds = self.layout.bounds
+        for k, ds in enumerate(self._datasets):
+            ds[t0:t1] = grouped[:, bounds[k] : bounds[k + 1]]
+        self._written = t1
+
+    def write_summary(self, summary: np.ndarray) -> None:
+        """Store the (T, K) summary, columns in ascending cluster id order."""
+        if not self.wants_summary:
+            return
+        summary = np.asarray(summary, dtype=np.float32)
+        k = self.layout.cluster_ids.size
+        if summary.shape != (self.n_time, k):
+            raise ValueError(f"summary shape {summary.shape} != {(self.n_time, k)}")
+        grp = self._group.create_group("clusters_summary")
+        # No attributes on summary_data: fmristore's constructor fails on some (pitfall 6).
+        grp.create_dataset(
+            "summary_data", data=np.ascontiguousarray(summary.T),
+            chunks=(min(k, 256), min(self.n_time, TIME_CHUNK)), **_GZIP,
+        )
+        self._summary_written = True
+
+    def check_complete(self) -> None:
+        """Raise if fewer time points than announced were written."""
+        if self.wants_voxels and self._written != self.n_time:
+            raise RuntimeError(f"{self._group.name}: {self._written} of {self.n_time} volumes")
+        if self.wants_summary and not self._summary_written:
+            raise RuntimeError(f"{self._group.name}: summary missing")
+
+
+class ParcellatedMultiScan:
+    """Lazy reader for H5ParcellatedMultiScan files (ours or fmristore's).
+
+    Arrays are in nibabel's orientation (``mask[x, y, z]``); voxel selections are 0-based
+    indices into fmristore voxel order. Data are read from HDF5 only when asked for.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._f = h5py.File(self.path, "r")
+        try:
+            self._load()
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _load(self) -> None:
+        f = self._f
+        if "header" not in f:
+            raise ValueError(f"{self.path}: no /header group")
+        geom = read_header(f["header"])
+        self.shape, self.affine = geom.shape, geom.affine
+        if "cluster_map" not in f or f["cluster_map"].ndim != 1:
+            raise ValueError(f"{self.path}: /cluster_map missing or not 1-D")
+        self.mask = mask_from_disk(f["mask"][()])
+        if self.mask.shape != self.shape:
+            raise ValueError(f"{self.path}: mask {self.mask.shape} != header {self.shape}")
+        self.cluster_map = f["cluster_map"][()].astype(np.int64)
+        if self.cluster_map.size != int(self.mask.sum()):
+            raise ValueError(f"{self.path}: cluster_map length != mask voxels")
+        self.cluster_ids = np.unique(self.cluster_map)
+        if "scans" not in f:
+            raise ValueError(f"{self.path}: no /scans group")
+        # R lists children by name index = byte-wise order (spec §1.4).
+        self.scan_names = sorted(f["scans"].keys(), key=lambda s: s.encode())
+        self._preference = _summary_preference(f["scans"])
+        self._rank: np.ndarray | None = None
+
+    # -- file-level properties -------------------------------------------------------------
+    def __enter__(self) -> ParcellatedMultiScan:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the HDF5 file."""
+        self._f.close()
+
+    def __repr__(self) -> str:
+        return (f"<ParcellatedMultiScan {self.path.name}: {len(self.scan_names)} scans, "
+                f"{self.n_voxels} voxels, {self.cluster_ids.size} clusters>")
+
+    @property
+    def n_voxels(self) -> int:
+        """Number of mask voxels N."""
+        return int(self.cluster_map.size)
+
+    @property
+    def coords(self) -> np.ndarray:
+        """0-based voxel coordinates (N, 3) of the mask, in fmristore order."""
+        return mask_coords(self.mask)
+
+    @property
+    def mask_indices(self) -> np.ndarray:
+        """Flat Fortran-order indices (N,) of the mask voxels in the (X, Y, Z) grid."""
+        return mask_order(self.mask)
+
+    def cluster_sizes(self) -> dict[int, int]:
+        """Voxels per cluster id."""
+        ids, counts = np.unique(self.cluster_map, return_counts=True)
+        return {int(i): int(c) for i, c in zip(ids, counts, strict=True)}
+
+    @property
+    def cluster_meta(self) -> pd.DataFrame:
+        """``/clusters/cluster_meta`` as a table (one row per cluster); empty if absent."""
+        node = self._f.get("clusters/cluster_meta")
+        if node is None:
+            return pd.DataFrame()
+        if isinstance(node, h5py.Dataset):  # compound form (spec §3.1)
+            arr = node[()]
+            return pd.DataFrame({n: [decode(v) for v in arr[n]] for n in arr.dtype.names})
+        return pd.DataFrame(read_group_datasets(node))
+
+    @property
+    def label_table(self) -> pd.DataFrame | None:
+        """Every atlas label (``index``, ``name``), clusters or not; None for foreign files."""
+        node = self._f.get("label_table")
+        if node is None:
+            return None
+        return pd.DataFrame(read_group_datasets(node))
+
+    # -- scans -----------------------------------------------------------------------------
+    def _scan(self, name: str) -> h5py.Group:
+        if name not in self._f["scans"]:
+            raise KeyError(f"no scan {name!r} in {self.path.name}; scans: {self.scan_names}")
+        return self._f["scans"][name]
+
+    def scan_metadata(self, name: str) -> dict:
+        """Datasets under ``/scans/<name>/metadata`` as Python values."""
+        node = self._scan(name).get("metadata")
+        return {} if node is None else read_group_datasets(node, scalars=True)
+
+    def scan_kind(self, name: str) -> Literal["full", "summary"]:
+        """The part fmristore's ``H5ParcellatedMultiScan`` exposes for this scan (§3.2 step 9)."""
+        group = self._scan(name)
+        has_summary = "clusters_summary/summary_data" in group
+        has_full = "clusters" in group
+        cls = str_attr(group, "class")
+        if cls == SCAN_SUMMARY or (cls != SCAN_FULL and self._preference == "require"):
+            kind = "summary"
+        elif cls == SCAN_FULL or self._preference == "ignore":
+            kind = "full"
+        else:
+            kind = "summary" if has_summary else "full"
+        if (kind == "summary" and not has_summary) or (kind == "full" and not has_full):
+            raise ValueError(f"{self.path.name}: scan {name!r} has no {kind} data")
+        return kind
+
+    def has_summary(self, name: str) -> bool:
+        return "clusters_summary/summary_data" in self._scan(name)
+
+    def has_voxels(self, name: str) -> bool:
+        return "clusters" in self._scan(name)
+
+    def n_time(self, name: str) -> int:
+        """Number of time points of a scan."""
+        group = self._scan(name)
+        meta = group.get("metadata/n_time")
+        if meta is not None:
+            return int(np.asarray(meta[()]).ravel()[0])
+        if "n_time" in group.attrs:
+            return int(np.asarray(group.attrs["n_time"]).ravel()[0])
+        if self.has_summary(name) and not self.has_voxels(name):
+            return int(group["clusters_summary/summary_data"].shape[1])
+        first = int(self.cluster_map[0])
+        return int(group[f"clusters/cluster_{first}"].shape[0])
+
+    def summary(self, name: str, *, all_labels: bool = False) -> pd.DataFrame:
+        """Parcel mean time series, shape (T, K), one column per cluster id (ascending).
+
+        With ``all_labels=True`` the columns are every label of the atlas table stored in the
+        file (``label_table``), NaN for labels that have no voxel in the mask.
+        """
+        ds = self._scan(name).get("clusters_summary/summary_data")
+        if ds is None:
+            raise ValueError(f"{self.path.name}: scan {name!r} has no summary data")
+        data = ds[()].T
+        # fmristore's rule: ids when the count matches, else positions 1..K (§3.2 step 12).
+        ids = self.cluster_ids if self.cluster_ids.size == data.shape[1] else (
+            np.arange(1, data.shape[1] + 1))
+        frame = pd.DataFrame(data, columns=pd.Index(ids.astype(np.int64), name="cluster_id"))
+        frame.index.name = "time"
+        if all_labels:
+            table = self.label_table
+            if table is None:
+                raise ValueError(f"{self.path.name} has no label_table to re-index onto")
+            frame = frame.reindex(columns=pd.Index(table["index"].astype(np.int64),
+                                                   name="cluster_id"))
+        return frame
+
+    def series(self, name: str, voxels: np.ndarray | list[int] | None = None) -> np.ndarray:
+        """Voxel time series, shape (T, n), for 0-based mask-order voxel indices.
+
+        Only the HDF5 columns of the clusters that hold the requested voxels are read.
+        """
+        group = self._scan(name)
+        if "clusters" not in group:
+            raise ValueError(f"{self.path.name}: scan {name!r} has no voxel data")
+        idx = np.arange(self.n_voxels) if voxels is None else np.asarray(voxels, dtype=np.int64)
+        if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= self.n_voxels)):
+            raise IndexError(f"voxel indices must be 1-D within [0, {self.n_voxels})")
+        out = np.empty((self.n_time(name), idx.size), dtype=np.float32)
+        rank = self._within_cluster_rank()
+        cids = self.cluster_map[idx]
+        for cid in np.unique(cids):
+            sel = np.flatnonzero(cids == cid)
+            ds = group[f"clusters/cluster_{int(cid)}"]
+            cols = rank[idx[sel]]
+            if ds.shape[0] != out.shape[0]:
+                raise ValueError(f"{ds.name} has {ds.shape[0]} time points, not {out.shape[0]}")
+            if cols.size * 2 >= ds.shape[1]:
+                out[:, sel] = ds[()][:, cols]
+            else:
+                uniq, inverse = np.unique(cols, return_inverse=True)
+                out[:, sel] = ds[:, uniq][:, inverse]
+        return out
+
+    def _within_cluster_rank(self) -> np.ndarray:
+        if self._rank is None:
+            lay = ClusterLayout(self.mask, self.cluster_map)
+            rank = np.empty(self.n_voxels, dtype=np.int64)
+            starts = np.repeat(lay.bounds[:-1], lay.counts)
+            rank[lay.by_cluster] = np.arange(self.n_voxels) - starts
+            self._rank = rank
+        return self._rank
+
+
+def _summary_preference(scans: h5py.Group) -> str:
+    """``/scans@summary_only`` as R reads it: only a logical counts (spec §3.2 step 7)."""
+    if "summary_only" not in scans.attrs:
+        return "prefer"
+    dtype = scans.attrs.get_id("summary_only").dtype
+    enum = h5py.check_enum_dtype(dtype)
+    is_logical = dtype == np.bool_ or (enum is not None and set(enum) >= {"FALSE", "TRUE"})
+    if not is_logical:
+        return "prefer"
+    value = bool(np.asarray(scans.attrs["summary_only"]).ravel()[0])
+    return "require" if value else "ignore"

@@ -1,0 +1,105 @@
+"""Parcellation of one run in a single streaming pass: parcel means and voxel blocks.
+
+Semantics are nilearn's ``NiftiLabelsMasker``: the mean over the voxels of each label inside
+the mask, per volume. Means of integer data are taken on the stored integers with float64
+accumulators and scaled afterwards (``mean(a*x+b) == a*mean(x)+b``), so no float copy of the
+run is ever made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bids_fmristore.nifti_stream import NiftiInfo, iter_volumes
+
+__all__ = ["Parcels", "parcellate_run", "VOLUMES_PER_CHUNK"]
+
+#: Volumes decoded at a time; a multiple of the HDF5 time chunk (128) keeps writes aligned.
+VOLUMES_PER_CHUNK = 128
+
+VoxelSink = Callable[[int, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class Parcels:
+    """Voxels of one output file, grouped by label.
+
+    Parameters
+    ----------
+    voxels : ndarray of int, shape (N,)
+        Flat indices (x fastest) of the file's mask voxels in fmristore order.
+    labels : ndarray of int, shape (N,)
+        Label of each of those voxels.
+    """
+
+    voxels: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray = field(init=False)
+    _grouped: np.ndarray = field(init=False, repr=False)
+    _starts: np.ndarray = field(init=False, repr=False)
+    counts: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.voxels.shape != self.labels.shape:
+            raise ValueError("voxels and labels differ in length")
+        order = np.argsort(self.labels, kind="stable")
+        ids, counts = np.unique(self.labels, return_counts=True)
+        object.__setattr__(self, "ids", ids)
+        object.__setattr__(self, "counts", counts)
+        object.__setattr__(self, "_grouped", self.voxels[order])
+        object.__setattr__(self, "_starts", np.concatenate([[0], np.cumsum(counts)[:-1]]))
+
+    def sums(self, block: np.ndarray) -> np.ndarray:
+        """Per-label sums of a block ``(k, n_vox)`` → ``(k, K)`` float64."""
+        if not self.ids.size:
+            return np.zeros((block.shape[0], 0))
+        return np.add.reduceat(block[:, self._grouped], self._starts, axis=1, dtype=np.float64)
+
+
+def parcellate_run(
+    info: NiftiInfo,
+    parcels: Sequence[Parcels],
+    voxel_sinks: Sequence[VoxelSink | None] | None = None,
+    *,
+    per_chunk: int = VOLUMES_PER_CHUNK,
+) -> list[np.ndarray]:
+    """Read a run once and compute every target's parcel means (and voxel blocks).
+
+    Parameters
+    ----------
+    info : NiftiInfo
+        The run (from :func:`bids_fmristore.nifti_stream.read_info`).
+    parcels : sequence of Parcels
+        One per output; all must index volumes of ``info``'s grid.
+    voxel_sinks : sequence of callables or None, optional
+        ``sink(t0, block)`` receives the scaled float32 voxel data ``(k, N)`` of the
+        corresponding ``parcels`` entry in mask order, in time order.
+
+    Returns
+    -------
+    list of ndarray
+        Per target, the means, shape (T, K), float64, columns in ascending label order.
+    """
+    sinks = list(voxel_sinks or [None] * len(parcels))
+    n_t = info.shape[3]
+    means = [np.empty((n_t, p.ids.size)) for p in parcels]
+    slope, inter = np.float32(info.slope), np.float32(info.inter)
+    for t0, block in iter_volumes(info, per_chunk):
+        t1 = t0 + block.shape[0]
+        for p, out, sink in zip(parcels, means, sinks, strict=True):
+            out[t0:t1] = p.sums(block)
+            if sink is not None:
+                values = block[:, p.voxels].astype(np.float32)
+                if info.scaled:
+                    values *= slope
+                    values += inter
+                sink(t0, values)
+    for p, out in zip(parcels, means, strict=True):
+        out /= p.counts
+        if info.scaled:
+            out *= info.slope
+            out += info.inter
+    return means
