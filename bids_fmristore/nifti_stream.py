@@ -72,21 +72,24 @@ def read_info(path: str | Path) -> NiftiInfo:
     img = nib.load(path)
     if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass; pairs are not
         raise ValueError(f"{path}: not a single-file NIfTI image")
-    header = img.header
-    shape = tuple(int(v) for v in header.get_data_shape())
+    # The proxy describes the bytes on disk; img.header is a copy whose vox_offset may be reset.
+    proxy = img.dataobj
+    shape = tuple(int(v) for v in proxy.shape)
     if len(shape) == 3:
         shape = (*shape, 1)
     if len(shape) != 4:
         raise ValueError(f"{path}: expected a 3-D or 4-D image, not shape {shape}")
-    slope, inter = header.get_slope_inter()
+    slope, inter = float(proxy.slope), float(proxy.inter)
+    if not np.isfinite(slope) or slope == 0:  # NIfTI: slope 0 or NaN means "no scaling"
+        slope, inter = 1.0, 0.0
     return NiftiInfo(
         path=path,
         shape=shape,  # type: ignore[arg-type]
         affine=img.affine.copy(),
-        dtype=header.get_data_dtype(),
-        offset=int(header.get_data_offset()),
-        slope=1.0 if slope is None else float(slope),
-        inter=0.0 if inter is None else float(inter),
+        dtype=np.dtype(proxy.dtype),
+        offset=int(proxy.offset),
+        slope=slope,
+        inter=inter if np.isfinite(inter) else 0.0,
     )
 
 
