@@ -1,0 +1,76 @@
+"""Streaming NIfTI reader against nibabel's own reading of the same files."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.testing import data_path as NIBABEL_DATA
+
+from bids_fmristore.nifti_stream import iter_volumes, read_info
+from bids_fmristore.parcellate import Parcels, parcellate_run
+
+
+def _rows(img) -> np.ndarray:
+    data = np.asanyarray(img.dataobj.get_unscaled())
+    if data.ndim == 3:
+        data = data[..., None]
+    return data.reshape(-1, data.shape[3], order="F").T
+
+
+@pytest.mark.parametrize("name", ["example4d.nii.gz", "functional.nii", "example_nifti2.nii.gz",
+                                  "anatomical.nii"])
+@pytest.mark.parametrize("per_chunk", [1, 3, 128])
+def test_blocks_equal_nibabel(name, per_chunk):
+    path = f"{NIBABEL_DATA}/{name}"
+    info = read_info(path)
+    expected = _rows(nib.load(path))
+    got = np.concatenate([b.copy() for _, b in iter_volumes(info, per_chunk)])
+    assert got.dtype.str[1:] == expected.dtype.str[1:]  # same type; concatenate may swap bytes
+    assert np.array_equal(got, expected)
+
+
+def test_big_endian_and_scaled(tmp_path, rng):
+    data = rng.integers(-500, 500, size=(4, 3, 5, 7)).astype(">i2")
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_slope_inter(2.5, -3.0)
+    for ext in (".nii", ".nii.gz"):
+        path = tmp_path / f"be{ext}"
+        nib.save(img, path)
+        info = read_info(path)
+        assert (info.slope, info.inter) == (2.5, -3.0)
+        got = np.concatenate([b.copy() for _, b in iter_volumes(info, 2)])
+        assert np.array_equal(got, _rows(nib.load(path)))
+
+
+def test_truncated_file_raises_eof(tmp_path, rng):
+    path = tmp_path / "t.nii.gz"
+    nib.save(nib.Nifti1Image(rng.normal(size=(5, 5, 5, 9)).astype(np.float32), np.eye(4)), path)
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[: len(raw) * 2 // 3]))
+    with pytest.raises(EOFError, match="truncated"):
+        for _ in iter_volumes(read_info(path), 4):
+            pass
+
+
+@pytest.mark.parametrize("n_t", [1, 5, 130])
+def test_streamed_means_equal_whole_array(tmp_path, rng, n_t):
+    """Chunk boundaries (T not a multiple of the chunk) and one-volume runs."""
+    shape = (6, 4, 5)
+    data = rng.normal(100, 5, size=(*shape, n_t)).astype(np.float32)
+    path = tmp_path / "r.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    labels = rng.integers(0, 5, size=shape)
+    flat = np.flatnonzero((labels > 0).ravel(order="F"))
+    lab = labels.ravel(order="F")[flat]
+    got = []
+    (means,) = parcellate_run(read_info(path), [Parcels(flat, lab)],
+                              [lambda t0, b: got.append((t0, b.copy()))], per_chunk=4)
+    rows = data.reshape(-1, n_t, order="F")[flat].T
+    expected = np.stack([rows[:, lab == k].astype(np.float64).mean(axis=1)
+                         for k in np.unique(lab)], axis=1)
+    np.testing.assert_allclose(means, expected, rtol=1e-12)
+    assert [t0 for t0, _ in got] == list(range(0, n_t, 4))
+    assert np.array_equal(np.concatenate([b for _, b in got]), rows)
