@@ -17,8 +17,9 @@ from bids_fmristore.nifti_stream import NiftiInfo, iter_volumes
 
 __all__ = ["Parcels", "parcellate_run", "VOLUMES_PER_CHUNK"]
 
-#: Volumes decoded at a time; a multiple of the HDF5 time chunk (128) keeps writes aligned.
-VOLUMES_PER_CHUNK = 128
+#: Volumes decoded at a time: two read buffers of this size bound memory (8 MNI 2 mm
+#: volumes = 35 MB each) while amortising per-block overhead (see bench/).
+VOLUMES_PER_CHUNK = 8
 
 VoxelSink = Callable[[int, np.ndarray], None]
 

@@ -13,6 +13,9 @@ including files written by fmristore itself.
 
 from __future__ import annotations
 
+import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -38,6 +41,11 @@ from bids_fmristore.formats.header import (
     write_header,
 )
 
+try:
+    from isal.isal_zlib import compress as _deflate
+except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same format
+    _deflate = zlib.compress
+
 __all__ = ["ClusterLayout", "MultiScanWriter", "ParcellatedMultiScan", "STORE_MODES"]
 
 Store = Literal["summary", "full", "both"]
@@ -45,9 +53,32 @@ STORE_MODES: tuple[str, ...] = ("summary", "full", "both")
 FMRISTORE_CLASS = "H5ParcellatedMultiScan"
 SCAN_FULL = "H5ParcellatedScan"
 SCAN_SUMMARY = "H5ParcellatedScanSummary"
-#: Time points per HDF5 chunk, as fmristore's writer (R chunk ``c(1024, 128)``).
+#: HDF5 chunk of a voxel block: 128 time points x 1024 voxels, as fmristore's writer.
 TIME_CHUNK = 128
+VOXEL_CHUNK = 1024
 _GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+#: Deflate level of direct chunks: isal's level 1 compresses like zlib's 4, ~10x faster.
+_DIRECT_LEVEL = 1
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _encoder_pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                   thread_name_prefix="bids_fmristore-deflate")
+    return _POOL
+
+
+def _encode_chunk(block: np.ndarray, chunk: tuple[int, int]) -> bytes:
+    """HDF5 shuffle then deflate (zlib format) of one chunk, zero-padded at the edges."""
+    if block.shape != chunk:
+        padded = np.zeros(chunk, dtype=np.float32)
+        padded[: block.shape[0], : block.shape[1]] = block
+        block = padded
+    raw = np.ascontiguousarray(block, dtype=np.float32).view(np.uint8)
+    shuffled = raw.reshape(-1, 4).T.tobytes()  # byte planes, as the shuffle filter stores them
+    return _deflate(shuffled, _DIRECT_LEVEL)
 
 
 @dataclass(frozen=True)
@@ -236,42 +267,71 @@ class MultiScanWriter:
 
 
 class ScanWriter:
-    """Receives one scan's data in time order; created by :meth:`MultiScanWriter.add_scan`."""
+    """Receives one scan's data in time order; created by :meth:`MultiScanWriter.add_scan`.
+
+    Voxel data are buffered to whole HDF5 time chunks, shuffled and deflated in a thread pool
+    (zlib and isal release the GIL), and stored with ``write_direct_chunk``. The datasets
+    declare the standard shuffle+deflate filters, so every HDF5 reader (R included) decodes
+    them; h5py's own single-threaded deflate would be the bottleneck otherwise.
+    """
 
     def __init__(self, group: h5py.Group, layout: ClusterLayout, n_time: int, store: Store):
         self.layout, self.n_time = layout, n_time
         self._written = 0
         self._datasets: list[h5py.Dataset] = []
         self._group = group
+        self._chunk_t = min(n_time, TIME_CHUNK)
         if store in ("full", "both"):
             clusters = group.create_group("clusters")
             for cid, n in zip(layout.cluster_ids, layout.counts, strict=True):
                 self._datasets.append(
                     clusters.create_dataset(
                         f"cluster_{int(cid)}", shape=(n_time, int(n)), dtype=np.float32,
-                        chunks=(min(n_time, TIME_CHUNK), int(min(n, 1024))), **_GZIP,
+                        chunks=(self._chunk_t, int(min(n, VOXEL_CHUNK))), **_GZIP,
                     )
                 )
         self.wants_voxels = bool(self._datasets)
         self.wants_summary = store in ("summary", "both")
         self._summary_written = False
+        self._buffer: np.ndarray | None = None
+        self._filled = 0
 
     def write_voxels(self, block: np.ndarray) -> None:
-        """Append time points: ``block`` shape (k, N), mask order, the next k volumes.
-
-        Callers get the best speed with k a multiple of :data:`TIME_CHUNK`.
-        """
+        """Append time points: ``block`` shape (k, N), mask order, the next k volumes."""
         if not self.wants_voxels:
             return
-        block = np.asarray(block, dtype=np.float32)
-        t0, t1 = self._written, self._written + block.shape[0]
-        if t1 > self.n_time or block.shape[1] != self.layout.by_cluster.size:
-            raise ValueError(f"voxel block {block.shape} does not fit at t={t0}")
-        grouped = block[:, self.layout.by_cluster]
+        block = np.asarray(block)
+        n_vox = self.layout.by_cluster.size
+        if self._written + self._filled + block.shape[0] > self.n_time or block.shape[1] != n_vox:
+            raise ValueError(f"voxel block {block.shape} does not fit at "
+                             f"t={self._written + self._filled}")
+        if self._buffer is None:
+            self._buffer = np.empty((self._chunk_t, n_vox), dtype=np.float32)
+        start = 0
+        while start < block.shape[0]:
+            take = min(block.shape[0] - start, self._chunk_t - self._filled)
+            self._buffer[self._filled : self._filled + take] = block[start : start + take]
+            self._filled += take
+            start += take
+            if self._filled == self._chunk_t or self._written + self._filled == self.n_time:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Encode the buffered time chunk of every cluster and store it as direct chunks."""
+        rows, t0 = self._filled, self._written
+        grouped = self._buffer[:rows, self.layout.by_cluster]
         bounds = self.layout.bounds
+        jobs = []
         for k, ds in enumerate(self._datasets):
-            ds[t0:t1] = grouped[:, bounds[k] : bounds[k + 1]]
-        self._written = t1
+            block = grouped[:, bounds[k] : bounds[k + 1]]
+            width = ds.chunks[1]
+            for c0 in range(0, block.shape[1], width):
+                jobs.append((ds, (t0, c0), block[:, c0 : c0 + width], (self._chunk_t, width)))
+        encoded = _encoder_pool().map(lambda job: _encode_chunk(job[2], job[3]), jobs)
+        for (ds, offset, _, _), payload in zip(jobs, encoded, strict=True):
+            ds.id.write_direct_chunk(offset, payload)
+        self._written += rows
+        self._filled = 0
 
     def write_summary(self, summary: np.ndarray) -> None:
         """Store the (T, K) summary, columns in ascending cluster id order."""
@@ -291,7 +351,7 @@ class ScanWriter:
 
     def check_complete(self) -> None:
         """Raise if fewer time points than announced were written."""
-        if self.wants_voxels and self._written != self.n_time:
+        if self.wants_voxels and self._written + self._filled != self.n_time:
             raise RuntimeError(f"{self._group.name}: {self._written} of {self.n_time} volumes")
         if self.wants_summary and not self._summary_written:
             raise RuntimeError(f"{self._group.name}: summary missing")

@@ -1,0 +1,230 @@
+"""Parcellation benchmark: our streaming engine vs nilearn vs the bare gzip decompression floor.
+
+    python bench/run.py                 # all cases, 3 rounds each
+    python bench/run.py --quick         # float32 T=300 with 400 labels only, 2 rounds
+    python bench/run.py --cases f32-T300-L400 i16-T300-L400 --rounds 5
+
+Data are generated deterministically on the MNI 2 mm grid (97x115x97, brain mask from
+nilearn's shipped MNI template) into ``bench/_data`` (reused on later runs). Every measurement
+runs in its own process; the table reports the median wall time (measured inside the process,
+imports excluded), the peak RSS of that process, and ratios taken from the same run:
+
+    (a) floor  bare isal decompression of the .nii.gz
+    (b) means  our parcel means only
+    (c) h5     our full + summary H5ParcellatedMultiScan output
+    (d) nilearn NiftiLabelsMasker(resampling_target="data").fit_transform
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SHAPE = (97, 115, 97)
+CASES = {
+    "f32-T300-L400": ("float32", 300, 400),
+    "f32-T300-L100": ("float32", 300, 100),
+    "i16-T300-L400": ("int16", 300, 400),
+    "f32-T1000-L400": ("float32", 1000, 400),
+}
+MODES = ("floor", "means", "h5", "nilearn")
+
+
+def mni_affine() -> np.ndarray:
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff[:3, 3] = [-96.0, -132.0, -78.0]
+    return aff
+
+
+def brain_mask() -> np.ndarray:
+    import nibabel as nib
+    import nilearn
+    from nilearn.image import resample_img
+
+    t1 = Path(nilearn.__file__).parent / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    img = resample_img(nib.load(t1), target_affine=mni_affine(), target_shape=SHAPE,
+                       interpolation="nearest", force_resample=True, copy_header=True)
+    data = np.asanyarray(img.dataobj)
+    return data > 0.25 * data.max()
+
+
+def make_atlas(mask: np.ndarray, n_labels: int, out: Path) -> Path:
+    """Voronoi parcels of the brain mask around deterministic random seeds."""
+    import nibabel as nib
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(n_labels)
+    vox = np.argwhere(mask)
+    seeds = vox[rng.choice(len(vox), n_labels, replace=False)]
+    _, nearest = cKDTree(seeds).query(vox)
+    labels = np.zeros(SHAPE, np.int16)
+    labels[tuple(vox.T)] = nearest + 1
+    nib.save(nib.Nifti1Image(labels, mni_affine()), out)
+    rows = ["index\tname"] + [f"{i}\tparcel{i:03d}" for i in range(1, n_labels + 1)]
+    out.with_name(out.name.replace(".nii.gz", ".tsv")).write_text("\n".join(rows) + "\n")
+    return out
+
+
+def make_bold(mask: np.ndarray, dtype: str, n_t: int, out: Path) -> Path:
+    """A realistic-looking run: smooth baseline, slow drifts, white noise; zero outside."""
+    import nibabel as nib
+    from isal import igzip
+
+    rng = np.random.default_rng(n_t)
+    base = np.where(mask, 800 + 200 * np.sin(np.indices(SHAPE).sum(0) / 9.0), 0).astype(
+        np.float32)
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((*SHAPE, n_t))
+    hdr.set_data_dtype(np.dtype(dtype))
+    hdr.set_qform(mni_affine(), 1)
+    hdr.set_sform(mni_affine(), 4)
+    hdr.set_xyzt_units("mm", "sec")
+    hdr["pixdim"][4] = 2.0
+    slope = 0.05 if dtype == "int16" else 1.0
+    if dtype == "int16":
+        hdr.set_slope_inter(slope, 0.0)
+    hdr["vox_offset"] = 352
+    with igzip.open(out, "wb", compresslevel=1) as f:
+        f.write(hdr.binaryblock + b"\0" * 4)
+        for t in range(n_t):
+            vol = base * (1 + 0.01 * np.sin(t / 20)) + rng.normal(0, 8, SHAPE).astype(
+                np.float32) * mask
+            vol = np.round(vol, 2) if dtype == "float32" else np.round(vol / slope)
+            f.write(np.asfortranarray(vol.astype(dtype)).tobytes(order="F"))
+    return out
+
+
+def ensure_data(case: str, data_dir: Path) -> tuple[Path, Path, Path]:
+    dtype, n_t, n_labels = CASES[case]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    mask_path = data_dir / "brain_mask.nii.gz"
+    atlas = data_dir / f"atlas-L{n_labels}_dseg.nii.gz"
+    bold = data_dir / f"bold-{dtype}-T{n_t}.nii.gz"
+    if not (mask_path.exists() and atlas.exists() and bold.exists()):
+        import nibabel as nib
+
+        mask = brain_mask()
+        if not mask_path.exists():
+            nib.save(nib.Nifti1Image(mask.astype(np.uint8), mni_affine()), mask_path)
+        if not atlas.exists():
+            make_atlas(mask, n_labels, atlas)
+        if not bold.exists():
+            print(f"  generating {bold.name} ...", flush=True)
+            make_bold(mask, dtype, n_t, bold)
+    return bold, atlas, mask_path
+
+
+# -- measured work (run in a child process) --------------------------------------------------
+def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
+    if mode == "floor":
+        from isal import igzip
+
+        buf = bytearray(16 << 20)
+        with igzip.open(bold, "rb") as f:
+            while f.readinto(buf):
+                pass
+    elif mode in ("means", "h5"):
+        import nibabel as nib
+
+        from bids_fmristore.atlas import load_atlas
+        from bids_fmristore.formats.header import Geometry, mask_order
+        from bids_fmristore.formats.multiscan import ClusterLayout, MultiScanWriter
+        from bids_fmristore.nifti_stream import read_info
+        from bids_fmristore.parcellate import Parcels, parcellate_run
+
+        info = read_info(bold)
+        labels = load_atlas("B", atlas).labels
+        brain = np.asanyarray(nib.load(mask).dataobj) > 0
+        file_mask = brain & (labels > 0)
+        vox = mask_order(file_mask)
+        cmap = labels.ravel(order="F")[vox]
+        parcels = Parcels(vox, cmap)
+        if mode == "means":
+            parcellate_run(info, [parcels])
+            return
+        layout = ClusterLayout(file_mask, cmap)
+        geom = Geometry(info.shape[:3], info.affine)
+        with MultiScanWriter(out_dir / "b.h5", geometry=geom, layout=layout, store="both",
+                             overwrite=True) as w:
+            scan = w.add_scan("run", info.shape[3], {"TR": 2.0})
+            (means,) = parcellate_run(info, [parcels], [lambda t0, b: scan.write_voxels(b)])
+            scan.write_summary(means)
+    elif mode == "nilearn":
+        from nilearn.maskers import NiftiLabelsMasker
+
+        NiftiLabelsMasker(labels_img=str(atlas), mask_img=str(mask), resampling_target="data",
+                          standardize=None).fit_transform(str(bold))
+
+
+def child_main(args: list[str]) -> None:
+    mode, bold, atlas, mask, out_dir = args
+    t0 = time.perf_counter()
+    work(mode, Path(bold), Path(atlas), Path(mask), Path(out_dir))
+    wall = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"wall": wall, "peak_mb": peak_mb}))
+
+
+def measure(mode: str, paths, out_dir: Path) -> dict:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", mode, *map(str, paths), str(out_dir)],
+        capture_output=True, text=True, env=env, check=False,
+    )
+    if proc.returncode:
+        raise RuntimeError(f"{mode} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child_main(sys.argv[2:])
+        return
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--data-dir", type=Path, default=HERE / "_data")
+    a = p.parse_args()
+    if a.quick:
+        a.cases, a.rounds = ["f32-T300-L400"], 2
+    print(f"cores: {os.cpu_count()}, python {sys.version.split()[0]}")
+    header = f"{'case':16s} " + " ".join(f"{m + ' s':>10s} {m + ' MB':>10s}" for m in a.modes)
+    rows = []
+    for case in a.cases:
+        paths = ensure_data(case, a.data_dir)
+        results: dict[str, list[dict]] = {m: [] for m in a.modes}
+        with tempfile.TemporaryDirectory(dir=a.data_dir) as tmp:
+            for _ in range(a.rounds):  # interleave modes so that drift hits all equally
+                for mode in a.modes:
+                    results[mode].append(measure(mode, paths, Path(tmp)))
+        med = {m: statistics.median(r["wall"] for r in results[m]) for m in a.modes}
+        peak = {m: max(r["peak_mb"] for r in results[m]) for m in a.modes}
+        rows.append((case, med, peak))
+        print(header if len(rows) == 1 else "", end="\n" if len(rows) == 1 else "")
+        print(f"{case:16s} " + " ".join(f"{med[m]:10.2f} {peak[m]:10.0f}" for m in a.modes))
+    print("\nratios (median wall time):")
+    for case, med, _ in rows:
+        parts = []
+        for num, den in (("means", "floor"), ("h5", "floor"), ("nilearn", "means")):
+            if num in med and den in med:
+                parts.append(f"{num[0] if num != 'nilearn' else 'd'}/{den[0]}: "
+                             f"{med[num] / med[den]:.2f}")
+        print(f"  {case:16s} " + "   ".join(parts).replace("m/f", "b/a").replace(
+            "h/f", "c/a").replace("d/m", "d/b"))
+
+
+if __name__ == "__main__":
+    main()

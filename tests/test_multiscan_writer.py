@@ -1,0 +1,70 @@
+"""Writer edge cases: direct chunks at time and voxel edges, block sizes, failures."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from bids_fmristore.formats.header import Geometry
+from bids_fmristore.formats.multiscan import ClusterLayout, MultiScanWriter, ParcellatedMultiScan
+from bids_fmristore.nifti_stream import iter_volumes, read_info
+
+
+@pytest.mark.parametrize("n_time", [1, 130, 256])
+def test_direct_chunks_read_back_through_hdf5_filters(tmp_path, rng, n_time):
+    shape = (40, 30, 3)  # 3600 voxels: one cluster spans several 1024-voxel chunks
+    mask = np.ones(shape, bool)
+    cmap = np.where(np.arange(mask.sum()) % 7 == 0, 5, 2)
+    layout = ClusterLayout(mask, cmap)
+    data = rng.normal(size=(n_time, cmap.size)).astype(np.float32)
+    path = tmp_path / "d.h5"
+    with MultiScanWriter(path, geometry=Geometry(shape, np.eye(4)), layout=layout,
+                         store="full") as w:
+        scan = w.add_scan("s", n_time)
+        t = 0
+        for k in rng.integers(1, 50, size=100):  # irregular block sizes
+            k = min(int(k), n_time - t)
+            if k == 0:
+                break
+            scan.write_voxels(data[t : t + k])
+            t += k
+        scan.check_complete()
+    with h5py.File(path, "r") as h:  # plain h5py: the standard filter pipeline decodes
+        for cid in (2, 5):
+            ds = h[f"scans/s/clusters/cluster_{cid}"]
+            assert ds.compression == "gzip" and ds.shuffle
+            assert np.array_equal(ds[()], data[:, cmap == cid])
+    with ParcellatedMultiScan(path) as f:
+        assert np.array_equal(f.series("s"), data)
+
+
+def test_incomplete_scan_leaves_no_file(tmp_path):
+    mask = np.ones((3, 3, 3), bool)
+    layout = ClusterLayout(mask, np.full(27, 4))
+    with pytest.raises(RuntimeError, match="of 10 volumes"):
+        with MultiScanWriter(tmp_path / "x.h5", geometry=Geometry((3, 3, 3), np.eye(4)),
+                             layout=layout, store="full") as w:
+            scan = w.add_scan("s", 10)
+            scan.write_voxels(np.zeros((4, 27), np.float32))
+            scan.check_complete()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_ahead_stops_cleanly_and_reports_errors(tmp_path, rng):
+    import nibabel as nib
+
+    path = tmp_path / "r.nii.gz"
+    nib.save(nib.Nifti1Image(rng.normal(size=(4, 4, 4, 20)).astype(np.float32), np.eye(4)), path)
+    info = read_info(path)
+    for t0, _ in iter_volumes(info, 3):  # early exit must not hang the reading thread
+        if t0 == 3:
+            break
+    blocks = [b.copy() for _, b in iter_volumes(info, 3)]
+    assert np.array_equal(np.concatenate(blocks),
+                          np.concatenate([b.copy() for _, b in iter_volumes(info, 3,
+                                                                            read_ahead=False)]))
+    path.write_bytes(path.read_bytes()[:-200])  # damaged gzip stream
+    with pytest.raises((EOFError, OSError)):
+        for _ in iter_volumes(read_info(path), 3):
+            pass
