@@ -158,7 +158,7 @@ def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
         with MultiScanWriter(out_dir / "b.h5", geometry=geom, layout=layout, store="both",
                              overwrite=True) as w:
             scan = w.add_scan("run", info.shape[3], {"TR": 2.0})
-            (means,) = parcellate_run(info, [parcels], [lambda t0, b: scan.write_voxels(b)])
+            (means,) = parcellate_run(info, [parcels], [lambda t0, b: scan.write_grouped(b)])
             scan.write_summary(means)
     elif mode == "nilearn":
         from nilearn.maskers import NiftiLabelsMasker

@@ -233,8 +233,14 @@ def _find_mask(layout, bold, extra: Mapping) -> Path | None:
         bold.path, return_type="filename", strict=False, suffix="mask", desc="brain",
         extension=_NIFTI, subject=ents["subject"], space=ents.get("space"),
     )
+    # get_nearest may pick another run's mask; accept only one whose entities do not conflict
+    # (a mask without `run`, e.g. one per session, is fine).
     if nearest:
-        return Path(nearest)
+        found_ents = layout.parse_file_entities(nearest)
+        conflicts = [k for k, v in found_ents.items() if k not in ("desc", "suffix", "extension")
+                     and k in ents and str(v) != str(ents[k])]
+        if not conflicts:
+            return Path(nearest)
     log.warning("%s: no brain mask found; every voxel inside the atlas is used", bold.path)
     return None
 

@@ -34,14 +34,22 @@ class Parcels:
         Flat indices (x fastest) of the file's mask voxels in fmristore order.
     labels : ndarray of int, shape (N,)
         Label of each of those voxels.
+
+    Attributes
+    ----------
+    ids, counts : ndarray, shape (K,)
+        Labels in ascending order and their voxel counts.
+    grouped : ndarray, shape (N,)
+        ``voxels`` reordered by ascending label, fmristore order kept within a label: the
+        column order of fmristore's ``cluster_<id>`` datasets laid end to end.
     """
 
     voxels: np.ndarray
     labels: np.ndarray
     ids: np.ndarray = field(init=False)
-    _grouped: np.ndarray = field(init=False, repr=False)
-    _starts: np.ndarray = field(init=False, repr=False)
     counts: np.ndarray = field(init=False)
+    grouped: np.ndarray = field(init=False, repr=False)
+    _starts: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.voxels.shape != self.labels.shape:
@@ -50,14 +58,14 @@ class Parcels:
         ids, counts = np.unique(self.labels, return_counts=True)
         object.__setattr__(self, "ids", ids)
         object.__setattr__(self, "counts", counts)
-        object.__setattr__(self, "_grouped", self.voxels[order])
+        object.__setattr__(self, "grouped", self.voxels[order])
         object.__setattr__(self, "_starts", np.concatenate([[0], np.cumsum(counts)[:-1]]))
 
-    def sums(self, block: np.ndarray) -> np.ndarray:
-        """Per-label sums of a block ``(k, n_vox)`` → ``(k, K)`` float64."""
+    def sums(self, grouped_block: np.ndarray) -> np.ndarray:
+        """Per-label sums of a label-grouped block ``(k, N)`` → ``(k, K)`` float64."""
         if not self.ids.size:
-            return np.zeros((block.shape[0], 0))
-        return np.add.reduceat(block[:, self._grouped], self._starts, axis=1, dtype=np.float64)
+            return np.zeros((grouped_block.shape[0], 0))
+        return np.add.reduceat(grouped_block, self._starts, axis=1, dtype=np.float64)
 
 
 def parcellate_run(
@@ -77,7 +85,8 @@ def parcellate_run(
         One per output; all must index volumes of ``info``'s grid.
     voxel_sinks : sequence of callables or None, optional
         ``sink(t0, block)`` receives the scaled float32 voxel data ``(k, N)`` of the
-        corresponding ``parcels`` entry in mask order, in time order.
+        corresponding ``parcels`` entry, columns in ``Parcels.grouped`` order, in time order.
+        The block is reused afterwards: copy what must outlive the call.
 
     Returns
     -------
@@ -91,9 +100,11 @@ def parcellate_run(
     for t0, block in iter_volumes(info, per_chunk):
         t1 = t0 + block.shape[0]
         for p, out, sink in zip(parcels, means, sinks, strict=True):
-            out[t0:t1] = p.sums(block)
+            # One gather serves the means and the voxel output.
+            values = np.take(block, p.grouped, axis=1)
+            out[t0:t1] = p.sums(values)
             if sink is not None:
-                values = block[:, p.voxels].astype(np.float32)
+                values = values.astype(np.float32, copy=False)
                 if info.scaled:
                     values *= slope
                     values += inter

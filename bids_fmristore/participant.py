@@ -169,7 +169,7 @@ def run_job(job: Job, *, store: str = "both", overwrite: bool = False) -> JobRes
                 "source": run.uri(),
             }
             scan = writer.add_scan(name, info.shape[3], metadata)
-            sink = (lambda t0, block, s=scan: s.write_voxels(block)) if scan.wants_voxels \
+            sink = (lambda t0, block, s=scan: s.write_grouped(block)) if scan.wants_voxels \
                 else None
             try:
                 means = parcellate_run(info, [parcels], [sink])[0]

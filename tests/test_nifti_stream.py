@@ -73,4 +73,6 @@ def test_streamed_means_equal_whole_array(tmp_path, rng, n_t):
                          for k in np.unique(lab)], axis=1)
     np.testing.assert_allclose(means, expected, rtol=1e-12)
     assert [t0 for t0, _ in got] == list(range(0, n_t, 4))
-    assert np.array_equal(np.concatenate([b for _, b in got]), rows)
+    # voxel blocks come grouped by label (ascending), fmristore order within a label
+    assert np.array_equal(np.concatenate([b for _, b in got]),
+                          rows[:, np.argsort(lab, kind="stable")])

@@ -229,7 +229,10 @@ def write_labeled(
     attrs = dict(attrs or {})
     if "fmristore_class" in attrs:
         raise ValueError("attrs must not set fmristore_class")
-    geometry = Geometry(mask.shape, np.asarray(affine, dtype=np.float64))
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise ValueError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
+    geometry = Geometry(mask.shape, affine)
     n = int(order.size)
     with atomic_path(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["fmristore_class"] = FMRISTORE_CLASS
@@ -245,7 +248,9 @@ def write_labeled(
                 raise ValueError(f"more volumes than the {len(names)} labels")
             vec = _masked(np.asarray(volume), mask.shape, order, labels[count - 1])
             data.create_dataset(
-                names[count - 1], data=vec.astype(dtype, copy=False), chunks=(min(1024, n),),
+                names[count - 1],
+                data=vec.astype(dtype, copy=False),
+                chunks=(min(1024, n),),
                 **_GZIP,
             )
         if count != len(names):

@@ -298,6 +298,12 @@ class ScanWriter:
 
     def write_voxels(self, block: np.ndarray) -> None:
         """Append time points: ``block`` shape (k, N), mask order, the next k volumes."""
+        if self.wants_voxels:
+            self.write_grouped(np.asarray(block)[:, self.layout.by_cluster])
+
+    def write_grouped(self, block: np.ndarray) -> None:
+        """Like :meth:`write_voxels` with columns already grouped by cluster (ascending id,
+        mask order within a cluster): the clusters' datasets laid end to end."""
         if not self.wants_voxels:
             return
         block = np.asarray(block)
@@ -319,7 +325,7 @@ class ScanWriter:
     def _flush(self) -> None:
         """Encode the buffered time chunk of every cluster and store it as direct chunks."""
         rows, t0 = self._filled, self._written
-        grouped = self._buffer[:rows, self.layout.by_cluster]
+        grouped = self._buffer[:rows]
         bounds = self.layout.bounds
         jobs = []
         for k, ds in enumerate(self._datasets):
