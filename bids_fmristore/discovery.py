@@ -162,7 +162,8 @@ def discover(
         missing = sorted(set(participants) - set(available))
         if missing:
             raise InputError(
-                f"participant label(s) {', '.join(missing)} not found in {bids_dir} "
+                f"participant label(s) {', '.join(missing)} not found in "
+                f"{', '.join(str(ds.root) for ds in datasets)} "
                 f"(available: {', '.join(available) or 'none'})"
             )
     query = {"suffix": "bold", "datatype": "func", "extension": _NIFTI}

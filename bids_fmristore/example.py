@@ -1,15 +1,10 @@
 """The quick start's example: a small real BIDS + fMRIPrep-style dataset and a demo atlas.
 
-Everything comes from data shipped inside the dependencies, so nothing is downloaded:
-
-- BOLD runs are nibabel's test images (``functional.nii`` twice, the second time-reversed, and
-  the oblique ``example4d.nii.gz``), written with their original dtype, scaling and header.
-  They are labelled ``space-MNI152NLin2009cAsym`` for illustration only.
-- Brain masks come from :func:`nilearn.masking.compute_epi_mask`; confounds from nilearn's
-  fMRIPrep test table.
-- The atlas ``Demo`` is derived from nilearn's MNI grey-matter template: grey matter on a 3 mm
-  grid, split by hemisphere and by 30 mm blocks of world y and z.
-
+Nothing is downloaded: the BOLD runs are nibabel's test images (``functional.nii``, the same
+time-reversed, and the oblique ``example4d.nii.gz``) with their original dtype, scaling and
+header, labelled ``space-MNI152NLin2009cAsym`` for illustration only; brain masks come from
+nilearn's ``compute_epi_mask``, confounds from nilearn's fMRIPrep test table, and the ``Demo``
+atlas from nilearn's MNI grey-matter template (hemisphere x 30 mm blocks of world y and z).
 ``python -m bids_fmristore.example DEST`` builds it and prints the ``bids_fmristore`` command.
 """
 
@@ -153,6 +148,47 @@ def _confounds(n_volumes: int) -> str:
     return "\n".join([header] + [rows[i % len(rows)] for i in range(n_volumes)]) + "\n"
 
 
+def _write_atlas(folder: Path) -> tuple[Path, nib.Nifti1Image]:
+    """Write the Demo atlas image, label table and description; return (path, image)."""
+    img, names = _demo_atlas()
+    path = folder / "atlas-Demo_dseg.nii.gz"
+    folder.mkdir(parents=True)
+    nib.save(img, path)
+    rows = [f"{i}\t{name}" for i, name in enumerate(names, start=1)]
+    (folder / "atlas-Demo_dseg.tsv").write_text("\n".join(["index\tname", *rows]) + "\n")
+    _write_json(folder / "atlas-Demo_description.json", {
+        "Name": "Demo",
+        "Description": (
+            "Demonstration atlas derived from nilearn's shipped MNI ICBM152 2009a grey-matter "
+            f"template (nilearn/{'/'.join(_TEMPLATE)}): means of {_BLOCK}x{_BLOCK}x{_BLOCK} "
+            f"blocks of the 1 mm probability map, voxels above {_GM_THRESHOLD}, split by "
+            f"hemisphere (world x < 0 is Left) and {_PARCEL_MM:g} mm blocks of world y and z; "
+            f"pieces under {_MIN_VOXELS} voxels dropped. Not an anatomical parcellation."),
+    })
+    return path, img
+
+
+def _write_descriptions(bids: Path, fmriprep: Path) -> None:
+    """Dataset-level files of the raw and the derivative dataset."""
+    _write_json(bids / "dataset_description.json",
+                {"Name": "bids_fmristore example", "BIDSVersion": "1.10.0", "DatasetType": "raw"})
+    subjects = sorted({sub for sub, *_ in RUNS})
+    (bids / "participants.tsv").write_text(
+        "participant_id\tage\tsex\n" + "".join(f"sub-{s}\tn/a\tn/a\n" for s in subjects))
+    (bids / "README").write_text(
+        "Example dataset of bids_fmristore, built by `python -m bids_fmristore.example`.\n"
+        "The BOLD runs are nibabel's test images (functional.nii, the same time-reversed, and\n"
+        "example4d.nii.gz); the preprocessed copies in derivatives/fmriprep are labelled\n"
+        f"space-{SPACE} for illustration only. No demographics are known (n/a).\n")
+    _write_json(fmriprep / "dataset_description.json", {
+        "Name": "fMRIPrep-style example derivatives", "BIDSVersion": "1.10.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "fMRIPrep-example", "Description": (
+            "Not fMRIPrep: nibabel test images copied unchanged, nilearn compute_epi_mask brain "
+            "masks and nilearn's fMRIPrep test confounds, written by bids_fmristore.example")}],
+    })
+
+
 def _prepare(dest: Path, overwrite: bool) -> None:
     if dest.exists() and not dest.is_dir():
         raise FileExistsError(f"{dest} exists and is not a folder")
@@ -189,42 +225,10 @@ def build_example(dest: str | Path, *, overwrite: bool = False) -> ExamplePaths:
     """
     dest = Path(dest)
     _prepare(dest, overwrite)
-    bids, fmriprep, atlas_dir = dest / "bids", dest / "derivatives" / "fmriprep", dest / "atlas"
+    bids, fmriprep = dest / "bids", dest / "derivatives" / "fmriprep"
 
-    atlas_img, names = _demo_atlas()
-    atlas = atlas_dir / "atlas-Demo_dseg.nii.gz"
-    atlas_dir.mkdir(parents=True)
-    nib.save(atlas_img, atlas)
-    rows = [f"{i}\t{name}" for i, name in enumerate(names, start=1)]
-    (atlas_dir / "atlas-Demo_dseg.tsv").write_text("\n".join(["index\tname", *rows]) + "\n")
-    _write_json(atlas_dir / "atlas-Demo_description.json", {
-        "Name": "Demo",
-        "Description": (
-            "Demonstration atlas derived from nilearn's shipped MNI ICBM152 2009a grey-matter "
-            f"template (nilearn/{'/'.join(_TEMPLATE)}): means of {_BLOCK}x{_BLOCK}x{_BLOCK} "
-            f"blocks of the 1 mm probability map, voxels above {_GM_THRESHOLD}, split by "
-            f"hemisphere (world x < 0 is Left) and {_PARCEL_MM:g} mm blocks of world y and z; "
-            f"pieces under {_MIN_VOXELS} voxels dropped. Not an anatomical parcellation."),
-    })
-
-    _write_json(bids / "dataset_description.json",
-                {"Name": "bids_fmristore example", "BIDSVersion": "1.10.0", "DatasetType": "raw"})
-    subjects = sorted({sub for sub, *_ in RUNS})
-    (bids / "participants.tsv").write_text(
-        "participant_id\tage\tsex\n" + "".join(f"sub-{s}\tn/a\tn/a\n" for s in subjects))
-    (bids / "README").write_text(
-        "Example dataset of bids_fmristore, built by `python -m bids_fmristore.example`.\n"
-        "The BOLD runs are nibabel's test images (functional.nii, the same time-reversed, and\n"
-        "example4d.nii.gz); the preprocessed copies in derivatives/fmriprep are labelled\n"
-        f"space-{SPACE} for illustration only. No demographics are known (n/a).\n")
-    _write_json(fmriprep / "dataset_description.json", {
-        "Name": "fMRIPrep-style example derivatives", "BIDSVersion": "1.10.0",
-        "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": "fMRIPrep-example", "Description": (
-            "Not fMRIPrep: nibabel test images copied unchanged, nilearn compute_epi_mask brain "
-            "masks and nilearn's fMRIPrep test confounds, written by bids_fmristore.example")}],
-    })
-
+    atlas, atlas_img = _write_atlas(dest / "atlas")
+    _write_descriptions(bids, fmriprep)
     for sub, run, source, reverse in RUNS:
         stem = f"sub-{sub}_task-{TASK}_run-{run:02d}"
         bold = _load_run(source, reverse)
@@ -257,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Build bids_fmristore's small real example dataset (no download).")
     parser.add_argument("dest", metavar="DEST", type=Path, help="empty or new folder")
     parser.add_argument("--overwrite", action="store_true",
-                        help="rebuild in a non-empty DEST (replaces bids/, derivatives/, atlas/, "
-                             "out/)")
+                        help=f"rebuild in a non-empty DEST (replaces {', '.join(_OUTPUTS)})")
     try:
         opts = parser.parse_args(argv)
     except SystemExit as stop:  # --help or a usage error (code 2)

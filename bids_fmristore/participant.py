@@ -7,9 +7,12 @@ A run that cannot be read is left out of its file and reported; the others are k
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import zlib
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,13 +23,14 @@ from bids_fmristore import __version__
 from bids_fmristore.atlas import Atlas, labels_on_grid, resample_nearest, same_grid
 from bids_fmristore.derivatives import output_path, scan_names, write_json
 from bids_fmristore.discovery import BoldRun
-from bids_fmristore.errors import InputError
+from bids_fmristore.errors import InputError, UserError
 from bids_fmristore.formats.header import Geometry, mask_order
 from bids_fmristore.formats.multiscan import ClusterLayout, MultiScanWriter
 from bids_fmristore.nifti_stream import NiftiInfo, read_info
 from bids_fmristore.parcellate import Parcels, parcellate_run
 
-__all__ = ["Job", "JobResult", "plan_jobs", "run_job", "RUN_READ_ERRORS"]
+__all__ = ["Job", "JobResult", "Target", "plan_jobs", "prepare_targets", "run_job", "run_jobs",
+           "RUN_READ_ERRORS"]
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +46,36 @@ except ImportError:  # pragma: no cover
 
 @dataclass(frozen=True)
 class Job:
-    """One output file: a subject's runs on one grid, parcellated by one atlas."""
+    """A subject's runs on one grid; each run is read once for all atlases (one file each)."""
 
     subject: str
     session: str | None
     space: str | None
     res: str | None
     runs: tuple[BoldRun, ...]
-    atlas: Atlas
-    output: Path
+    atlases: tuple[Atlas, ...]
+    outputs: tuple[Path, ...]
 
 
 @dataclass
 class JobResult:
-    output: Path
-    written: bool
+    """What a job wrote (``written``), kept (``skipped``) and could not do (``failures``)."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
     scans: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One output file of a job: its atlas, mask and voxel grouping on the BOLD grid."""
+
+    atlas: Atlas
+    output: Path
+    geometry: Geometry
+    layout: ClusterLayout
+    parcels: Parcels
 
 
 def _grid_key(info: NiftiInfo) -> tuple:
@@ -102,16 +119,16 @@ def plan_jobs(
             space = spaces.pop() if len(spaces) == 1 else None
             res = group_runs[0].entities.get("res") if len(grids) == 1 else _res_label(
                 group_runs, group[0][1])
-            for atlas in atlases:
-                out = output_path(output_dir, subject=subject, atlas=atlas.name, space=space,
-                                  res=res, session=session)
-                jobs.append(Job(subject, session, space, res, tuple(group_runs), atlas, out))
-    seen: dict[Path, Job] = {}
+            outputs = tuple(output_path(output_dir, subject=subject, atlas=a.name, space=space,
+                                        res=res, session=session) for a in atlases)
+            jobs.append(Job(subject, session, space, res, tuple(group_runs), tuple(atlases),
+                            outputs))
+    seen: set[Path] = set()
     for job in jobs:
-        if job.output in seen:
-            raise InputError(f"two grids of sub-{job.subject} map to {job.output.name}; "
+        if seen & set(job.outputs):
+            raise InputError(f"two grids of sub-{job.subject} map to {job.outputs[0].name}; "
                              "use --space/--bids-filter-file to select one")
-        seen[job.output] = job
+        seen |= set(job.outputs)
     return jobs, problems
 
 
@@ -126,88 +143,225 @@ def _brain_mask(run: BoldRun, info: NiftiInfo) -> np.ndarray:
     return np.asarray(data) > 0
 
 
-def run_job(job: Job, *, store: str = "both", overwrite: bool = False) -> JobResult:
-    """Write one subject file; return what was written and which runs failed.
-
-    Raises
-    ------
-    InputError
-        When no run of the job could be used (nothing is written).
-    """
-    result = JobResult(job.output, written=False)
-    if job.output.exists() and not overwrite:
-        log.info("%s exists; skipping it (use --overwrite to replace it)", job.output)
-        return result
+def prepare_targets(job: Job, *, overwrite: bool = False) -> tuple[list[Target], JobResult]:
+    """Masks and voxel groupings of the job's files; existing files are skipped unless
+    ``overwrite``. An atlas with no voxel inside the brain masks is a failure of its file."""
+    result = JobResult()
+    todo = []
+    for atlas, output in zip(job.atlases, job.outputs, strict=True):
+        if output.exists() and not overwrite:
+            log.info("%s exists; skipping it (use --overwrite to replace it)", output)
+            result.skipped.append(output)
+        else:
+            todo.append((atlas, output))
+    if not todo:
+        return [], result
     infos = [read_info(run.path) for run in job.runs]
     geometry = Geometry(infos[0].shape[:3], infos[0].affine)
     brain = np.ones(geometry.shape, dtype=bool)
     for run, info in zip(job.runs, infos, strict=True):
         brain &= _brain_mask(run, info)
-    labels = labels_on_grid(job.atlas, geometry.shape, geometry.affine)
-    mask = (labels > 0) & brain
-    voxels = mask_order(mask)
-    if voxels.size == 0:
-        raise InputError(f"sub-{job.subject}: no voxel of atlas {job.atlas.name} lies inside "
-                         "the runs' brain masks")
-    cluster_map = labels.ravel(order="F")[voxels]
-    layout = ClusterLayout(mask, cluster_map)
-    parcels = Parcels(voxels, cluster_map)
-    table = job.atlas.table.set_index("index")
-    names = scan_names(job.runs)
-    with MultiScanWriter(
-        job.output, geometry=geometry, layout=layout, store=store, overwrite=overwrite,
-        cluster_meta={"name": table.loc[layout.cluster_ids, "name"].to_numpy(dtype=object),
-                      "n_voxels": layout.counts},
-        label_table=(job.atlas.table["index"].to_numpy(), job.atlas.table["name"].to_numpy()),
-        attrs={"writer": f"bids_fmristore {__version__}"},
-    ) as writer:
-        scans_info = {}
-        for run, info, name in zip(job.runs, infos, names, strict=True):
-            metadata = {
-                "TR": run.tr, "subject": run.subject, "session": run.entities.get("session"),
+    targets = []
+    for atlas, output in todo:
+        labels = labels_on_grid(atlas, geometry.shape, geometry.affine)
+        mask = (labels > 0) & brain
+        voxels = mask_order(mask)
+        if voxels.size == 0:
+            result.failures.append(f"{output.name}: no voxel of atlas {atlas.name} lies inside "
+                                   "the runs' brain masks")
+            continue
+        cluster_map = labels.ravel(order="F")[voxels]
+        targets.append(Target(atlas, output, geometry, ClusterLayout(mask, cluster_map),
+                              Parcels(voxels, cluster_map)))
+    return targets, result
+
+
+def _writer(target: Target, store: str, path: Path, *, overwrite: bool,
+            full: bool = True) -> MultiScanWriter:
+    table = target.atlas.table
+    names = table.set_index("index").loc[target.layout.cluster_ids, "name"]
+    extra = {}
+    if full:  # the per-run pieces of a parallel job need only the scans
+        extra = {
+            "cluster_meta": {"name": names.to_numpy(dtype=object),
+                             "n_voxels": target.layout.counts},
+            "label_table": (table["index"].to_numpy(), table["name"].to_numpy()),
+            "attrs": {"writer": f"bids_fmristore {__version__}"},
+        }
+    return MultiScanWriter(path, geometry=target.geometry, layout=target.layout, store=store,
+                           overwrite=overwrite, **extra)
+
+
+def _write_scans(run: BoldRun, name: str, targets: list[Target],
+                 writers: list[MultiScanWriter]) -> None:
+    """Parcellate one run for every target in one pass; on a read error no scan is kept."""
+    info = read_info(run.path)
+    metadata = {"TR": run.tr, "subject": run.subject, "session": run.entities.get("session"),
                 "task": run.entities.get("task"), "run": run.entities.get("run"),
-                "source": run.uri(),
-            }
-            scan = writer.add_scan(name, info.shape[3], metadata)
-            sink = (lambda t0, block, s=scan: s.write_grouped(block)) if scan.wants_voxels \
-                else None
+                "source": run.uri()}
+    scans = [w.add_scan(name, info.shape[3], metadata) for w in writers]
+    sinks = [(lambda t0, block, s=s: s.write_grouped(block)) if s.wants_voxels else None
+             for s in scans]
+    try:
+        means = parcellate_run(info, [t.parcels for t in targets], sinks)
+        for scan, values in zip(scans, means, strict=True):
+            scan.write_summary(values)
+            scan.check_complete()
+    except RUN_READ_ERRORS:
+        for w in writers:
+            w.discard_scan(name)
+        raise
+
+
+def _scan_info(run: BoldRun) -> dict:
+    info = {"Source": run.uri(), "RepetitionTime": run.tr,
+            "NumberOfVolumes": read_info(run.path).shape[3]}
+    if run.mask:
+        info["Mask"] = run.uri(run.mask, run.mask_dataset)
+    return info
+
+
+def run_job(job: Job, *, store: str = "both", overwrite: bool = False) -> JobResult:
+    """Build the job's files in this process, reading each run once for all atlases.
+
+    A run that cannot be read is left out of every file and reported in ``failures``;
+    a file none of whose runs could be read is not written.
+    """
+    targets, result = prepare_targets(job, overwrite=overwrite)
+    if not targets:
+        return result
+    names = scan_names(job.runs)
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(_writer(t, store, t.output, overwrite=overwrite))
+                   for t in targets]
+        scans_info = {}
+        for run, name in zip(job.runs, names, strict=True):
             try:
-                means = parcellate_run(info, [parcels], [sink])[0]
-                scan.write_summary(means)
-                scan.check_complete()
+                _write_scans(run, name, targets, writers)
             except RUN_READ_ERRORS as err:
-                writer.discard_scan(name)
                 result.failures.append(f"{run.path}: {err}")
                 continue
-            result.scans.append(name)
-            scans_info[name] = {
-                "Source": run.uri(), "RepetitionTime": run.tr, "NumberOfVolumes": info.shape[3],
-                **({"Mask": run.uri(run.mask, run.mask_dataset)} if run.mask else {}),
-            }
-        if not result.scans:
+            scans_info[name] = _scan_info(run)
+        if not scans_info:
             raise InputError(f"sub-{job.subject}: none of the runs could be read: "
                              + "; ".join(result.failures))
-    missing = job.atlas.table[~job.atlas.table["index"].isin(layout.cluster_ids)]
-    write_json(job.output.with_name(job.output.name[: -len(".h5")] + ".json"),
-               _sidecar(job, store, layout, scans_info, missing))
-    result.written = True
+    _finish(job, targets, store, scans_info, result)
     return result
 
 
-def _sidecar(job: Job, store: str, layout: ClusterLayout, scans: dict, missing) -> dict:
+def _finish(job: Job, targets: list[Target], store: str, scans_info: dict,
+            result: JobResult) -> None:
+    for target in targets:
+        write_json(target.output.with_name(target.output.name[: -len(".h5")] + ".json"),
+                   _sidecar(target, store, scans_info, job.space))
+        result.written.append(target.output)
+    result.scans.extend(scans_info)
+
+
+def _run_piece(run: BoldRun, name: str, targets: list[Target], store: str,
+               folder: str) -> list[Path] | str:
+    """Worker process: one run for all targets, each into its own single-scan file."""
+    paths = [Path(folder) / f"{i}-{name}.h5" for i in range(len(targets))]
+    try:
+        with contextlib.ExitStack() as stack:
+            writers = [stack.enter_context(_writer(t, store, p, overwrite=True, full=False))
+                       for t, p in zip(targets, paths, strict=True)]
+            _write_scans(run, name, targets, writers)
+    except RUN_READ_ERRORS as err:
+        return f"{run.path}: {err}"
+    return paths
+
+
+def run_jobs(jobs: list[Job], *, store: str = "both", overwrite: bool = False,
+             nprocs: int = 1, scratch: Path | None = None) -> list[JobResult]:
+    """Run jobs; with ``nprocs > 1`` runs are parcellated in parallel worker processes.
+
+    Each worker writes its run's scans into single-scan files under a scratch folder; this
+    process then assembles every output file from them (HDF5 copies the compressed chunks
+    as they are), so exactly one process writes each output file.
+    """
+    if nprocs <= 1:
+        return [_guarded(run_job, job, store=store, overwrite=overwrite) for job in jobs]
+    import multiprocessing
+
+    results = []
+    ctx = multiprocessing.get_context("spawn")  # no fork of pybids' or HDF5's state
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".bids_fmristore-work-") as tmp, \
+            ProcessPoolExecutor(max_workers=nprocs, mp_context=ctx) as pool:
+        planned = []
+        for j, job in enumerate(jobs):
+            prepared = _guarded(prepare_targets, job, overwrite=overwrite)
+            if isinstance(prepared, JobResult):  # a user error of the whole job
+                results.append(prepared)
+                planned.append(None)
+                continue
+            targets, result = prepared
+            folder = Path(tmp) / str(j)
+            folder.mkdir()
+            names = scan_names(job.runs)
+            futures = [pool.submit(_run_piece, run, name, targets, store, str(folder))
+                       for run, name in zip(job.runs, names, strict=True)] if targets else []
+            planned.append((job, targets, result, names, futures))
+            results.append(result)
+        for item in planned:
+            if item is not None:
+                outcome = _guarded(_assemble, *item, store=store, overwrite=overwrite)
+                if outcome is not item[2]:  # the whole file failed
+                    item[2].failures.extend(outcome.failures)
+    return results
+
+
+def _assemble(job: Job, targets: list[Target], result: JobResult, names: list[str],
+              futures, *, store: str, overwrite: bool) -> JobResult:
+    pieces = {}
+    for run, name, future in zip(job.runs, names, futures, strict=True):
+        outcome = future.result()
+        if isinstance(outcome, str):
+            result.failures.append(outcome)
+        else:
+            pieces[name] = (run, outcome)
+    if not targets:
+        return result
+    if not pieces:
+        raise InputError(f"sub-{job.subject}: none of the runs could be read: "
+                         + "; ".join(result.failures))
+    for i, target in enumerate(targets):
+        with _writer(target, store, target.output, overwrite=overwrite) as writer:
+            for name, (_, paths) in pieces.items():
+                writer.copy_scan(paths[i], name)
+    _finish(job, targets, store,
+            {name: _scan_info(run) for name, (run, _) in pieces.items()}, result)
+    return result
+
+
+def _guarded(func, job_or_first, *args, **kwargs):
+    """Call ``func``; a user error or unreadable file becomes a failed JobResult."""
+    try:
+        return func(job_or_first, *args, **kwargs)
+    except (UserError, *RUN_READ_ERRORS) as err:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("failure", exc_info=True)
+        result = JobResult()
+        result.failures.append(str(err))
+        return result
+
+
+def _sidecar(target: Target, store: str, scans: dict, space: str | None) -> dict:
+    atlas, layout = target.atlas, target.layout
+    missing = atlas.table[~atlas.table["index"].isin(layout.cluster_ids)]
     sources = []
     for info in scans.values():
         sources += [info["Source"]] + ([info["Mask"]] if "Mask" in info else [])
-    sources.append(f"bids:atlas-{job.atlas.name}:{job.atlas.path.name}")
+    sources.append(f"bids:atlas-{atlas.name}:{atlas.path.name}")
     trs = {info["RepetitionTime"] for info in scans.values()}
     content = {
         "Description": "BOLD runs parcellated by an atlas, fmristore H5ParcellatedMultiScan",
         "Sources": sources,
         "Atlas": {
-            "Name": job.atlas.name,
-            "File": f"bids:atlas-{job.atlas.name}:{job.atlas.path.name}",
-            "Table": f"bids:atlas-{job.atlas.name}:{job.atlas.table_path.name}",
-            "NumberOfLabels": int(len(job.atlas.table)),
+            "Name": atlas.name,
+            "File": f"bids:atlas-{atlas.name}:{atlas.path.name}",
+            "Table": f"bids:atlas-{atlas.name}:{atlas.table_path.name}",
+            "NumberOfLabels": int(len(atlas.table)),
             "LabelsWithoutVoxels": [
                 {"index": int(i), "name": str(n)}
                 for i, n in zip(missing["index"], missing["name"], strict=True)
@@ -218,8 +372,8 @@ def _sidecar(job: Job, store: str, layout: ClusterLayout, scans: dict, missing) 
         "NumberOfParcels": int(layout.cluster_ids.size),
         "Scans": scans,
     }
-    if job.space:
-        content["Space"] = job.space
+    if space:
+        content["Space"] = space
     if len(trs) == 1:
         content["RepetitionTime"] = trs.pop()
     return content

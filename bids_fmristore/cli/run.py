@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import traceback
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 from bids_fmristore.errors import (
@@ -25,14 +24,20 @@ __all__ = ["main"]
 log = logging.getLogger("bids_fmristore")
 
 
-def _setup_logging(verbose: int, debug: bool) -> None:
+@contextlib.contextmanager
+def _logging(verbose: int, debug: bool):
+    """Log to stderr while the command runs; restore the logger afterwards (in-process use)."""
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("bids_fmristore: %(levelname)s: %(message)s"))
-    root = logging.getLogger("bids_fmristore")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    saved = (log.handlers[:], log.level, log.propagate)
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.handlers[:], log.level, log.propagate = saved
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         opts = build_parser().parse_args(argv)
     except SystemExit as stop:  # argparse: --help, --version, usage errors
         return int(stop.code or 0)
-    _setup_logging(opts.verbose, opts.debug)
+    with _logging(opts.verbose, opts.debug):
+        return _dispatch(opts)
+
+
+def _dispatch(opts) -> int:
     try:
         if opts.analysis_level == "participant":
             return participant(opts)
@@ -70,34 +79,12 @@ def _check_dirs(bids_dir: Path, output_dir: Path) -> tuple[Path, Path]:
     return bids_dir, output_dir
 
 
-@dataclass(frozen=True)
-class _Task:
-    job: object
-    store: str
-    overwrite: bool
-    log_level: int
-
-
-def _run_one(task: _Task):
-    """Run one job; return (result, error line). Top-level so that worker processes can use it."""
-    from bids_fmristore.participant import RUN_READ_ERRORS, run_job
-
-    if not logging.getLogger("bids_fmristore").handlers:  # fresh worker process
-        _setup_logging(task.log_level <= logging.INFO, task.log_level <= logging.DEBUG)
-    try:
-        return run_job(task.job, store=task.store, overwrite=task.overwrite), None
-    except (UserError, *RUN_READ_ERRORS) as err:
-        if task.log_level <= logging.DEBUG:
-            traceback.print_exc()
-        return None, f"{task.job.output.name}: {err}"
-
-
 def participant(opts) -> int:
     """Participant level: discover runs, plan one file per subject × atlas × grid, write them."""
     from bids_fmristore.atlas import load_atlas
     from bids_fmristore.derivatives import write_dataset_description
     from bids_fmristore.discovery import discover
-    from bids_fmristore.participant import plan_jobs
+    from bids_fmristore.participant import plan_jobs, run_jobs
 
     bids_dir, output_dir = _check_dirs(opts.bids_dir, opts.output_dir)
     if not opts.atlas:
@@ -129,28 +116,19 @@ def participant(opts) -> int:
         raise InputError("no usable BOLD run: " + "; ".join(problems))
     write_dataset_description(output_dir, found.datasets,
                               {f"atlas-{a.name}": a.path.parent for a in atlases})
-    level = logging.getLogger("bids_fmristore").level
-    tasks = [_Task(job, opts.store, opts.overwrite, level) for job in jobs]
-    log.info("%d file(s) to build from %d run(s)", len(jobs), len(found.runs))
-    if opts.nprocs > 1 and len(tasks) > 1:
-        with ProcessPoolExecutor(max_workers=min(opts.nprocs, len(tasks))) as pool:
-            outcomes = list(pool.map(_run_one, tasks))
-    else:
-        outcomes = [_run_one(task) for task in tasks]
+    log.info("%d run(s) to parcellate into %d file(s)", len(found.runs),
+             sum(len(job.outputs) for job in jobs))
+    results = run_jobs(jobs, store=opts.store, overwrite=opts.overwrite, nprocs=opts.nprocs,
+                       scratch=opts.work_dir)
     written = skipped = 0
-    for result, error in outcomes:
-        if error:
-            problems.append(error)
-            log.error("%s", error)
-            continue
+    for result in results:
         for line in result.failures:
             problems.append(line)
             log.error("%s", line)
-        if result.written:
-            written += 1
-            log.info("wrote %s (%d scans)", result.output, len(result.scans))
-        else:
-            skipped += 1
+        for path in result.written:
+            log.info("wrote %s", path)
+        written += len(result.written)
+        skipped += len(result.skipped)
     if problems:
         return EXIT_PARTIAL if written or skipped else EXIT_INPUT
     return EXIT_OK

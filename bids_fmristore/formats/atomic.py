@@ -34,6 +34,7 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator
     final = Path(final)
     if not overwrite and final.exists():
         raise FileExistsError(final)
+    created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(
         prefix=f".{final.name}{PARTIAL_MARK}", suffix=final.suffix, dir=final.parent
@@ -49,6 +50,9 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        for folder in created:  # innermost first; leave no empty folders behind either
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
 
 

@@ -257,6 +257,20 @@ class MultiScanWriter:
             self._trs.append(float(tr))
         return ScanWriter(group, self.layout, int(n_time), self.store)
 
+    def copy_scan(self, source: str | Path, name: str) -> None:
+        """Copy ``/scans/<name>`` from another file written with the same layout.
+
+        HDF5 copies the compressed chunks as they are (no decompression), so assembling a file
+        from per-run pieces costs little more than the bytes moved.
+        """
+        with h5py.File(source, "r") as src:
+            if not np.array_equal(src["cluster_map"][()], self.layout.cluster_map):
+                raise ValueError(f"{source}: cluster map differs from {self.path.name}")
+            src.copy(src["scans"][name], self._file["scans"], name)
+        tr = self._file["scans"][name].get("metadata/TR")
+        if tr is not None:
+            self._trs.append(float(tr[()]))
+
     def discard_scan(self, name: str) -> None:
         """Remove a scan whose data could not be completed (its TR no longer counts)."""
         group = self._file["scans"][name]

@@ -1,0 +1,91 @@
+"""--nprocs gives the same files as one process; several atlases share one pass per run."""
+
+from __future__ import annotations
+
+import gzip
+
+import h5py
+import numpy as np
+import pytest
+
+import bids_fmristore.participant as participant
+from bids_fmristore.cli.run import main
+from bids_fmristore.formats.multiscan import ParcellatedMultiScan
+from conftest import OBLIQUE_AFFINE, make_atlas, make_fmriprep_run, make_raw, random_labels
+
+SHAPE = (9, 8, 6)
+
+
+@pytest.fixture
+def dataset(tmp_path, rng):
+    make_raw(tmp_path / "bids", subjects=("01", "02"), runs=(1, 2, 3))
+    for sub in ("01", "02"):
+        for run in (1, 2, 3):
+            data = rng.normal(50, 5, size=(*SHAPE, 140)).astype(np.float32)  # > one time chunk
+            make_fmriprep_run(tmp_path / "fmriprep", data, OBLIQUE_AFFINE,
+                              rng.random(SHAPE) > 0.1, sub=sub, run=run)
+    atlases = [make_atlas(tmp_path / "atlas", random_labels(SHAPE, n, rng), OBLIQUE_AFFINE,
+                          name=name) for name, n in (("A", 5), ("B", 11))]
+    return tmp_path, atlases
+
+
+def cli(tmp_path, atlases, out, *extra) -> int:
+    return main([str(tmp_path / "bids"), str(tmp_path / out), "participant", "-d",
+                 f"fmriprep={tmp_path / 'fmriprep'}", "--atlas", f"A={atlases[0]}",
+                 f"B={atlases[1]}", *extra])
+
+
+def contents(path):
+    with ParcellatedMultiScan(path) as f:
+        return {n: (f.summary(n).to_numpy(), f.series(n)) for n in f.scan_names}, f.cluster_meta
+
+
+def test_nprocs_gives_identical_files(dataset):
+    tmp_path, atlases = dataset
+    assert cli(tmp_path, atlases, "serial") == 0
+    assert cli(tmp_path, atlases, "parallel", "--nprocs", "2", "-w",
+               str(tmp_path / "work")) == 0
+    serial = sorted((tmp_path / "serial").rglob("*.h5"))
+    parallel = sorted((tmp_path / "parallel").rglob("*.h5"))
+    assert [p.relative_to(tmp_path / "serial") for p in serial] == [
+        p.relative_to(tmp_path / "parallel") for p in parallel]
+    assert len(serial) == 4  # 2 subjects x 2 atlases
+    for a, b in zip(serial, parallel, strict=True):
+        (scans_a, meta_a), (scans_b, meta_b) = contents(a), contents(b)
+        assert scans_a.keys() == scans_b.keys() and len(scans_a) == 3
+        for name in scans_a:
+            assert np.array_equal(scans_a[name][0], scans_b[name][0])
+            assert np.array_equal(scans_a[name][1], scans_b[name][1])
+        assert meta_a.equals(meta_b)
+        with h5py.File(b, "r") as h:
+            assert h["header/dim"][4] == 3
+    assert not list((tmp_path / "work").glob(".bids_fmristore-work-*"))  # pieces removed
+
+
+def test_parallel_damaged_run_is_left_out(dataset):
+    tmp_path, atlases = dataset
+    bad = sorted((tmp_path / "fmriprep" / "sub-02" / "func").glob("*run-02*preproc_bold.nii.gz"))[0]
+    raw = gzip.decompress(bad.read_bytes())
+    bad.write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    assert cli(tmp_path, atlases, "out", "--nprocs", "2") == 5
+    for path in (tmp_path / "out").rglob("sub-02*.h5"):
+        with ParcellatedMultiScan(path) as f:
+            assert f.scan_names == ["sub-02_task-rest_run-01", "sub-02_task-rest_run-03"]
+    assert not [p for p in (tmp_path / "out").rglob("*") if "partial" in p.name or
+                "work" in p.name]
+
+
+def test_two_atlases_read_each_run_once(dataset, monkeypatch):
+    tmp_path, atlases = dataset
+    opened = []
+    real = participant.parcellate_run
+
+    def counting(info, parcels, sinks=None, **kw):
+        opened.append((info.path, len(parcels)))
+        return real(info, parcels, sinks, **kw)
+
+    monkeypatch.setattr(participant, "parcellate_run", counting)
+    assert cli(tmp_path, atlases, "out") == 0
+    assert len(opened) == 6  # 2 subjects x 3 runs, not x 2 atlases
+    assert {n for _, n in opened} == {2}
+    assert len({p for p, _ in opened}) == 6
