@@ -171,7 +171,13 @@ def _locked(lock_path: Path):
         yield
         return
     with open(lock_path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as err:  # e.g. Lustre mounted without flock: go on, the write is atomic
+            log.warning("cannot lock %s (%s); concurrent jobs may drop each other's "
+                        "DatasetLinks", lock_path, err.strerror)
+            yield
+            return
         try:
             yield
         finally:

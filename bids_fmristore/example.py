@@ -22,7 +22,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel.affines import apply_affine
-from nibabel.testing import data_path
 from nilearn.masking import compute_epi_mask
 
 __all__ = ["ExamplePaths", "build_example", "main"]
@@ -43,6 +42,9 @@ _GM_THRESHOLD = 0.5  # mean grey-matter probability of a 3 mm voxel
 _PARCEL_MM = 30.0
 _MIN_VOXELS = 30  # smaller hemisphere x block pieces are slivers at the brain's edge: dropped
 _OUTPUTS = ("bids", "derivatives", "atlas", "out")
+
+#: nibabel's shipped test images (not ``nibabel.testing``: that module imports pytest).
+NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def _write_json(path: Path, content: dict) -> None:
 
 def _load_run(name: str, reverse: bool) -> nib.Nifti1Image:
     """A nibabel test image as stored: raw integers, original header and scaling."""
-    img = nib.load(Path(data_path) / name)
+    img = nib.load(NIBABEL_DATA / name)
     raw = np.array(img.dataobj.get_unscaled())  # copy: the source may be memory-mapped
     if reverse:
         raw = np.ascontiguousarray(raw[..., ::-1])
@@ -82,6 +84,10 @@ def _load_run(name: str, reverse: bool) -> nib.Nifti1Image:
     # nibabel resets scl_slope/scl_inter on creation; restoring them keeps the stored integers
     # (no rescaling on save) and their real-world values.
     out.header.set_slope_inter(img.dataobj.slope, img.dataobj.inter)
+    if out.header.get_zooms()[3] > 100 and out.header.get_xyzt_units()[1] == "sec":
+        # example4d.nii.gz stores its 2000 ms step labelled as seconds; label it correctly so
+        # the header agrees with the JSON sidecar's RepetitionTime.
+        out.header.set_xyzt_units(out.header.get_xyzt_units()[0], "msec")
     return out
 
 
