@@ -23,8 +23,11 @@ __all__ = ["NiftiInfo", "read_info", "iter_volumes"]
 
 try:  # isal's gzip is 2x faster than zlib at decompression (see bench/)
     from isal import igzip as _gzip
-except ImportError:  # pragma: no cover - exercised where isal is absent
-    _gzip = gzip
+except ImportError:  # pragma: no cover - isal is a dependency; these keep odd platforms going
+    try:
+        from zlib_ng import gzip_ng as _gzip
+    except ImportError:
+        _gzip = gzip
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Participant level: one H5ParcellatedMultiScan file per subject, atlas and BOLD grid.
 
-:func:`plan_jobs` groups discovered runs into files; :func:`run_job` builds one file: the mask
-(atlas voxels inside every run's brain mask), one streaming pass per run, the JSON sidecar.
-A run that cannot be read is left out of its file and reported; the others are kept.
+:func:`plan_jobs` groups discovered runs into jobs (a subject's runs on one grid, all atlases);
+:func:`run_job` builds a job's files: per atlas the mask (atlas voxels inside every run's brain
+mask), then one streaming pass per run feeding every atlas, then the JSON sidecars.
+:func:`run_jobs` does the same with runs spread over worker processes. A run that cannot be
+read is left out of its files and reported; the others are kept.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ __all__ = ["Job", "JobResult", "Target", "plan_jobs", "prepare_targets", "run_jo
 log = logging.getLogger(__name__)
 
 #: What a damaged or truncated BOLD file raises while being read.
-RUN_READ_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError, zlib.error)
+RUN_READ_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
 try:
     from isal.isal_zlib import error as _isal_error
 
@@ -102,7 +105,7 @@ def plan_jobs(
     for run in runs:
         try:
             info = read_info(run.path)
-        except (*RUN_READ_ERRORS, nib.filebasedimages.ImageFileError) as err:
+        except RUN_READ_ERRORS as err:
             problems.append(f"{run.path}: cannot read NIfTI header ({err})")
             continue
         session = run.entities.get("session") if per_session else None
@@ -171,6 +174,9 @@ def prepare_targets(job: Job, *, overwrite: bool = False) -> tuple[list[Target],
                                    "the runs' brain masks")
             continue
         cluster_map = labels.ravel(order="F")[voxels]
+        if np.unique(cluster_map).size == 1:
+            log.warning("%s: only one parcel has voxels; fmristore (R) cannot read a "
+                        "one-column summary", output.name)
         targets.append(Target(atlas, output, geometry, ClusterLayout(mask, cluster_map),
                               Parcels(voxels, cluster_map)))
     return targets, result
@@ -196,6 +202,8 @@ def _write_scans(run: BoldRun, name: str, targets: list[Target],
                  writers: list[MultiScanWriter]) -> None:
     """Parcellate one run for every target in one pass; on a read error no scan is kept."""
     info = read_info(run.path)
+    if info.shape[3] == 1:
+        log.warning("%s has one volume; fmristore (R) cannot read a one-row summary", run.path)
     metadata = {"TR": run.tr, "subject": run.subject, "session": run.entities.get("session"),
                 "task": run.entities.get("task"), "run": run.entities.get("run"),
                 "source": run.uri()}
@@ -239,6 +247,7 @@ def run_job(job: Job, *, store: str = "both", overwrite: bool = False) -> JobRes
             try:
                 _write_scans(run, name, targets, writers)
             except RUN_READ_ERRORS as err:
+                log.debug("%s", run.path, exc_info=True)
                 result.failures.append(f"{run.path}: {err}")
                 continue
             scans_info[name] = _scan_info(run)

@@ -76,3 +76,41 @@ def test_streamed_means_equal_whole_array(tmp_path, rng, n_t):
     # voxel blocks come grouped by label (ascending), fmristore order within a label
     assert np.array_equal(np.concatenate([b for _, b in got]),
                           rows[:, np.argsort(lab, kind="stable")])
+
+
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
+def test_chunking_does_not_change_results(tmp_path, rng, ext):
+    """Bit-identical float32 results whatever the block size (whole run in one block too)."""
+    shape, n_t = (7, 6, 5), 37
+    path = tmp_path / f"r{ext}"
+    nib.save(nib.Nifti1Image(rng.normal(size=(*shape, n_t)).astype(np.float32), np.eye(4)), path)
+    labels = rng.integers(0, 6, size=shape)
+    flat = np.flatnonzero((labels > 0).ravel(order="F"))
+    parcels = [Parcels(flat, labels.ravel(order="F")[flat])]
+    info = read_info(path)
+    results = []
+    for per_chunk in (1, 4, 8, n_t):
+        blocks = []
+        (means,) = parcellate_run(info, parcels, [lambda t0, b: blocks.append(b.copy())],
+                                  per_chunk=per_chunk)
+        results.append((means, np.concatenate(blocks)))
+    for means, voxels in results[1:]:
+        assert np.array_equal(means, results[0][0])
+        assert np.array_equal(voxels, results[0][1])
+
+
+def test_scaled_int16_means_match_scaling_first(tmp_path, rng):
+    """Means of stored integers, scaled afterwards, equal means of nibabel's scaled values."""
+    shape, n_t = (6, 5, 4), 11
+    raw = rng.integers(-20000, 20000, size=(*shape, n_t)).astype(np.int16)
+    img = nib.Nifti1Image(raw, np.eye(4))
+    img.header.set_slope_inter(0.0123, -7.5)
+    path = tmp_path / "s.nii.gz"
+    nib.save(img, path)
+    labels = rng.integers(0, 4, size=shape)
+    flat = np.flatnonzero((labels > 0).ravel(order="F"))
+    lab = labels.ravel(order="F")[flat]
+    (means,) = parcellate_run(read_info(path), [Parcels(flat, lab)], per_chunk=3)
+    scaled = nib.load(path).get_fdata(dtype=np.float64).reshape(-1, n_t, order="F")[flat]
+    expected = np.stack([scaled[lab == k].mean(axis=0) for k in np.unique(lab)], axis=1)
+    np.testing.assert_allclose(means, expected, rtol=1e-6)
