@@ -31,8 +31,8 @@ from bids_fmristore.formats.multiscan import ClusterLayout, MultiScanWriter
 from bids_fmristore.nifti_stream import NiftiInfo, read_info
 from bids_fmristore.parcellate import Parcels, parcellate_run
 
-__all__ = ["Job", "JobResult", "Target", "plan_jobs", "prepare_targets", "run_job", "run_jobs",
-           "RUN_READ_ERRORS"]
+__all__ = ["Job", "JobResult", "Options", "Target", "plan_jobs", "prepare_targets", "run_job",
+           "run_jobs", "coverage_of", "RUN_READ_ERRORS"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,19 @@ class Job:
     outputs: tuple[Path, ...]
 
 
+@dataclass(frozen=True)
+class Options:
+    """What every output file of a participant run shares (from the command line).
+
+    ``store``: ``summary``, ``full`` or ``both``; ``min_coverage``: fraction of a parcel's
+    voxels that must lie inside the mask for its summary not to be NaN.
+    """
+
+    store: str = "both"
+    overwrite: bool = False
+    min_coverage: float = 0.5
+
+
 @dataclass
 class JobResult:
     """What a job wrote (``written``), kept (``skipped``) and could not do (``failures``)."""
@@ -79,6 +92,16 @@ class Target:
     geometry: Geometry
     layout: ClusterLayout
     parcels: Parcels
+    #: fraction of each atlas table label's voxels (on the BOLD grid) inside the mask, (L,)
+    coverage: np.ndarray
+    #: clusters (ascending id) whose coverage is below the threshold: NaN summaries, (K,)
+    low_coverage: np.ndarray
+
+    @property
+    def cluster_coverage(self) -> np.ndarray:
+        """Coverage of the file's clusters, shape (K,), ascending id."""
+        index = self.atlas.table["index"].to_numpy()
+        return self.coverage[np.searchsorted(index, self.layout.cluster_ids)]
 
 
 def _grid_key(info: NiftiInfo) -> tuple:
@@ -146,13 +169,26 @@ def _brain_mask(run: BoldRun, info: NiftiInfo) -> np.ndarray:
     return np.asarray(data) > 0
 
 
-def prepare_targets(job: Job, *, overwrite: bool = False) -> tuple[list[Target], JobResult]:
+def coverage_of(labels: np.ndarray, mask: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Per label of ``index``: its voxels inside ``mask`` over its voxels on the grid.
+
+    Labels with no voxel on the grid have coverage 0 (XCP-D's convention).
+    """
+    size = max(int(labels.max(initial=0)), int(index.max(initial=0))) + 1
+    on_grid = np.bincount(labels.ravel(), minlength=size)[index]
+    inside = np.bincount(labels[mask].ravel(), minlength=size)[index]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(on_grid > 0, inside / np.maximum(on_grid, 1), 0.0)
+
+
+def prepare_targets(job: Job, opts: Options = Options()) -> tuple[list[Target], JobResult]:
     """Masks and voxel groupings of the job's files; existing files are skipped unless
-    ``overwrite``. An atlas with no voxel inside the brain masks is a failure of its file."""
+    ``overwrite``. An atlas with no voxel inside the brain masks is a failure of its file.
+    Clusters whose coverage is below ``opts.min_coverage`` get NaN summaries."""
     result = JobResult()
     todo = []
     for atlas, output in zip(job.atlases, job.outputs, strict=True):
-        if output.exists() and not overwrite:
+        if output.exists() and not opts.overwrite:
             log.info("%s exists; skipping it (use --overwrite to replace it)", output)
             result.skipped.append(output)
         else:
@@ -177,8 +213,12 @@ def prepare_targets(job: Job, *, overwrite: bool = False) -> tuple[list[Target],
         if np.unique(cluster_map).size == 1:
             log.warning("%s: only one parcel has voxels; fmristore (R) cannot read a "
                         "one-column summary", output.name)
-        targets.append(Target(atlas, output, geometry, ClusterLayout(mask, cluster_map),
-                              Parcels(voxels, cluster_map)))
+        layout = ClusterLayout(mask, cluster_map)
+        index = atlas.table["index"].to_numpy()
+        coverage = coverage_of(labels, mask, index)
+        low = coverage[np.searchsorted(index, layout.cluster_ids)] < opts.min_coverage
+        targets.append(Target(atlas, output, geometry, layout, Parcels(voxels, cluster_map),
+                              coverage, low))
     return targets, result
 
 
@@ -190,7 +230,8 @@ def _writer(target: Target, store: str, path: Path, *, overwrite: bool,
     if full:  # the per-run pieces of a parallel job need only the scans
         extra = {
             "cluster_meta": {"name": names.to_numpy(dtype=object),
-                             "n_voxels": target.layout.counts},
+                             "n_voxels": target.layout.counts,
+                             "coverage": target.cluster_coverage},
             "label_table": (table["index"].to_numpy(), table["name"].to_numpy()),
             "attrs": {"writer": f"bids_fmristore {__version__}"},
         }
@@ -212,7 +253,8 @@ def _write_scans(run: BoldRun, name: str, targets: list[Target],
              for s in scans]
     try:
         means = parcellate_run(info, [t.parcels for t in targets], sinks)
-        for scan, values in zip(scans, means, strict=True):
+        for scan, values, target in zip(scans, means, targets, strict=True):
+            values[:, target.low_coverage] = np.nan  # too little of the parcel was imaged
             scan.write_summary(values)
             scan.check_complete()
     except RUN_READ_ERRORS:
@@ -229,19 +271,19 @@ def _scan_info(run: BoldRun) -> dict:
     return info
 
 
-def run_job(job: Job, *, store: str = "both", overwrite: bool = False) -> JobResult:
+def run_job(job: Job, opts: Options = Options()) -> JobResult:
     """Build the job's files in this process, reading each run once for all atlases.
 
     A run that cannot be read is left out of every file and reported in ``failures``;
     a file none of whose runs could be read is not written.
     """
-    targets, result = prepare_targets(job, overwrite=overwrite)
+    targets, result = prepare_targets(job, opts)
     if not targets:
         return result
     names = scan_names(job.runs)
     with contextlib.ExitStack() as stack:
-        writers = [stack.enter_context(_writer(t, store, t.output, overwrite=overwrite))
-                   for t in targets]
+        writers = [stack.enter_context(_writer(t, opts.store, t.output,
+                                               overwrite=opts.overwrite)) for t in targets]
         scans_info = {}
         for run, name in zip(job.runs, names, strict=True):
             try:
@@ -254,15 +296,15 @@ def run_job(job: Job, *, store: str = "both", overwrite: bool = False) -> JobRes
         if not scans_info:
             raise InputError(f"sub-{job.subject}: none of the runs could be read: "
                              + "; ".join(result.failures))
-    _finish(job, targets, store, scans_info, result)
+    _finish(job, targets, opts, scans_info, result)
     return result
 
 
-def _finish(job: Job, targets: list[Target], store: str, scans_info: dict,
+def _finish(job: Job, targets: list[Target], opts: Options, scans_info: dict,
             result: JobResult) -> None:
     for target in targets:
         write_json(target.output.with_name(target.output.name[: -len(".h5")] + ".json"),
-                   _sidecar(target, store, scans_info, job.space))
+                   _sidecar(target, opts, scans_info, job.space))
         result.written.append(target.output)
     result.scans.extend(scans_info)
 
@@ -281,8 +323,8 @@ def _run_piece(run: BoldRun, name: str, targets: list[Target], store: str,
     return paths
 
 
-def run_jobs(jobs: list[Job], *, store: str = "both", overwrite: bool = False,
-             nprocs: int = 1, scratch: Path | None = None) -> list[JobResult]:
+def run_jobs(jobs: list[Job], opts: Options = Options(), *, nprocs: int = 1,
+             scratch: Path | None = None) -> list[JobResult]:
     """Run jobs; with ``nprocs > 1`` runs are parcellated in parallel worker processes.
 
     Each worker writes its run's scans into single-scan files under a scratch folder; this
@@ -290,7 +332,7 @@ def run_jobs(jobs: list[Job], *, store: str = "both", overwrite: bool = False,
     as they are), so exactly one process writes each output file.
     """
     if nprocs <= 1:
-        return [_guarded(run_job, job, store=store, overwrite=overwrite) for job in jobs]
+        return [_guarded(run_job, job, opts) for job in jobs]
     import multiprocessing
 
     results = []
@@ -299,7 +341,7 @@ def run_jobs(jobs: list[Job], *, store: str = "both", overwrite: bool = False,
             ProcessPoolExecutor(max_workers=nprocs, mp_context=ctx) as pool:
         planned = []
         for j, job in enumerate(jobs):
-            prepared = _guarded(prepare_targets, job, overwrite=overwrite)
+            prepared = _guarded(prepare_targets, job, opts)
             if isinstance(prepared, JobResult):  # a user error of the whole job
                 results.append(prepared)
                 planned.append(None)
@@ -308,20 +350,20 @@ def run_jobs(jobs: list[Job], *, store: str = "both", overwrite: bool = False,
             folder = Path(tmp) / str(j)
             folder.mkdir()
             names = scan_names(job.runs)
-            futures = [pool.submit(_run_piece, run, name, targets, store, str(folder))
+            futures = [pool.submit(_run_piece, run, name, targets, opts.store, str(folder))
                        for run, name in zip(job.runs, names, strict=True)] if targets else []
             planned.append((job, targets, result, names, futures))
             results.append(result)
         for item in planned:
             if item is not None:
-                outcome = _guarded(_assemble, *item, store=store, overwrite=overwrite)
+                outcome = _guarded(_assemble, *item, opts)
                 if outcome is not item[2]:  # the whole file failed
                     item[2].failures.extend(outcome.failures)
     return results
 
 
 def _assemble(job: Job, targets: list[Target], result: JobResult, names: list[str],
-              futures, *, store: str, overwrite: bool) -> JobResult:
+              futures, opts: Options) -> JobResult:
     pieces = {}
     for run, name, future in zip(job.runs, names, futures, strict=True):
         outcome = future.result()
@@ -335,10 +377,10 @@ def _assemble(job: Job, targets: list[Target], result: JobResult, names: list[st
         raise InputError(f"sub-{job.subject}: none of the runs could be read: "
                          + "; ".join(result.failures))
     for i, target in enumerate(targets):
-        with _writer(target, store, target.output, overwrite=overwrite) as writer:
+        with _writer(target, opts.store, target.output, overwrite=opts.overwrite) as writer:
             for name, (_, paths) in pieces.items():
                 writer.copy_scan(paths[i], name)
-    _finish(job, targets, store,
+    _finish(job, targets, opts,
             {name: _scan_info(run) for name, (run, _) in pieces.items()}, result)
     return result
 
@@ -355,7 +397,7 @@ def _guarded(func, job_or_first, *args, **kwargs):
         return result
 
 
-def _sidecar(target: Target, store: str, scans: dict, space: str | None) -> dict:
+def _sidecar(target: Target, opts: Options, scans: dict, space: str | None) -> dict:
     atlas, layout = target.atlas, target.layout
     missing = atlas.table[~atlas.table["index"].isin(layout.cluster_ids)]
     sources = []
@@ -375,8 +417,13 @@ def _sidecar(target: Target, store: str, scans: dict, space: str | None) -> dict
                 {"index": int(i), "name": str(n)}
                 for i, n in zip(missing["index"], missing["name"], strict=True)
             ],
+            "Coverage": {str(int(i)): round(float(c), 6)
+                         for i, c in zip(atlas.table["index"], target.coverage, strict=True)},
+            "LabelsBelowMinCoverage": [int(i) for i in target.layout.cluster_ids[
+                target.low_coverage]],
         },
-        "StoreMode": store,
+        "StoreMode": opts.store,
+        "MinCoverage": opts.min_coverage,
         "NumberOfVoxels": int(layout.cluster_map.size),
         "NumberOfParcels": int(layout.cluster_ids.size),
         "Scans": scans,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -35,7 +36,10 @@ def nilearn_means(bold: Path, atlas: Path, mask: np.ndarray, affine: np.ndarray)
 
 
 def run_cli(tmp_path: Path, atlas: Path, *extra: str) -> Path:
+    """Run the participant level; no coverage threshold unless asked (nilearn has none)."""
     out = tmp_path / "out"
+    if "--min-coverage" not in extra:
+        extra = (*extra, "--min-coverage", "0")
     code = main([str(tmp_path / "bids"), str(out), "participant", "-d",
                  f"fmriprep={tmp_path / 'fmriprep'}", "--atlas", f"Test={atlas}", *extra])
     assert code == 0
@@ -156,3 +160,31 @@ def test_space_is_respected(tmp_path, rng):
     shutil.rmtree(tmp_path / "out")
     h5 = run_cli(tmp_path, atlas, "--space", "T1w")
     assert "space-T1w" in h5.name
+
+
+def test_low_coverage_parcels_are_nan(tmp_path, rng):
+    """Parcels with less than --min-coverage of their grid voxels in the mask: NaN summaries,
+    the others equal nilearn; coverage is stored in cluster_meta and the sidecar."""
+    shape = (10, 8, 6)
+    data = rng.normal(10, 1, size=(*shape, 5)).astype(np.float32)
+    labels = np.zeros(shape, np.int16)
+    labels[:5] = 1
+    labels[5:] = 2
+    labels[:, :2] = 3
+    mask = np.ones(shape, bool)
+    mask[:4] = False  # label 1: 6 of 30 columns... computed below
+    make_raw(tmp_path / "bids")
+    bold = make_fmriprep_run(tmp_path / "fmriprep", data, np.eye(4), mask)
+    atlas = make_atlas(tmp_path / "atlas", labels, np.eye(4))
+    h5 = run_cli(tmp_path, atlas, "--min-coverage", "0.5")
+    coverage = {k: (mask & (labels == k)).sum() / (labels == k).sum() for k in (1, 2, 3)}
+    assert coverage[1] < 0.5 <= min(coverage[2], coverage[3])
+    expected = nilearn_means(bold, atlas, mask, np.eye(4))
+    with ParcellatedMultiScan(h5) as f:
+        got = f.summary(f.scan_names[0])
+        assert got[1].isna().all() and not got[[2, 3]].isna().any().any()
+        np.testing.assert_allclose(got[[2, 3]].to_numpy(), expected[:, 1:], rtol=1e-5)
+        np.testing.assert_allclose(f.cluster_meta["coverage"], [coverage[k] for k in (1, 2, 3)])
+    sidecar = json.loads(h5.with_suffix(".json").read_text())
+    assert sidecar["Atlas"]["LabelsBelowMinCoverage"] == [1]
+    assert sidecar["MinCoverage"] == 0.5

@@ -57,6 +57,13 @@ def test_quick_start_runs_and_matches_nilearn(tmp_path, monkeypatch):
                                             UserWarning)
                     expected = masker.fit_transform(str(bold))
                 got = f.summary(name)
-                np.testing.assert_allclose(got.to_numpy(), expected, rtol=1e-5)
+                # parcels mostly outside the small field of view are NaN (coverage < 0.5)
+                coverage = f.cluster_meta.set_index("cluster_id")["coverage"]
+                low = coverage.index[coverage < 0.5]
+                assert got[low].isna().all().all()
+                keep = ~got.columns.isin(low)
+                assert keep.any()
+                np.testing.assert_allclose(got.loc[:, keep].to_numpy(), expected[:, keep],
+                                           rtol=1e-5)
                 assert f.series(name).shape == (f.n_time(name), f.n_voxels)
         assert sub in ("sub-01", "sub-02")

@@ -85,6 +85,16 @@ def _filter_file(value: str) -> dict:
     return content
 
 
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {value!r}")
+    return number
+
+
 def _positive_int(value: str) -> int:
     try:
         number = int(value)
@@ -139,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(index, name); repeatable")
     g.add_argument("--store", choices=["summary", "full", "both"], default="both",
                    help="parcel means, every voxel's series, or both (default)")
+    g.add_argument("--min-coverage", "--min_coverage", type=_fraction, default=0.5,
+                   dest="min_coverage", metavar="F",
+                   help="parcels with less than this fraction of their voxels inside the brain "
+                   "mask get NaN summaries (default 0.5, as XCP-D)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (default: keep them and skip)")
 

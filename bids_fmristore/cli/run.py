@@ -84,7 +84,7 @@ def participant(opts) -> int:
     from bids_fmristore.atlas import load_atlas
     from bids_fmristore.derivatives import write_dataset_description
     from bids_fmristore.discovery import discover
-    from bids_fmristore.participant import plan_jobs, run_jobs
+    from bids_fmristore.participant import Options, plan_jobs, run_jobs
 
     bids_dir, output_dir = _check_dirs(opts.bids_dir, opts.output_dir)
     if not opts.atlas:
@@ -118,8 +118,9 @@ def participant(opts) -> int:
                               {f"atlas-{a.name}": a.path.parent for a in atlases})
     log.info("%d run(s) to parcellate into %d file(s)", len(found.runs),
              sum(len(job.outputs) for job in jobs))
-    results = run_jobs(jobs, store=opts.store, overwrite=opts.overwrite, nprocs=opts.nprocs,
-                       scratch=opts.work_dir)
+    options = Options(store=opts.store, overwrite=opts.overwrite,
+                      min_coverage=opts.min_coverage)
+    results = run_jobs(jobs, options, nprocs=opts.nprocs, scratch=opts.work_dir)
     written = skipped = 0
     for result in results:
         for line in result.failures:

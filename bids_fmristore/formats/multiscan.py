@@ -71,14 +71,15 @@ def _encoder_pool() -> ThreadPoolExecutor:
 
 
 def _encode_chunk(block: np.ndarray, chunk: tuple[int, int]) -> bytes:
-    """HDF5 shuffle then deflate (zlib format) of one chunk, zero-padded at the edges."""
-    if block.shape != chunk:
-        padded = np.zeros(chunk, dtype=np.float32)
-        padded[: block.shape[0], : block.shape[1]] = block
-        block = padded
-    raw = np.ascontiguousarray(block, dtype=np.float32).view(np.uint8)
-    shuffled = raw.reshape(-1, 4).T.tobytes()  # byte planes, as the shuffle filter stores them
-    return _deflate(shuffled, _DIRECT_LEVEL)
+    """HDF5 shuffle then deflate (zlib format) of one float32 chunk, zero-padded at the edges.
+
+    The shuffle filter stores byte ``j`` of every element, in C order, as plane ``j``; the
+    planes are filled in one strided copy straight from the (possibly non-contiguous) block.
+    """
+    rows, width = block.shape
+    planes = np.zeros((4, *chunk), dtype=np.uint8)
+    planes[:, :rows, :width] = block.view(np.uint8).reshape(rows, width, 4).transpose(2, 0, 1)
+    return _deflate(planes, _DIRECT_LEVEL)
 
 
 @dataclass(frozen=True)
