@@ -148,7 +148,7 @@ def build_tables(
         raise ValueError(f"labels {unknown.tolist()} are not in the atlas table")
     values = np.full((means.shape[0], index.size), np.nan)
     values[:, np.searchsorted(index, ids)] = means
-    values[:, cov < -1] = np.nan  # too little of the parcel was imaged
+    values[:, cov < min_coverage] = np.nan  # too little of the parcel was imaged
 
     series = pd.DataFrame(values, columns=names)
     coverage_df = pd.DataFrame(cov[None, :], columns=names)
