@@ -2,10 +2,42 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 
-__all__ = ["decode", "str_attr", "read_group_datasets", "write_metadata_value"]
+__all__ = ["H5Reader", "decode", "str_attr", "read_group_datasets", "write_metadata_value"]
+
+
+class H5Reader:
+    """Base of the lazy readers: owns a read-only h5py file; use as a context manager.
+
+    Subclasses implement ``_load()`` to read and check the small metadata eagerly; the file is
+    closed again if that fails.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._f = h5py.File(self.path, "r")
+        try:
+            self._load()
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _load(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the HDF5 file."""
+        self._f.close()
 
 
 def decode(value):

@@ -18,6 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from bids_fmristore.formats._h5 import H5Reader
 from bids_fmristore.formats.atomic import atomic_path
 from bids_fmristore.formats.header import (
     Geometry,
@@ -46,7 +47,7 @@ def sanitize_label(text: str) -> str:
     return _UNSAFE.sub("_", text)
 
 
-class LabeledVolumeSet:
+class LabeledVolumeSet(H5Reader):
     """Lazy reader for LabeledVolumeSet files (ours or fmristore's).
 
     Header, labels and mask are read when the file is opened; each volume only when asked for.
@@ -62,15 +63,6 @@ class LabeledVolumeSet:
         If the file lacks ``/header``, ``/labels`` or ``/mask``, if ``dim[4]`` differs from the
         number of labels, or if the mask shape differs from the header grid (fmristore's checks).
     """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._f = h5py.File(self.path, "r")
-        try:
-            self._load()
-        except BaseException:
-            self._f.close()
-            raise
 
     def _load(self) -> None:
         f, name = self._f, self.path.name
@@ -94,16 +86,6 @@ class LabeledVolumeSet:
         if self.mask.shape != self.shape:
             raise ValueError(f"{name}: /mask grid {self.mask.shape} != header grid {self.shape}")
         self._order = mask_order(self.mask)
-
-    def __enter__(self) -> LabeledVolumeSet:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the HDF5 file."""
-        self._f.close()
 
     def __len__(self) -> int:
         return len(self.labels)

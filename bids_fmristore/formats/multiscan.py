@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from bids_fmristore.formats._h5 import (
+    H5Reader,
     decode,
     read_group_datasets,
     str_attr,
@@ -378,21 +379,12 @@ class ScanWriter:
             raise RuntimeError(f"{self._group.name}: summary missing")
 
 
-class ParcellatedMultiScan:
+class ParcellatedMultiScan(H5Reader):
     """Lazy reader for H5ParcellatedMultiScan files (ours or fmristore's).
 
     Arrays are in nibabel's orientation (``mask[x, y, z]``); voxel selections are 0-based
     indices into fmristore voxel order. Data are read from HDF5 only when asked for.
     """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._f = h5py.File(self.path, "r")
-        try:
-            self._load()
-        except BaseException:
-            self._f.close()
-            raise
 
     def _load(self) -> None:
         f = self._f
@@ -417,16 +409,6 @@ class ParcellatedMultiScan:
         self._rank: np.ndarray | None = None
 
     # -- file-level properties -------------------------------------------------------------
-    def __enter__(self) -> ParcellatedMultiScan:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the HDF5 file."""
-        self._f.close()
-
     def __repr__(self) -> str:
         return (f"<ParcellatedMultiScan {self.path.name}: {len(self.scan_names)} scans, "
                 f"{self.n_voxels} voxels, {self.cluster_ids.size} clusters>")

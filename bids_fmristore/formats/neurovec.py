@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from bids_fmristore.formats._h5 import str_attr
+from bids_fmristore.formats._h5 import H5Reader, str_attr
 from bids_fmristore.formats.atomic import atomic_path
 from bids_fmristore.formats.labeled import DTYPES
 
@@ -24,28 +24,22 @@ DATA_PATH = "data/elements"
 _GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 
 
-class _DenseImage:
+class _DenseImage(H5Reader):
     """Shared opening logic: the ``rtype`` check and ``/space`` of both layouts."""
 
     _RTYPE = ""
     _NDIM = 0
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._f = h5py.File(self.path, "r")
-        try:
-            self._load_space()
-            self._ds = self._find_data()
-            # fmristore never compares the two; a mismatch would silently scramble voxels.
-            expected = tuple(reversed(self.shape))
-            if self._ds.shape != expected:
-                raise ValueError(
-                    f"{self.path.name}: /{self.dataset_name} has h5py shape {self._ds.shape}, "
-                    f"expected {expected} for /space/dim {list(self.shape)}"
-                )
-        except BaseException:
-            self._f.close()
-            raise
+    def _load(self) -> None:
+        self._load_space()
+        self._ds = self._find_data()
+        # fmristore never compares the two; a mismatch would silently scramble voxels.
+        expected = tuple(reversed(self.shape))
+        if self._ds.shape != expected:
+            raise ValueError(
+                f"{self.path.name}: /{self.dataset_name} has h5py shape {self._ds.shape}, "
+                f"expected {expected} for /space/dim {list(self.shape)}"
+            )
 
     def _load_space(self) -> None:
         f, name = self._f, self.path.name
@@ -71,16 +65,6 @@ class _DenseImage:
             raise ValueError(f"{self.path.name}: no /{DATA_PATH} dataset")
         self.dataset_name = DATA_PATH
         return node
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the HDF5 file."""
-        self._f.close()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path.name}: shape {self.shape}>"
