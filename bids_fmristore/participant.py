@@ -30,6 +30,7 @@ from bids_fmristore.formats.header import Geometry, mask_order
 from bids_fmristore.formats.multiscan import ClusterLayout, MultiScanWriter
 from bids_fmristore.nifti_stream import NiftiInfo, read_info
 from bids_fmristore.parcellate import Parcels, parcellate_run
+from bids_fmristore.tables import write_run_tables
 
 __all__ = ["Job", "JobResult", "Options", "Target", "plan_jobs", "prepare_targets", "run_job",
            "run_jobs", "coverage_of", "RUN_READ_ERRORS"]
@@ -71,6 +72,8 @@ class Options:
     store: str = "both"
     overwrite: bool = False
     min_coverage: float = 0.5
+    #: also write XCP-D-style per-run tables into this derivative folder (``--tsv``)
+    tables_dir: Path | None = None
 
 
 @dataclass
@@ -96,6 +99,11 @@ class Target:
     coverage: np.ndarray
     #: clusters (ascending id) whose coverage is below the threshold: NaN summaries, (K,)
     low_coverage: np.ndarray
+
+    @property
+    def atlas_uri(self) -> str:
+        """BIDS URI of the atlas image (``DatasetLinks`` name ``atlas-<name>``)."""
+        return f"bids:atlas-{self.atlas.name}:{self.atlas.path.name}"
 
     @property
     def cluster_coverage(self) -> np.ndarray:
@@ -240,8 +248,11 @@ def _writer(target: Target, store: str, path: Path, *, overwrite: bool,
 
 
 def _write_scans(run: BoldRun, name: str, targets: list[Target],
-                 writers: list[MultiScanWriter]) -> None:
-    """Parcellate one run for every target in one pass; on a read error no scan is kept."""
+                 writers: list[MultiScanWriter], opts: Options) -> None:
+    """Parcellate one run for every target in one pass; on a read error no scan is kept.
+
+    With ``opts.tables_dir`` the run's per-atlas TSV tables are written once all its scans
+    are complete."""
     info = read_info(run.path)
     if info.shape[3] == 1:
         log.warning("%s has one volume; fmristore (R) cannot read a one-row summary", run.path)
@@ -261,6 +272,17 @@ def _write_scans(run: BoldRun, name: str, targets: list[Target],
         for w in writers:
             w.discard_scan(name)
         raise
+    if opts.tables_dir is not None:
+        for target, values in zip(targets, means, strict=True):
+            write_run_tables(
+                opts.tables_dir, run, atlas=target.atlas.name, table=target.atlas.table,
+                ids=target.layout.cluster_ids, means=values, coverage=target.coverage,
+                min_coverage=opts.min_coverage, sources=_run_sources(run) + [target.atlas_uri],
+            )
+
+
+def _run_sources(run: BoldRun) -> list[str]:
+    return [run.uri()] + ([run.uri(run.mask, run.mask_dataset)] if run.mask else [])
 
 
 def _scan_info(run: BoldRun) -> dict:
@@ -287,7 +309,7 @@ def run_job(job: Job, opts: Options = Options()) -> JobResult:
         scans_info = {}
         for run, name in zip(job.runs, names, strict=True):
             try:
-                _write_scans(run, name, targets, writers)
+                _write_scans(run, name, targets, writers, opts)
             except RUN_READ_ERRORS as err:
                 log.debug("%s", run.path, exc_info=True)
                 result.failures.append(f"{run.path}: {err}")
@@ -309,15 +331,16 @@ def _finish(job: Job, targets: list[Target], opts: Options, scans_info: dict,
     result.scans.extend(scans_info)
 
 
-def _run_piece(run: BoldRun, name: str, targets: list[Target], store: str,
+def _run_piece(run: BoldRun, name: str, targets: list[Target], opts: Options,
                folder: str) -> list[Path] | str:
     """Worker process: one run for all targets, each into its own single-scan file."""
     paths = [Path(folder) / f"{i}-{name}.h5" for i in range(len(targets))]
     try:
         with contextlib.ExitStack() as stack:
-            writers = [stack.enter_context(_writer(t, store, p, overwrite=True, full=False))
+            writers = [stack.enter_context(_writer(t, opts.store, p, overwrite=True,
+                                                   full=False))
                        for t, p in zip(targets, paths, strict=True)]
-            _write_scans(run, name, targets, writers)
+            _write_scans(run, name, targets, writers, opts)
     except RUN_READ_ERRORS as err:
         return f"{run.path}: {err}"
     return paths
@@ -350,7 +373,7 @@ def run_jobs(jobs: list[Job], opts: Options = Options(), *, nprocs: int = 1,
             folder = Path(tmp) / str(j)
             folder.mkdir()
             names = scan_names(job.runs)
-            futures = [pool.submit(_run_piece, run, name, targets, opts.store, str(folder))
+            futures = [pool.submit(_run_piece, run, name, targets, opts, str(folder))
                        for run, name in zip(job.runs, names, strict=True)] if targets else []
             planned.append((job, targets, result, names, futures))
             results.append(result)
@@ -403,14 +426,14 @@ def _sidecar(target: Target, opts: Options, scans: dict, space: str | None) -> d
     sources = []
     for info in scans.values():
         sources += [info["Source"]] + ([info["Mask"]] if "Mask" in info else [])
-    sources.append(f"bids:atlas-{atlas.name}:{atlas.path.name}")
+    sources.append(target.atlas_uri)
     trs = {info["RepetitionTime"] for info in scans.values()}
     content = {
         "Description": "BOLD runs parcellated by an atlas, fmristore H5ParcellatedMultiScan",
         "Sources": sources,
         "Atlas": {
             "Name": atlas.name,
-            "File": f"bids:atlas-{atlas.name}:{atlas.path.name}",
+            "File": target.atlas_uri,
             "Table": f"bids:atlas-{atlas.name}:{atlas.table_path.name}",
             "NumberOfLabels": int(len(atlas.table)),
             "LabelsWithoutVoxels": [

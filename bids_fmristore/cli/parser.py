@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                    dest="min_coverage", metavar="F",
                    help="parcels with less than this fraction of their voxels inside the brain "
                    "mask get NaN summaries (default 0.5, as XCP-D)")
+    g.add_argument("--tsv", action="store_true",
+                   help="also write XCP-D-style per-run tables: stat-mean_timeseries, "
+                   "stat-coverage_bold and stat-pearsoncorrelation_relmat (.tsv)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (default: keep them and skip)")
 

@@ -119,7 +119,8 @@ def participant(opts) -> int:
     log.info("%d run(s) to parcellate into %d file(s)", len(found.runs),
              sum(len(job.outputs) for job in jobs))
     options = Options(store=opts.store, overwrite=opts.overwrite,
-                      min_coverage=opts.min_coverage)
+                      min_coverage=opts.min_coverage,
+                      tables_dir=output_dir if opts.tsv else None)
     results = run_jobs(jobs, options, nprocs=opts.nprocs, scratch=opts.work_dir)
     written = skipped = 0
     for result in results:
