@@ -43,6 +43,9 @@ class Atlas:
     labels: np.ndarray = field(repr=False)
     affine: np.ndarray = field(repr=False)
     table: pd.DataFrame = field(repr=False)
+    #: BIDS URIs of the image and table as outputs cite them (set once published)
+    uri: str = ""
+    table_uri: str = ""
 
     @property
     def image(self) -> nib.Nifti1Image:

@@ -14,6 +14,7 @@ import logging
 import tempfile
 import zlib
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,8 +103,8 @@ class Target:
 
     @property
     def atlas_uri(self) -> str:
-        """BIDS URI of the atlas image (``DatasetLinks`` name ``atlas-<name>``)."""
-        return f"bids:atlas-{self.atlas.name}:{self.atlas.path.name}"
+        """BIDS URI of the atlas image (the published copy when there is one)."""
+        return self.atlas.uri or f"bids:atlas-{self.atlas.name}:{self.atlas.path.name}"
 
     @property
     def cluster_coverage(self) -> np.ndarray:
@@ -125,11 +126,16 @@ def _res_label(runs: list[BoldRun], info: NiftiInfo) -> str:
 
 
 def plan_jobs(
-    runs: list[BoldRun], atlases: list[Atlas], output_dir: Path, *, per_session: bool = False
+    runs: list[BoldRun],
+    atlases: list[Atlas] | Callable[[np.ndarray], list[Atlas]],
+    output_dir: Path,
+    *,
+    per_session: bool = False,
 ) -> tuple[list[Job], list[str]]:
-    """Group runs by subject (and session with ``per_session``) and grid, times atlases.
+    """Group runs by subject (and session with ``per_session``) and grid.
 
-    Returns the jobs and one line per run whose header cannot be read.
+    ``atlases`` is a list, or a function of a grid's voxel size (mm) returning the atlases to
+    use on that grid. Returns the jobs and one line per run whose header cannot be read.
     """
     problems: list[str] = []
     groups: dict[tuple, list[tuple[BoldRun, NiftiInfo]]] = defaultdict(list)
@@ -153,9 +159,12 @@ def plan_jobs(
             space = spaces.pop() if len(spaces) == 1 else None
             res = group_runs[0].entities.get("res") if len(grids) == 1 else _res_label(
                 group_runs, group[0][1])
+            info = group[0][1]
+            grid_atlases = tuple(atlases(Geometry(info.shape[:3], info.affine).zooms)
+                                 if callable(atlases) else atlases)
             outputs = tuple(output_path(output_dir, subject=subject, atlas=a.name, space=space,
-                                        res=res, session=session) for a in atlases)
-            jobs.append(Job(subject, session, space, res, tuple(group_runs), tuple(atlases),
+                                        res=res, session=session) for a in grid_atlases)
+            jobs.append(Job(subject, session, space, res, tuple(group_runs), grid_atlases,
                             outputs))
     seen: set[Path] = set()
     for job in jobs:
@@ -434,7 +443,7 @@ def _sidecar(target: Target, opts: Options, scans: dict, space: str | None) -> d
         "Atlas": {
             "Name": atlas.name,
             "File": target.atlas_uri,
-            "Table": f"bids:atlas-{atlas.name}:{atlas.table_path.name}",
+            "Table": atlas.table_uri or f"bids:atlas-{atlas.name}:{atlas.table_path.name}",
             "NumberOfLabels": int(len(atlas.table)),
             "LabelsWithoutVoxels": [
                 {"index": int(i), "name": str(n)}

@@ -170,7 +170,8 @@ def _atlas_tsv_missing(ds):
 
 def _atlas_tsv_without_name(ds):
     tsv = ds["atlas"].with_name("atlas-Test_dseg.tsv")
-    tsv.write_text("index\tlabel\n1\ta\n2\tb\n3\tc\n4\td\n")
+    # no names column at all (a `label` column would be accepted as the names, as TemplateFlow has)
+    tsv.write_text("index\tregion\n1\ta\n2\tb\n3\tc\n4\td\n")
     return tsv.name
 
 

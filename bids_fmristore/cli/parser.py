@@ -48,13 +48,13 @@ def parse_name_path(value: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def _atlas(value: str) -> tuple[str, Path]:
-    name, sep, path = value.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH to a labels NIfTI, got {value!r}")
-    if not name.isalnum():
-        raise argparse.ArgumentTypeError(f"atlas name {name!r} must be alphanumeric")
-    return name, Path(path)
+def _atlas(value: str):
+    from bids_fmristore.atlas_sources import parse_atlas_arg
+
+    try:
+        return parse_atlas_arg(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _space(value: str) -> tuple[str, str | None]:
@@ -144,9 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pybids database folder, reused across runs")
 
     g = p.add_argument_group("atlases and outputs")
-    g.add_argument("--atlas", nargs="+", action="extend", type=_atlas, metavar="NAME=PATH",
-                   default=[], help="labels NIfTI (_dseg.nii.gz) with a sibling .tsv "
-                   "(index, name); repeatable")
+    g.add_argument("--atlas", nargs="+", action="extend", type=_atlas, default=[],
+                   metavar="ATLAS",
+                   help="NAME=PATH of a labels NIfTI (_dseg.nii.gz) with a sibling .tsv "
+                   "(index, name); or LABEL[:desc-DESC] of an atlas in a -d atlas dataset "
+                   "(BIDS atlas layout) or in the local TemplateFlow cache; repeatable")
+    g.add_argument("--allow-atlas-space-mismatch", action="store_true",
+                   help="use an atlas whose template differs from --space (warns)")
     g.add_argument("--store", choices=["summary", "full", "both"], default="both",
                    help="parcel means, every voxel's series, or both (default)")
     g.add_argument("--min-coverage", "--min_coverage", type=_fraction, default=0.5,

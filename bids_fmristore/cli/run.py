@@ -81,7 +81,7 @@ def _check_dirs(bids_dir: Path, output_dir: Path) -> tuple[Path, Path]:
 
 def participant(opts) -> int:
     """Participant level: discover runs, plan one file per subject × atlas × grid, write them."""
-    from bids_fmristore.atlas import load_atlas
+    from bids_fmristore.atlas_sources import ATLASES_DIR, AtlasCatalog, default_templateflow_home
     from bids_fmristore.derivatives import write_dataset_description
     from bids_fmristore.discovery import discover
     from bids_fmristore.participant import Options, plan_jobs, run_jobs
@@ -89,11 +89,7 @@ def participant(opts) -> int:
     bids_dir, output_dir = _check_dirs(opts.bids_dir, opts.output_dir)
     if not opts.atlas:
         raise UsageError("no atlas given: pass --atlas NAME=PATH (a labels _dseg.nii.gz with "
-                         "a sibling .tsv)")
-    names = [name for name, _ in opts.atlas]
-    if len(set(names)) != len(names):
-        raise UsageError(f"atlas names must be unique: {', '.join(names)}")
-    atlases = [load_atlas(name, path) for name, path in opts.atlas]
+                         "a sibling .tsv) or --atlas LABEL (BIDS atlas dataset, TemplateFlow)")
     derivatives = dict(opts.derivatives)
     if "raw" in derivatives:
         raise UsageError("-d raw=... : the name 'raw' is reserved for BIDS_DIR")
@@ -101,13 +97,18 @@ def participant(opts) -> int:
     if database is None and opts.work_dir is not None:
         database = opts.work_dir / "bids_db"
     space, res = opts.space
+    # Atlases are found (and checked) before the slower dataset indexing; nothing is written yet.
+    catalog = AtlasCatalog(opts.atlas, space=space, datasets=derivatives, output_dir=output_dir,
+                           templateflow_home=default_templateflow_home(),
+                           allow_space_mismatch=opts.allow_atlas_space_mismatch,
+                           overwrite=opts.overwrite)
     found = discover(
         bids_dir, derivatives=derivatives, participants=opts.participant_label,
         sessions=opts.session_label, tasks=opts.task_id, space=space, res=res,
         filters=opts.bids_filters, validate=not opts.skip_bids_validation,
         database_dir=database,
     )
-    jobs, problems = plan_jobs(found.runs, atlases, output_dir,
+    jobs, problems = plan_jobs(found.runs, catalog.for_grid, output_dir,
                                per_session=bool(opts.session_label))
     problems = found.problems + problems
     for line in problems:
@@ -115,7 +116,7 @@ def participant(opts) -> int:
     if not jobs:
         raise InputError("no usable BOLD run: " + "; ".join(problems))
     write_dataset_description(output_dir, found.datasets,
-                              {f"atlas-{a.name}": a.path.parent for a in atlases})
+                              {ATLASES_DIR: output_dir / ATLASES_DIR})
     log.info("%d run(s) to parcellate into %d file(s)", len(found.runs),
              sum(len(job.outputs) for job in jobs))
     options = Options(store=opts.store, overwrite=opts.overwrite,
