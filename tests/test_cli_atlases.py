@@ -12,13 +12,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 from bids import BIDSLayout
+from conftest import SPACE, make_fmriprep_run, make_raw, write_json
 from nilearn.maskers import NiftiLabelsMasker
+from test_parcellate_vs_nilearn import mni_block_atlas
 
 from bids_fmristore.cli.run import main
 from bids_fmristore.formats.multiscan import ParcellatedMultiScan
 from bids_fmristore.tables import CONFIG_PATH
-from conftest import SPACE, make_fmriprep_run, make_raw, write_json
-from test_parcellate_vs_nilearn import mni_block_atlas
 
 
 @pytest.fixture

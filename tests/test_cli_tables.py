@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from bids import BIDSLayout
+from conftest import make_atlas, make_fmriprep_run, make_raw
 
 from bids_fmristore.cli.run import main
 from bids_fmristore.formats.multiscan import ParcellatedMultiScan
 from bids_fmristore.tables import CONFIG_PATH
-from conftest import make_atlas, make_fmriprep_run, make_raw
 
 SHAPE = (8, 6, 5)
 

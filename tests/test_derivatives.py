@@ -7,11 +7,11 @@ import multiprocessing as mp
 
 import numpy as np
 from bids import BIDSLayout
+from conftest import SPACE, make_atlas, make_fmriprep_run, make_raw, random_labels
 
 from bids_fmristore.cli.run import main
 from bids_fmristore.derivatives import write_dataset_description
 from bids_fmristore.discovery import Dataset
-from conftest import SPACE, make_atlas, make_fmriprep_run, make_raw, random_labels
 
 
 def build(tmp_path, rng, subjects=("01", "02")):

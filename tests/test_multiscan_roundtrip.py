@@ -10,11 +10,11 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import OBLIQUE_AFFINE, make_atlas, make_fmriprep_run, make_raw
 from nibabel.quaternions import fillpositive, quat2mat
 
 from bids_fmristore.cli.run import main
 from bids_fmristore.formats.multiscan import ParcellatedMultiScan
-from conftest import OBLIQUE_AFFINE, make_atlas, make_fmriprep_run, make_raw
 
 SHAPE = (7, 5, 4)  # X != Y != Z: a wrong axis order cannot go unnoticed
 T = 6

@@ -7,11 +7,11 @@ import gzip
 import h5py
 import numpy as np
 import pytest
+from conftest import OBLIQUE_AFFINE, make_atlas, make_fmriprep_run, make_raw, random_labels
 
 import bids_fmristore.participant as participant
 from bids_fmristore.cli.run import main
 from bids_fmristore.formats.multiscan import ParcellatedMultiScan
-from conftest import OBLIQUE_AFFINE, make_atlas, make_fmriprep_run, make_raw, random_labels
 
 SHAPE = (9, 8, 6)
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import OBLIQUE_AFFINE, SPACE, make_atlas, make_fmriprep_run, make_raw, random_labels
 from nibabel.testing import data_path as NIBABEL_DATA
 from nilearn.maskers import NiftiLabelsMasker
 
 from bids_fmristore.cli.run import main
 from bids_fmristore.formats.multiscan import ParcellatedMultiScan
-from conftest import OBLIQUE_AFFINE, SPACE, make_atlas, make_fmriprep_run, make_raw, random_labels
 
 NILEARN_GM = Path(__import__("nilearn").__file__).parent / "datasets" / "data" / (
     "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")
