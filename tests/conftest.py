@@ -75,7 +75,8 @@ def make_fmriprep_run(
     nib.save(img, bold)
     write_json(folder / f"{ents}_desc-preproc_bold.json", {"RepetitionTime": tr,
                                                            "TaskName": task})
-    nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), folder / f"{ents}_desc-brain_mask{ext}")
+    mask_img = nib.Nifti1Image(mask.astype(np.uint8), affine)
+    nib.save(mask_img, folder / f"{ents}_desc-brain_mask{ext}")
     return bold
 
 

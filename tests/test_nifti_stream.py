@@ -90,8 +90,8 @@ def test_chunking_does_not_change_results(tmp_path, rng, ext):
     info = read_info(path)
     results = []
     for per_chunk in (1, 4, 8, n_t):
-        blocks = []
-        (means,) = parcellate_run(info, parcels, [lambda t0, b: blocks.append(b.copy())],
+        blocks: list[np.ndarray] = []
+        (means,) = parcellate_run(info, parcels, [lambda t0, b, out=blocks: out.append(b.copy())],
                                   per_chunk=per_chunk)
         results.append((means, np.concatenate(blocks)))
     for means, voxels in results[1:]:
