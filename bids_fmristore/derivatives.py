@@ -31,10 +31,11 @@ def output_path(
     output_dir: Path,
     *,
     subject: str,
-    atlas: str,
+    atlas: str | None = None,
     space: str | None = None,
     res: str | None = None,
     session: str | None = None,
+    desc: str | None = None,
     suffix: str = "bold",
     extension: str = ".h5",
 ) -> Path:
@@ -52,7 +53,10 @@ def output_path(
         parts.append(f"space-{space}")
     if res:
         parts.append(f"res-{res}")
-    parts.append(f"atlas-{atlas}")
+    if atlas:
+        parts.append(f"atlas-{atlas}")
+    if desc:
+        parts.append(f"desc-{desc}")
     return folder / "func" / ("_".join(parts) + f"_{suffix}{extension}")
 
 

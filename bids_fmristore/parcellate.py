@@ -15,7 +15,7 @@ import numpy as np
 
 from bids_fmristore.nifti_stream import NiftiInfo, iter_volumes
 
-__all__ = ["Parcels", "parcellate_run", "VOLUMES_PER_CHUNK"]
+__all__ = ["Parcels", "VoxelMoments", "parcellate_run", "VOLUMES_PER_CHUNK"]
 
 #: Volumes decoded at a time: two read buffers of this size bound memory (8 MNI 2 mm
 #: volumes = 35 MB each) while amortising per-block overhead (see bench/).
@@ -68,11 +68,57 @@ class Parcels:
         return np.add.reduceat(grouped_block, self._starts, axis=1, dtype=np.float64)
 
 
+class VoxelMoments:
+    """Temporal mean, standard deviation and tSNR of chosen voxels, block by block.
+
+    Sums are taken in float64 on stored values shifted by the first volume (so that large
+    baselines do not cancel the variance), and scaled at the end.
+
+    Parameters
+    ----------
+    voxels : ndarray of int, shape (N,)
+        Flat indices (x fastest) of the voxels to follow.
+    """
+
+    def __init__(self, voxels: np.ndarray) -> None:
+        self.voxels = voxels
+        self._shift: np.ndarray | None = None
+        self._sum = np.zeros(voxels.size)
+        self._sumsq = np.zeros(voxels.size)
+        self.n = 0
+
+    def update(self, block: np.ndarray) -> None:
+        """Add a block ``(k, n_vox)`` of stored (unscaled) volumes."""
+        values = np.take(block, self.voxels, axis=1).astype(np.float64)
+        if self._shift is None:
+            self._shift = values[0].copy()
+        values -= self._shift
+        self._sum += values.sum(axis=0)
+        self._sumsq += np.einsum("ij,ij->j", values, values)
+        self.n += values.shape[0]
+
+    def result(self, slope: float = 1.0, inter: float = 0.0) -> dict[str, np.ndarray]:
+        """``mean``, ``std`` (population, ddof=0, as fMRIPrep's tSNR) and ``tsnr`` (N,).
+
+        tSNR is NaN where the standard deviation is 0.
+        """
+        if self.n == 0:
+            raise ValueError("no volume was added")
+        centred = self._sum / self.n
+        var = np.maximum(self._sumsq / self.n - centred**2, 0.0)
+        mean = (centred + self._shift) * slope + inter
+        std = np.sqrt(var) * abs(slope)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tsnr = np.where(std > 0, mean / np.where(std > 0, std, 1.0), np.nan)
+        return {"mean": mean, "std": std, "tsnr": tsnr}
+
+
 def parcellate_run(
     info: NiftiInfo,
     parcels: Sequence[Parcels],
     voxel_sinks: Sequence[VoxelSink | None] | None = None,
     *,
+    moments: VoxelMoments | None = None,
     per_chunk: int = VOLUMES_PER_CHUNK,
 ) -> list[np.ndarray]:
     """Read a run once and compute every target's parcel means (and voxel blocks).
@@ -87,6 +133,8 @@ def parcellate_run(
         ``sink(t0, block)`` receives the scaled float32 voxel data ``(k, N)`` of the
         corresponding ``parcels`` entry, columns in ``Parcels.grouped`` order, in time order.
         The block is reused afterwards: copy what must outlive the call.
+    moments : VoxelMoments, optional
+        Also accumulates voxel-wise temporal statistics in the same pass.
 
     Returns
     -------
@@ -99,6 +147,8 @@ def parcellate_run(
     slope, inter = np.float32(info.slope), np.float32(info.inter)
     for t0, block in iter_volumes(info, per_chunk):
         t1 = t0 + block.shape[0]
+        if moments is not None:
+            moments.update(block)
         for p, out, sink in zip(parcels, means, sinks, strict=True):
             # One gather serves the means and the voxel output.
             values = np.take(block, p.grouped, axis=1)

@@ -32,6 +32,14 @@ from bids_fmristore.formats.multiscan import ClusterLayout, MultiScanWriter
 from bids_fmristore.nifti_stream import NiftiInfo, read_info
 from bids_fmristore.parcellate import Parcels, parcellate_run
 from bids_fmristore.tables import write_run_tables
+from bids_fmristore.voxelmaps import (
+    MAPS_DESC,
+    STATS,
+    MapsTarget,
+    make_maps_target,
+    run_maps,
+    write_maps,
+)
 
 __all__ = ["Job", "JobResult", "Options", "Target", "plan_jobs", "prepare_targets", "run_job",
            "run_jobs", "coverage_of", "RUN_READ_ERRORS"]
@@ -60,6 +68,13 @@ class Job:
     runs: tuple[BoldRun, ...]
     atlases: tuple[Atlas, ...]
     outputs: tuple[Path, ...]
+    #: the subject's voxel-wise maps (LabeledVolumeSet), None to skip them
+    maps_output: Path | None = None
+
+    @property
+    def label(self) -> str:
+        """``sub-<label>[_ses-<label>]``: what the job's files cover."""
+        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
 
 
 @dataclass(frozen=True)
@@ -164,14 +179,16 @@ def plan_jobs(
                                  if callable(atlases) else atlases)
             outputs = tuple(output_path(output_dir, subject=subject, atlas=a.name, space=space,
                                         res=res, session=session) for a in grid_atlases)
+            maps = output_path(output_dir, subject=subject, space=space, res=res,
+                               session=session, desc=MAPS_DESC)
             jobs.append(Job(subject, session, space, res, tuple(group_runs), grid_atlases,
-                            outputs))
+                            outputs, maps))
     seen: set[Path] = set()
     for job in jobs:
-        if seen & set(job.outputs):
+        if seen & {*job.outputs, job.maps_output}:
             raise InputError(f"two grids of sub-{job.subject} map to {job.outputs[0].name}; "
                              "use --space/--bids-filter-file to select one")
-        seen |= set(job.outputs)
+        seen |= {*job.outputs, job.maps_output}
     return jobs, problems
 
 
@@ -198,25 +215,43 @@ def coverage_of(labels: np.ndarray, mask: np.ndarray, index: np.ndarray) -> np.n
         return np.where(on_grid > 0, inside / np.maximum(on_grid, 1), 0.0)
 
 
-def prepare_targets(job: Job, opts: Options = Options()) -> tuple[list[Target], JobResult]:
+@dataclass
+class Prepared:
+    """What a job will write: its parcellated files and its maps file (None: skipped)."""
+
+    targets: list[Target]
+    maps: MapsTarget | None
+    result: JobResult
+
+    @property
+    def empty(self) -> bool:
+        return not self.targets and self.maps is None
+
+
+def _keep_existing(path: Path, opts: Options, result: JobResult) -> bool:
+    if path.exists() and not opts.overwrite:
+        log.info("%s exists; skipping it (use --overwrite to replace it)", path)
+        result.skipped.append(path)
+        return True
+    return False
+
+
+def prepare_targets(job: Job, opts: Options = Options()) -> Prepared:
     """Masks and voxel groupings of the job's files; existing files are skipped unless
     ``overwrite``. An atlas with no voxel inside the brain masks is a failure of its file.
     Clusters whose coverage is below ``opts.min_coverage`` get NaN summaries."""
     result = JobResult()
-    todo = []
-    for atlas, output in zip(job.atlases, job.outputs, strict=True):
-        if output.exists() and not opts.overwrite:
-            log.info("%s exists; skipping it (use --overwrite to replace it)", output)
-            result.skipped.append(output)
-        else:
-            todo.append((atlas, output))
-    if not todo:
-        return [], result
+    todo = [(atlas, output) for atlas, output in zip(job.atlases, job.outputs, strict=True)
+            if not _keep_existing(output, opts, result)]
+    want_maps = job.maps_output is not None and not _keep_existing(job.maps_output, opts,
+                                                                    result)
+    if not todo and not want_maps:
+        return Prepared([], None, result)
     infos = [read_info(run.path) for run in job.runs]
     geometry = Geometry(infos[0].shape[:3], infos[0].affine)
-    brain = np.ones(geometry.shape, dtype=bool)
-    for run, info in zip(job.runs, infos, strict=True):
-        brain &= _brain_mask(run, info)
+    run_masks = [_brain_mask(run, info) for run, info in zip(job.runs, infos, strict=True)]
+    brain = np.logical_and.reduce(run_masks)
+    maps = make_maps_target(job.maps_output, geometry, run_masks) if want_maps else None
     targets = []
     for atlas, output in todo:
         labels = labels_on_grid(atlas, geometry.shape, geometry.affine)
@@ -236,7 +271,7 @@ def prepare_targets(job: Job, opts: Options = Options()) -> tuple[list[Target], 
         low = coverage[np.searchsorted(index, layout.cluster_ids)] < opts.min_coverage
         targets.append(Target(atlas, output, geometry, layout, Parcels(voxels, cluster_map),
                               coverage, low))
-    return targets, result
+    return Prepared(targets, maps, result)
 
 
 def _writer(target: Target, store: str, path: Path, *, overwrite: bool,
@@ -256,12 +291,13 @@ def _writer(target: Target, store: str, path: Path, *, overwrite: bool,
                            overwrite=overwrite, **extra)
 
 
-def _write_scans(run: BoldRun, name: str, targets: list[Target],
-                 writers: list[MultiScanWriter], opts: Options) -> None:
+def _write_scans(run: BoldRun, name: str, index: int, prep: Prepared,
+                 writers: list[MultiScanWriter], opts: Options) -> dict | None:
     """Parcellate one run for every target in one pass; on a read error no scan is kept.
 
-    With ``opts.tables_dir`` the run's per-atlas TSV tables are written once all its scans
-    are complete."""
+    Returns the run's voxel maps (when the job writes them). With ``opts.tables_dir`` the
+    run's per-atlas TSV tables are written once all its scans are complete."""
+    targets = prep.targets
     info = read_info(run.path)
     if info.shape[3] == 1:
         log.warning("%s has one volume; fmristore (R) cannot read a one-row summary", run.path)
@@ -271,8 +307,9 @@ def _write_scans(run: BoldRun, name: str, targets: list[Target],
     scans = [w.add_scan(name, info.shape[3], metadata) for w in writers]
     sinks = [(lambda t0, block, s=s: s.write_grouped(block)) if s.wants_voxels else None
              for s in scans]
+    moments = prep.maps.moments() if prep.maps is not None else None
     try:
-        means = parcellate_run(info, [t.parcels for t in targets], sinks)
+        means = parcellate_run(info, [t.parcels for t in targets], sinks, moments=moments)
         for scan, values, target in zip(scans, means, targets, strict=True):
             values[:, target.low_coverage] = np.nan  # too little of the parcel was imaged
             scan.write_summary(values)
@@ -288,6 +325,9 @@ def _write_scans(run: BoldRun, name: str, targets: list[Target],
                 ids=target.layout.cluster_ids, means=values, coverage=target.coverage,
                 min_coverage=opts.min_coverage, sources=_run_sources(run) + [target.atlas_uri],
             )
+    if moments is None:
+        return None
+    return run_maps(prep.maps, index, moments, info.slope, info.inter)
 
 
 def _run_sources(run: BoldRun) -> list[str]:
@@ -308,51 +348,67 @@ def run_job(job: Job, opts: Options = Options()) -> JobResult:
     A run that cannot be read is left out of every file and reported in ``failures``;
     a file none of whose runs could be read is not written.
     """
-    targets, result = prepare_targets(job, opts)
-    if not targets:
-        return result
+    prep = prepare_targets(job, opts)
+    if prep.empty:
+        return prep.result
+    result = prep.result
     names = scan_names(job.runs)
     with contextlib.ExitStack() as stack:
         writers = [stack.enter_context(_writer(t, opts.store, t.output,
-                                               overwrite=opts.overwrite)) for t in targets]
-        scans_info = {}
-        for run, name in zip(job.runs, names, strict=True):
+                                               overwrite=opts.overwrite)) for t in prep.targets]
+        done = {}
+        for i, (run, name) in enumerate(zip(job.runs, names, strict=True)):
             try:
-                _write_scans(run, name, targets, writers, opts)
+                done[name] = (run, _write_scans(run, name, i, prep, writers, opts))
             except RUN_READ_ERRORS as err:
                 log.debug("%s", run.path, exc_info=True)
                 result.failures.append(f"{run.path}: {err}")
-                continue
-            scans_info[name] = _scan_info(run)
-        if not scans_info:
+        if not done:
             raise InputError(f"sub-{job.subject}: none of the runs could be read: "
                              + "; ".join(result.failures))
-    _finish(job, targets, opts, scans_info, result)
+    _finish(job, prep, opts, done)
     return result
 
 
-def _finish(job: Job, targets: list[Target], opts: Options, scans_info: dict,
-            result: JobResult) -> None:
-    for target in targets:
+def _finish(job: Job, prep: Prepared, opts: Options, done: dict) -> None:
+    """Sidecars of the parcellated files, and the maps file with its sidecar.
+
+    ``done`` maps each scan that was read to (run, its voxel maps or None)."""
+    result = prep.result
+    scans_info = {name: _scan_info(run) for name, (run, _) in done.items()}
+    for target in prep.targets:
         write_json(target.output.with_name(target.output.name[: -len(".h5")] + ".json"),
                    _sidecar(target, opts, scans_info, job.space))
         result.written.append(target.output)
+    if prep.maps is not None:
+        labels = write_maps(prep.maps, job.label,
+                            [(name, stats) for name, (_, stats) in done.items()],
+                            overwrite=opts.overwrite)
+        sources = [uri for run, _ in done.values() for uri in _run_sources(run)]
+        write_json(prep.maps.output.with_name(prep.maps.output.name[: -len(".h5")] + ".json"), {
+            "Description": "Voxel-wise temporal mean, standard deviation (ddof=0) and tSNR of "
+                           "each run inside its brain mask (NaN outside), and their average "
+                           "over runs; fmristore LabeledVolumeSet",
+            "Sources": sources, "Labels": labels, "Statistics": list(STATS),
+            **({"Space": job.space} if job.space else {}),
+        })
+        result.written.append(prep.maps.output)
     result.scans.extend(scans_info)
 
 
-def _run_piece(run: BoldRun, name: str, targets: list[Target], opts: Options,
-               folder: str) -> list[Path] | str:
+def _run_piece(run: BoldRun, name: str, index: int, prep: Prepared, opts: Options,
+               folder: str) -> tuple[list[Path], dict | None] | str:
     """Worker process: one run for all targets, each into its own single-scan file."""
-    paths = [Path(folder) / f"{i}-{name}.h5" for i in range(len(targets))]
+    paths = [Path(folder) / f"{i}-{name}.h5" for i in range(len(prep.targets))]
     try:
         with contextlib.ExitStack() as stack:
             writers = [stack.enter_context(_writer(t, opts.store, p, overwrite=True,
                                                    full=False))
-                       for t, p in zip(targets, paths, strict=True)]
-            _write_scans(run, name, targets, writers, opts)
+                       for t, p in zip(prep.targets, paths, strict=True)]
+            maps = _write_scans(run, name, index, prep, writers, opts)
     except RUN_READ_ERRORS as err:
         return f"{run.path}: {err}"
-    return paths
+    return paths, maps
 
 
 def run_jobs(jobs: list[Job], opts: Options = Options(), *, nprocs: int = 1,
@@ -373,47 +429,45 @@ def run_jobs(jobs: list[Job], opts: Options = Options(), *, nprocs: int = 1,
             ProcessPoolExecutor(max_workers=nprocs, mp_context=ctx) as pool:
         planned = []
         for j, job in enumerate(jobs):
-            prepared = _guarded(prepare_targets, job, opts)
-            if isinstance(prepared, JobResult):  # a user error of the whole job
-                results.append(prepared)
-                planned.append(None)
+            prep = _guarded(prepare_targets, job, opts)
+            if isinstance(prep, JobResult):  # a user error of the whole job
+                results.append(prep)
                 continue
-            targets, result = prepared
+            results.append(prep.result)
+            if prep.empty:
+                continue
             folder = Path(tmp) / str(j)
             folder.mkdir()
             names = scan_names(job.runs)
-            futures = [pool.submit(_run_piece, run, name, targets, opts, str(folder))
-                       for run, name in zip(job.runs, names, strict=True)] if targets else []
-            planned.append((job, targets, result, names, futures))
-            results.append(result)
-        for item in planned:
-            if item is not None:
-                outcome = _guarded(_assemble, *item, opts)
-                if outcome is not item[2]:  # the whole file failed
-                    item[2].failures.extend(outcome.failures)
+            futures = [pool.submit(_run_piece, run, name, i, prep, opts, str(folder))
+                       for i, (run, name) in enumerate(zip(job.runs, names, strict=True))]
+            planned.append((job, prep, names, futures))
+        for job, prep, names, futures in planned:
+            outcome = _guarded(_assemble, job, prep, names, futures, opts)
+            if outcome is not prep.result:  # the whole job failed
+                prep.result.failures.extend(outcome.failures)
     return results
 
 
-def _assemble(job: Job, targets: list[Target], result: JobResult, names: list[str],
-              futures, opts: Options) -> JobResult:
-    pieces = {}
+def _assemble(job: Job, prep: Prepared, names: list[str], futures,
+              opts: Options) -> JobResult:
+    result = prep.result
+    done, pieces = {}, {}
     for run, name, future in zip(job.runs, names, futures, strict=True):
         outcome = future.result()
         if isinstance(outcome, str):
             result.failures.append(outcome)
         else:
-            pieces[name] = (run, outcome)
-    if not targets:
-        return result
-    if not pieces:
+            pieces[name], maps = outcome
+            done[name] = (run, maps)
+    if not done:
         raise InputError(f"sub-{job.subject}: none of the runs could be read: "
                          + "; ".join(result.failures))
-    for i, target in enumerate(targets):
+    for i, target in enumerate(prep.targets):
         with _writer(target, opts.store, target.output, overwrite=opts.overwrite) as writer:
-            for name, (_, paths) in pieces.items():
+            for name, paths in pieces.items():
                 writer.copy_scan(paths[i], name)
-    _finish(job, targets, opts,
-            {name: _scan_info(run) for name, (run, _) in pieces.items()}, result)
+    _finish(job, prep, opts, done)
     return result
 
 

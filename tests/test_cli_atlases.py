@@ -40,7 +40,7 @@ def run(tmp_path, *args, out="out") -> int:
 
 
 def summary(tmp_path, out="out"):
-    (h5,) = (tmp_path / out).glob("sub-01/func/*.h5")
+    (h5,) = (tmp_path / out).glob("sub-01/func/*_atlas-*.h5")
     with ParcellatedMultiScan(h5) as f:
         return f.summary(f.scan_names[0]), json.loads(h5.with_suffix(".json").read_text())
 
@@ -120,7 +120,7 @@ def test_pybids_indexes_outputs_and_atlases(dataset):
     assert run(tmp_path, "--atlas", f"Blocks={atlas}", "--tsv") == 0
     out = tmp_path / "out"
     layout = BIDSLayout(out, validate=False, config=["bids", "derivatives", str(CONFIG_PATH)])
-    (h5,) = layout.get(extension=".h5")
+    (h5,) = layout.get(extension=".h5", atlas="Blocks")
     assert (h5.entities["subject"], h5.entities["space"], h5.entities["atlas"]) == (
         "01", SPACE, "Blocks")
     (series,) = layout.get(stat="mean", suffix="timeseries", extension=".tsv")

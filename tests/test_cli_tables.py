@@ -36,7 +36,7 @@ def test_tables_have_all_labels_and_match_the_h5(tmp_path, rng):
         dropped = {"01": "two", "02": "nine"}[f.entities["subject"]]
         missing = {c for c in frame.columns if frame[c].isna().all()}
         assert missing == {dropped, "twelve"}
-        (h5,) = out.glob(f"sub-{f.entities['subject']}/func/*.h5")
+        (h5,) = out.glob(f"sub-{f.entities['subject']}/func/*_atlas-*.h5")
         with ParcellatedMultiScan(h5) as reader:
             summary = reader.summary(reader.scan_names[0], all_labels=True)
         np.testing.assert_array_equal(frame.to_numpy(np.float32), summary.to_numpy())

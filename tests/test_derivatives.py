@@ -30,7 +30,7 @@ def test_pybids_indexes_outputs_with_entities(tmp_path, rng):
     assert main([str(tmp_path / "bids"), str(out), "participant", "-d",
                  f"fmriprep={tmp_path / 'fmriprep'}", "--atlas", f"Demo={atlas}"]) == 0
     layout = BIDSLayout(out, validate=False, config=["bids", "derivatives"])
-    files = layout.get(extension=".h5")
+    files = layout.get(extension=".h5", atlas="Demo")
     assert sorted(f.entities["subject"] for f in files) == ["01", "02"]
     for f in files:
         assert f.entities["space"] == SPACE

@@ -182,7 +182,7 @@ def test_sessions_in_one_subject_file(tmp_path, rng):
     bids, fmriprep, atlas = _two_sessions(tmp_path, rng)
     out = tmp_path / "out"
     run_cli(bids, out, atlas, "-d", f"fmriprep={fmriprep}")
-    assert [p.relative_to(out).as_posix() for p in out.rglob("*.h5")] == [
+    assert [p.relative_to(out).as_posix() for p in out.rglob("*_atlas-*.h5")] == [
         f"sub-01/func/{h5_name()}"]
     with ParcellatedMultiScan(out / "sub-01" / "func" / h5_name()) as f:
         assert f.scan_names == [f"sub-01_ses-{s}_task-rest_run-0{r}"
@@ -197,7 +197,7 @@ def test_session_label_writes_per_session(tmp_path, rng):
     out = tmp_path / "out"
     run_cli(bids, out, atlas, "-d", f"fmriprep={fmriprep}", "--session-label", "1")
     h5 = out / "sub-01" / "ses-1" / "func" / h5_name(ses="1")
-    assert list(out.rglob("*.h5")) == [h5]
+    assert list(out.rglob("*_atlas-*.h5")) == [h5]
     with ParcellatedMultiScan(h5) as f:
         assert f.scan_names == ["sub-01_ses-1_task-rest_run-01", "sub-01_ses-1_task-rest_run-02"]
         for name in f.scan_names:
@@ -262,7 +262,7 @@ def test_two_grids_two_files(tmp_path, rng, differs):
     out = tmp_path / "out"
     run_cli(bids, out, atlas, "-d", f"fmriprep={fmriprep}")
     folder = out / "sub-01" / "func"
-    assert sorted(p.name for p in folder.glob("*.h5")) == [h5_name(res="1"), h5_name(res="2")]
+    assert sorted(p.name for p in folder.glob("*_atlas-*.h5")) == [h5_name(res="1"), h5_name(res="2")]
     for res, shape, affine in (("1", SHAPE, AFFINE), ("2", shape2, affine2)):
         with ParcellatedMultiScan(folder / h5_name(res=res)) as f:
             assert f.scan_names == [f"sub-01_task-rest_run-0{res}"]

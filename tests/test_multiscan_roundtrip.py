@@ -49,7 +49,7 @@ def dataset(tmp_path):
 def run(tmp_path, atlas, *extra) -> h5py.File:
     assert main([str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "-d",
                  f"fmriprep={tmp_path / 'fmriprep'}", "--atlas", f"Demo={atlas}", *extra]) == 0
-    (path,) = (tmp_path / "out").glob("sub-01/func/*.h5")
+    (path,) = (tmp_path / "out").glob("sub-01/func/*_atlas-*.h5")
     return path
 
 

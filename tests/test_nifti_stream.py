@@ -114,3 +114,28 @@ def test_scaled_int16_means_match_scaling_first(tmp_path, rng):
     scaled = nib.load(path).get_fdata(dtype=np.float64).reshape(-1, n_t, order="F")[flat]
     expected = np.stack([scaled[lab == k].mean(axis=0) for k in np.unique(lab)], axis=1)
     np.testing.assert_allclose(means, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_voxel_moments_equal_numpy(tmp_path, rng, scaled):
+    from bids_fmristore.parcellate import VoxelMoments
+
+    shape, n_t = (5, 4, 3), 23
+    if scaled:
+        raw = rng.integers(9000, 11000, size=(*shape, n_t)).astype(np.int16)
+        img = nib.Nifti1Image(raw, np.eye(4))
+        img.header.set_slope_inter(0.25, 100.0)
+    else:
+        img = nib.Nifti1Image(rng.normal(1e4, 3, size=(*shape, n_t)).astype(np.float32),
+                              np.eye(4))
+    path = tmp_path / "m.nii.gz"
+    nib.save(img, path)
+    info = read_info(path)
+    voxels = np.array([0, 7, 59, 3])
+    moments = VoxelMoments(voxels)
+    parcellate_run(info, [], moments=moments, per_chunk=4)
+    got = moments.result(info.slope, info.inter)
+    data = nib.load(path).get_fdata(dtype=np.float64).reshape(-1, n_t, order="F")[voxels]
+    np.testing.assert_allclose(got["mean"], data.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(got["std"], data.std(axis=1), rtol=1e-9)
+    np.testing.assert_allclose(got["tsnr"], data.mean(axis=1) / data.std(axis=1), rtol=1e-9)

@@ -45,8 +45,8 @@ def test_nprocs_gives_identical_files(dataset):
     assert cli(tmp_path, atlases, "serial") == 0
     assert cli(tmp_path, atlases, "parallel", "--nprocs", "2", "-w",
                str(tmp_path / "work")) == 0
-    serial = sorted((tmp_path / "serial").rglob("*.h5"))
-    parallel = sorted((tmp_path / "parallel").rglob("*.h5"))
+    serial = sorted((tmp_path / "serial").rglob("*_atlas-*.h5"))
+    parallel = sorted((tmp_path / "parallel").rglob("*_atlas-*.h5"))
     assert [p.relative_to(tmp_path / "serial") for p in serial] == [
         p.relative_to(tmp_path / "parallel") for p in parallel]
     assert len(serial) == 4  # 2 subjects x 2 atlases
@@ -68,7 +68,7 @@ def test_parallel_damaged_run_is_left_out(dataset):
     raw = gzip.decompress(bad.read_bytes())
     bad.write_bytes(gzip.compress(raw[: len(raw) // 2]))
     assert cli(tmp_path, atlases, "out", "--nprocs", "2") == 5
-    for path in (tmp_path / "out").rglob("sub-02*.h5"):
+    for path in (tmp_path / "out").rglob("sub-02*_atlas-*.h5"):
         with ParcellatedMultiScan(path) as f:
             assert f.scan_names == ["sub-02_task-rest_run-01", "sub-02_task-rest_run-03"]
     assert not [p for p in (tmp_path / "out").rglob("*") if "partial" in p.name or

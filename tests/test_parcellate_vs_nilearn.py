@@ -43,7 +43,7 @@ def run_cli(tmp_path: Path, atlas: Path, *extra: str) -> Path:
     code = main([str(tmp_path / "bids"), str(out), "participant", "-d",
                  f"fmriprep={tmp_path / 'fmriprep'}", "--atlas", f"Test={atlas}", *extra])
     assert code == 0
-    (h5,) = out.glob("sub-01/func/*.h5")
+    (h5,) = out.glob("sub-01/func/*_atlas-*.h5")
     return h5
 
 

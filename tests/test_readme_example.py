@@ -38,7 +38,7 @@ def test_quick_start_runs_and_matches_nilearn(tmp_path, monkeypatch):
     paths = build_example("example")
     assert main(argv[1:]) == 0
     out = tmp_path / "example" / "out"
-    files = sorted(out.rglob("*.h5"))
+    files = sorted(out.rglob("*_atlas-*.h5"))
     assert [f.name for f in files] == [
         "sub-01_space-MNI152NLin2009cAsym_atlas-Demo_bold.h5",
         "sub-02_space-MNI152NLin2009cAsym_atlas-Demo_bold.h5",
