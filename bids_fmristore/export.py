@@ -199,8 +199,9 @@ def _write_nifti(target: Path, shape: tuple[int, ...], affine: np.ndarray,
     header.set_data_shape(shape)
     header.set_qform(affine, code=1)  # also sets pixdim[1:4] from the affine's zooms
     header.set_sform(affine, code=1)
+    tr = _seconds(tr)
     if tr is not None and len(shape) == 4:
-        header.set_zooms((*header.get_zooms()[:3], float(tr)))
+        header.set_zooms((*header.get_zooms()[:3], tr))
         header.set_xyzt_units("mm", "sec")
     else:
         header.set_xyzt_units("mm")
@@ -220,6 +221,15 @@ def _write_nifti(target: Path, shape: tuple[int, ...], affine: np.ndarray,
                 count += 1
         if count != expected:
             raise RuntimeError(f"{target.name}: wrote {count} volumes, header says {expected}")
+
+
+def _seconds(value) -> float | None:
+    """A scan's metadata TR if it is a usable number (foreign files may store anything)."""
+    try:
+        value = float(np.asarray(value).ravel()[0])
+    except (TypeError, ValueError, IndexError):
+        return None
+    return value if np.isfinite(value) and value > 0 else None
 
 
 def build_export_parser() -> argparse.ArgumentParser:
