@@ -14,6 +14,9 @@ from bids_fmristore import __version__
 __all__ = ["build_parser", "parse_name_path", "strip_prefix"]
 
 EPILOG = """\
+other commands:
+  bids_fmristore export FILE.h5 OUT_DIR   write an fmristore file's volumes as NIfTI
+
 exit codes:
   0    success
   1    unexpected internal error (a bug: please report it with the traceback)
@@ -162,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "stat-coverage_bold and stat-pearsoncorrelation_relmat (.tsv)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (default: keep them and skip)")
+
+    g = p.add_argument_group("group level")
+    g.add_argument("--group-by", choices=["subject", "run"], default="subject",
+                   help="one volume per subject (its average over runs) or per run")
+    g.add_argument("--group-mask-threshold", type=_fraction, default=1.0, metavar="F",
+                   help="group mask: voxels inside at least this fraction of the masks "
+                   "(default 1.0 = all)")
+    g.add_argument("--cohort-file", type=Path, metavar="CSV",
+                   help="ModelArrayIO-style cohort (scalar_name, source_file, "
+                   "source_mask_file, covariates): one LabeledVolumeSet per scalar")
+    g.add_argument("--group-mask", type=Path, metavar="FILE",
+                   help="explicit group mask (NIfTI) for --cohort-file")
 
     g = p.add_argument_group("resources and logging")
     g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",

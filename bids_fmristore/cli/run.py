@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (documented in ``--help``)."""
     from bids_fmristore.cli.parser import build_parser
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "export":
+        from bids_fmristore.export import export_main
+
+        return export_main(argv[1:])
     try:
         opts = build_parser().parse_args(argv)
     except SystemExit as stop:  # argparse: --help, --version, usage errors
@@ -56,7 +61,7 @@ def _dispatch(opts) -> int:
     try:
         if opts.analysis_level == "participant":
             return participant(opts)
-        raise UsageError("the group level is not available yet in this version")
+        return group(opts)
     except UserError as err:
         log.error("%s", err)
         return err.exit_code
@@ -134,4 +139,34 @@ def participant(opts) -> int:
         skipped += len(result.skipped)
     if problems:
         return EXIT_PARTIAL if written or skipped else EXIT_INPUT
+    return EXIT_OK
+
+
+def group(opts) -> int:
+    """Group level: LabeledVolumeSets of the participants' maps, or of a cohort file."""
+    from bids_fmristore.derivatives import write_dataset_description
+    from bids_fmristore.discovery import Dataset
+
+    bids_dir, output_dir = _check_dirs(opts.bids_dir, opts.output_dir)
+    if opts.cohort_file is not None:
+        from bids_fmristore.cohort import read_cohort, write_cohort_sets
+
+        cohort = read_cohort(opts.cohort_file)
+        written = write_cohort_sets(cohort, output_dir, group_mask=opts.group_mask,
+                                    mask_threshold=opts.group_mask_threshold,
+                                    overwrite=opts.overwrite)
+    else:
+        if opts.group_mask is not None:
+            raise UsageError("--group-mask goes with --cohort-file")
+        from bids_fmristore.group import write_group
+
+        if not output_dir.is_dir():
+            raise InputError(f"OUTPUT_DIR {output_dir} does not exist: run the participant "
+                             "level first")
+        written = write_group(output_dir, bids_dir, group_by=opts.group_by,
+                              threshold=opts.group_mask_threshold,
+                              participants=opts.participant_label, overwrite=opts.overwrite)
+    write_dataset_description(output_dir, [Dataset("raw", bids_dir, False)])
+    for path in written:
+        log.info("wrote %s", path)
     return EXIT_OK

@@ -1,0 +1,168 @@
+"""Group level: collect the subjects' voxel maps into one LabeledVolumeSet per statistic.
+
+Reads the participant level's ``*_desc-voxelstats_bold.h5`` files in OUTPUT_DIR (one per
+subject and grid) and writes, for each statistic and grid,
+``OUTPUT_DIR/group/[space-<S>_][res-<R>_]stat-<stat>[_desc-runs]_bold.h5`` with one volume
+per subject (or per run), its JSON sidecar and a TSV of the matching ``participants.tsv`` rows.
+Memory holds one volume (and the voxel counts of the group mask) at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bids_fmristore.atlas import same_grid
+from bids_fmristore.derivatives import write_json
+from bids_fmristore.errors import InputError
+from bids_fmristore.formats.atomic import atomic_write_text
+from bids_fmristore.formats.labeled import LabeledVolumeSet, write_labeled
+from bids_fmristore.voxelmaps import MAPS_DESC, STATS
+
+__all__ = ["GroupItem", "collect_maps", "write_group"]
+
+log = logging.getLogger(__name__)
+_ENTITY = re.compile(r"(?:^|_)([a-z]+)-([a-zA-Z0-9+]+)")
+
+
+@dataclass(frozen=True)
+class GroupItem:
+    """One volume of a group file: its label, the participant file and label it comes from."""
+
+    label: str
+    subject: str
+    source: Path
+    source_label: str
+
+
+def _entities(path: Path) -> dict[str, str]:
+    return dict(_ENTITY.findall(path.name.split(".")[0]))
+
+
+def collect_maps(output_dir: Path, *, group_by: str = "subject",
+                 participants: list[str] | None = None) -> dict[tuple, dict[str, list[GroupItem]]]:
+    """The participant maps of OUTPUT_DIR grouped by grid (space, res, grid number) and
+    statistic.
+
+    Raises
+    ------
+    InputError
+        When OUTPUT_DIR holds no participant maps.
+    """
+    files = sorted(output_dir.glob(f"sub-*/**/func/*_desc-{MAPS_DESC}_bold.h5"))
+    if participants:
+        files = [f for f in files if _entities(f).get("sub") in set(participants)]
+    if not files:
+        raise InputError(f"{output_dir} holds no participant-level maps "
+                         f"(*_desc-{MAPS_DESC}_bold.h5): run the participant level first")
+    groups: dict[tuple, dict[str, list[GroupItem]]] = defaultdict(lambda: defaultdict(list))
+    grids: dict[tuple, list[tuple]] = defaultdict(list)  # (space, res) → distinct grids
+    for path in files:
+        ents = _entities(path)
+        subject_label = "_".join(f"{k}-{ents[k]}" for k in ("sub", "ses") if k in ents)
+        with LabeledVolumeSet(path) as f:
+            labels = f.labels
+            grid = (f.shape, f.affine)
+        seen = grids[ents.get("space"), ents.get("res")]
+        index = next((i for i, g in enumerate(seen) if same_grid(*g, *grid)), None)
+        if index is None:
+            seen.append(grid)
+            index = len(seen) - 1
+        key = (ents.get("space"), ents.get("res"), index)
+        for stat in STATS:
+            suffix = f"_stat-{stat}"
+            if group_by == "subject":
+                chosen = [f"{subject_label}{suffix}"]
+            else:
+                chosen = [lab for lab in labels
+                          if lab.endswith(suffix) and lab != f"{subject_label}{suffix}"]
+            for lab in chosen:
+                if lab not in labels:
+                    raise InputError(f"{path}: no volume {lab!r}")
+                groups[key][stat].append(GroupItem(lab[: -len(suffix)], ents["sub"], path, lab))
+    return groups
+
+
+def _group_mask(items: list[GroupItem], threshold: float):
+    """Voxels inside at least ``threshold`` of the items' own masks, and the grid."""
+    counts = None
+    shape = affine = None
+    for item in items:
+        with LabeledVolumeSet(item.source) as f:
+            if counts is None:
+                shape, affine = f.shape, f.affine
+                counts = np.zeros(shape, dtype=np.int32)
+            elif not same_grid(f.shape, f.affine, shape, affine):
+                raise InputError(f"{item.source}: grid differs from {items[0].source.name}")
+            counts += ~np.isnan(f.volume(item.source_label))
+    needed = max(1, int(np.ceil(threshold * len(items) - 1e-9)))
+    return counts >= needed, affine
+
+
+def write_group(output_dir: Path, bids_dir: Path | None, *, group_by: str = "subject",
+                threshold: float = 1.0, participants: list[str] | None = None,
+                overwrite: bool = False) -> list[Path]:
+    """Write the group LabeledVolumeSets, sidecars and participants tables; return the files."""
+    if not 0 < threshold <= 1:
+        raise InputError(f"--group-mask-threshold must be in (0, 1], not {threshold}")
+    groups = collect_maps(output_dir, group_by=group_by, participants=participants)
+    table = _participants(bids_dir)
+    written = []
+    for (space, res, grid), stats in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        if res is None and sum(k[:2] == (space, res) for k in groups) > 1:
+            res = f"grid{grid + 1}"  # subjects on different grids without res- entities
+        for stat, items in stats.items():
+            labels = [item.label for item in items]
+            if len(set(labels)) != len(labels):
+                raise InputError(f"duplicate group labels for stat-{stat}: several files of "
+                                 "one subject on this grid; select sessions or grids")
+            parts = ([f"space-{space}"] if space else []) + ([f"res-{res}"] if res else [])
+            parts += [f"stat-{stat}"] + (["desc-runs"] if group_by == "run" else [])
+            path = output_dir / "group" / ("_".join(parts) + "_bold.h5")
+            if path.exists() and not overwrite:
+                log.info("%s exists; skipping it (use --overwrite to replace it)", path)
+                continue
+            mask, affine = _group_mask(items, threshold)
+            if not mask.any():
+                raise InputError(f"stat-{stat}: no voxel is inside {threshold:.0%} of the masks")
+
+            def volumes(items=items):
+                for item in items:  # one full volume in memory at a time
+                    with LabeledVolumeSet(item.source) as f:
+                        yield f.volume(item.source_label)
+
+            write_labeled(path, mask=mask, affine=affine, labels=labels, volumes=volumes(),
+                          overwrite=overwrite)
+            stem = path.name[: -len(".h5")]
+            write_json(path.with_name(stem + ".json"), {
+                "Description": f"Participant-level voxel maps (stat-{stat}) of each "
+                               f"{group_by}; NaN outside each one's own mask",
+                "Statistic": stat, "GroupBy": group_by, "MaskThreshold": threshold,
+                "Sources": {item.label: f"bids::{item.source.relative_to(output_dir).as_posix()}"
+                                        f"#{item.source_label}" for item in items},
+            })
+            rows = pd.DataFrame({"label": labels, "participant_id": [
+                f"sub-{item.subject}" for item in items]})
+            if table is not None:
+                rows = rows.merge(table, on="participant_id", how="left")
+            atomic_write_text(path.with_name(stem + ".tsv"),
+                              rows.to_csv(sep="\t", index=False, na_rep="n/a"))
+            written.append(path)
+    return written
+
+
+def _participants(bids_dir: Path | None) -> pd.DataFrame | None:
+    tsv = None if bids_dir is None else bids_dir / "participants.tsv"
+    if tsv is None or not tsv.is_file():
+        return None
+    table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=False)
+    if "participant_id" not in table.columns:
+        log.warning("%s has no participant_id column; not copied", tsv)
+        return None
+    return table.replace({"n/a": np.nan})
