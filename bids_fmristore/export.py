@@ -27,14 +27,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from bids_fmristore.errors import (
-    EXIT_BUG,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    InputError,
-    UsageError,
-    UserError,
-)
+from bids_fmristore.errors import EXIT_BUG, EXIT_INTERRUPTED, InputError, UsageError, UserError
 from bids_fmristore.formats import detect
 from bids_fmristore.formats.atomic import atomic_path
 from bids_fmristore.formats.labeled import sanitize_label
@@ -64,10 +57,8 @@ def export_file(
 
     Parameters
     ----------
-    path : path-like
-        LabeledVolumeSet, H5NeuroVol, H5NeuroVec or H5ParcellatedMultiScan file.
-    out_dir : path-like
-        Destination folder.
+    path, out_dir : path-like
+        fmristore file (see the module docstring for the layouts) and destination folder.
     compress : bool
         ``.nii.gz`` (default) or ``.nii``.
     overwrite : bool
@@ -255,6 +246,7 @@ def build_export_parser() -> argparse.ArgumentParser:
 
 @contextlib.contextmanager
 def _stderr_logging() -> Iterator[None]:
+    """``bids_fmristore: LEVEL: message`` lines on stderr, as the main command prints them."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("bids_fmristore: %(levelname)s: %(message)s"))
     saved = (log.handlers[:], log.propagate)
@@ -287,4 +279,4 @@ def export_main(argv: list[str] | None = None) -> int:
             return EXIT_BUG
     for target in written:
         print(target)
-    return EXIT_OK
+    return 0

@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import h5py
 import nibabel as nib
 import numpy as np
 import pytest
@@ -214,3 +215,13 @@ def test_not_an_hdf5_file(tmp_path: Path, capsys, content) -> None:
     assert not (tmp_path / "out").exists()
     with pytest.raises(InputError):
         export_file(path, tmp_path / "out")
+
+
+def test_damaged_file_is_an_input_error(labeled, tmp_path: Path, capsys) -> None:
+    path = labeled[0]
+    with h5py.File(path, "r+") as f:
+        del f["data/x.y-z_1"]  # listed in /labels, dataset gone
+    out = tmp_path / "out"
+    assert export_main([str(path), str(out), "--labels", "x.y-z_1"]) == EXIT_INPUT
+    assert "x.y-z_1" in one_error_line(capsys)
+    assert not out.exists() or not any(out.iterdir())  # no partial image left behind
