@@ -262,7 +262,8 @@ def test_two_grids_two_files(tmp_path, rng, differs):
     out = tmp_path / "out"
     run_cli(bids, out, atlas, "-d", f"fmriprep={fmriprep}")
     folder = out / "sub-01" / "func"
-    assert sorted(p.name for p in folder.glob("*_atlas-*.h5")) == [h5_name(res="1"), h5_name(res="2")]
+    names = sorted(p.name for p in folder.glob("*_atlas-*.h5"))
+    assert names == [h5_name(res="1"), h5_name(res="2")]
     for res, shape, affine in (("1", SHAPE, AFFINE), ("2", shape2, affine2)):
         with ParcellatedMultiScan(folder / h5_name(res=res)) as f:
             assert f.scan_names == [f"sub-01_task-rest_run-0{res}"]

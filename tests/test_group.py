@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_atlas, make_fmriprep_run, make_raw, random_labels
 
 from bids_fmristore.cli.run import main
 from bids_fmristore.example import build_example
 from bids_fmristore.formats.labeled import LabeledVolumeSet
-from conftest import make_atlas, make_fmriprep_run, make_raw, random_labels
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
+from conftest import OBLIQUE_AFFINE, make_atlas, make_fmriprep_run, make_raw, random_labels
 
 from bids_fmristore.cli.run import main
 from bids_fmristore.formats.labeled import LabeledVolumeSet
-from conftest import OBLIQUE_AFFINE, make_atlas, make_fmriprep_run, make_raw, random_labels
 
 SHAPE = (7, 6, 5)
 
