@@ -400,9 +400,10 @@ def _same(path: Path, source: Path | bytes) -> bool:
 def _install(dst: Path, source: Path | bytes, overwrite: bool, keep: bool = False) -> None:
     """Atomically create ``dst``; identical bytes already there (another job) are fine, other
     bytes an error unless ``overwrite`` (replace them) or ``keep`` (leave them)."""
-    if (keep and not overwrite and dst.exists()) or _same(dst, source):
+    exists = dst.exists()  # read once: a concurrent job may create it right after
+    if (keep and not overwrite and exists) or _same(dst, source):
         return
-    if dst.exists() and not overwrite:
+    if exists and not overwrite:
         raise AtlasError(f"{dst} exists with other content (earlier outputs may cite it); "
                          "remove it, rename the atlas, or overwrite")
     try:

@@ -16,18 +16,14 @@ reads, or damaged, or an image cannot be written; 1 a bug (with traceback).
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import logging
-import sys
-import traceback
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from bids_fmristore.errors import EXIT_BUG, EXIT_INTERRUPTED, InputError, UsageError, UserError
+from bids_fmristore.errors import InputError, UsageError
 from bids_fmristore.formats import detect
 from bids_fmristore.formats.atomic import atomic_path
 from bids_fmristore.formats.labeled import sanitize_label
@@ -37,7 +33,7 @@ try:  # isal's deflate is several times faster than zlib's at the same ratio
 except ImportError:  # pragma: no cover - isal is a dependency
     import gzip as _gzip
 
-__all__ = ["export_file", "build_export_parser", "export_main"]
+__all__ = ["export_file"]
 
 log = logging.getLogger("bids_fmristore")
 _NIFTI_OFFSET = 352  # 348-byte header + 4-byte "no extension" flag
@@ -221,62 +217,3 @@ def _seconds(value) -> float | None:
     except (TypeError, ValueError, IndexError):
         return None
     return value if np.isfinite(value) and value > 0 else None
-
-
-def build_export_parser() -> argparse.ArgumentParser:
-    """Command line of ``bids_fmristore export``."""
-    parser = argparse.ArgumentParser(
-        prog="bids_fmristore export",
-        description="Write an fmristore file as float32 NIfTI images: one per label "
-                    "(LabeledVolumeSet), one 3-D/4-D image (H5NeuroVol/H5NeuroVec), or one "
-                    "4-D image per scan with voxel data (H5ParcellatedMultiScan).",
-        epilog="exit codes: 0 success; 2 usage (an output exists without --overwrite: nothing "
-               "written; unknown --labels); 3 FILE unreadable or not a supported layout, or "
-               "an image cannot be written; 1 bug")
-    parser.add_argument("file", metavar="FILE", type=Path, help="fmristore .h5 file")
-    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path,
-                        help="folder for the images (created if needed)")
-    parser.add_argument("--no-compress", dest="compress", action="store_false",
-                        help="write .nii instead of .nii.gz")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing images")
-    parser.add_argument("--labels", nargs="+", action="extend", metavar="L",
-                        help="export only these labels (or scans of a multiscan file)")
-    return parser
-
-
-@contextlib.contextmanager
-def _stderr_logging() -> Iterator[None]:
-    """``bids_fmristore: LEVEL: message`` lines on stderr, as the main command prints them."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("bids_fmristore: %(levelname)s: %(message)s"))
-    saved = (log.handlers[:], log.propagate)
-    log.handlers[:], log.propagate = [handler], False
-    try:
-        yield
-    finally:
-        log.handlers[:], log.propagate = saved
-
-
-def export_main(argv: list[str] | None = None) -> int:
-    """Run ``bids_fmristore export``; print the written paths; return the exit code."""
-    try:
-        opts = build_export_parser().parse_args(argv)
-    except SystemExit as stop:  # --help (0) or a usage error (2), already printed
-        return int(stop.code or 0)
-    with _stderr_logging():
-        try:
-            written = export_file(opts.file, opts.out_dir, compress=opts.compress,
-                                  overwrite=opts.overwrite, labels=opts.labels)
-        except UserError as err:
-            log.error("%s", err)
-            return err.exit_code
-        except KeyboardInterrupt:
-            log.error("interrupted; no partial image was kept")
-            return EXIT_INTERRUPTED
-        except Exception:  # a bug: keep the traceback
-            traceback.print_exc()
-            log.error("unexpected internal error; please report it with the traceback above")
-            return EXIT_BUG
-    for target in written:
-        print(target)
-    return 0

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from conftest import OBLIQUE_AFFINE
 
+from bids_fmristore.cli.export import export_main
 from bids_fmristore.errors import EXIT_INPUT, EXIT_OK, EXIT_USAGE, InputError, UsageError
-from bids_fmristore.export import export_file, export_main
+from bids_fmristore.export import export_file
 from bids_fmristore.formats.header import mask_order
 from bids_fmristore.formats.labeled import LabeledVolumeSet, write_labeled
 from bids_fmristore.formats.neurovec import write_neurovec

@@ -19,7 +19,7 @@ from bids_fmristore.errors import (
     UserError,
 )
 
-__all__ = ["main"]
+__all__ = ["main", "run_command"]
 
 log = logging.getLogger("bids_fmristore")
 
@@ -46,27 +46,34 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "export":
-        from bids_fmristore.export import export_main
+        from bids_fmristore.cli.export import export_main
 
         return export_main(argv[1:])
     try:
         opts = build_parser().parse_args(argv)
     except SystemExit as stop:  # argparse: --help, --version, usage errors
         return int(stop.code or 0)
-    with _logging(opts.verbose, opts.debug):
-        return _dispatch(opts)
+    level = participant if opts.analysis_level == "participant" else group
+    return run_command(lambda: level(opts), verbose=opts.verbose, debug=opts.debug)
 
 
-def _dispatch(opts) -> int:
+def run_command(func, *, verbose: int = 0, debug: bool = False) -> int:
+    """Run ``func() -> exit code`` with stderr logging; map errors to exit codes.
+
+    User errors print one line and return their code; bugs keep their traceback (exit 1).
+    """
+    with _logging(verbose, debug):
+        return _mapped(func)
+
+
+def _mapped(func) -> int:
     try:
-        if opts.analysis_level == "participant":
-            return participant(opts)
-        return group(opts)
+        return func()
     except UserError as err:
         log.error("%s", err)
         return err.exit_code
     except KeyboardInterrupt:
-        log.error("interrupted; no partial output was kept")
+        log.error("interrupted; no partial file was kept")
         return EXIT_INTERRUPTED
     except Exception:  # a bug: keep the traceback
         traceback.print_exc()

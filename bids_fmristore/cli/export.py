@@ -1,0 +1,49 @@
+"""``bids_fmristore export FILE.h5 OUT_DIR``: the command line of :mod:`bids_fmristore.export`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bids_fmristore.cli.run import run_command
+from bids_fmristore.export import export_file
+
+__all__ = ["build_export_parser", "export_main"]
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    """Command line of ``bids_fmristore export``."""
+    parser = argparse.ArgumentParser(
+        prog="bids_fmristore export",
+        description="Write an fmristore file as float32 NIfTI images: one per label "
+                    "(LabeledVolumeSet), one 3-D/4-D image (H5NeuroVol/H5NeuroVec), or one "
+                    "4-D image per scan with voxel data (H5ParcellatedMultiScan).",
+        epilog="exit codes: 0 success; 2 usage (an output exists without --overwrite: nothing "
+               "written; unknown --labels); 3 FILE unreadable or not a supported layout, or "
+               "an image cannot be written; 1 bug")
+    parser.add_argument("file", metavar="FILE", type=Path, help="fmristore .h5 file")
+    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path,
+                        help="folder for the images (created if needed)")
+    parser.add_argument("--no-compress", dest="compress", action="store_false",
+                        help="write .nii instead of .nii.gz")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing images")
+    parser.add_argument("--labels", nargs="+", action="extend", metavar="L",
+                        help="export only these labels (or scans of a multiscan file)")
+    return parser
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """Run ``bids_fmristore export``; print the written paths; return the exit code."""
+    try:
+        opts = build_export_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error (2), already printed
+        return int(stop.code or 0)
+
+    def export() -> int:
+        written = export_file(opts.file, opts.out_dir, compress=opts.compress,
+                              overwrite=opts.overwrite, labels=opts.labels)
+        for target in written:
+            print(target)
+        return 0
+
+    return run_command(export)
