@@ -24,6 +24,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -138,7 +139,7 @@ def read_cohort(csv_path: Path, *, relative_to: Path | None = None) -> Cohort:
                            else "same shape, different affine")
                 raise InputError(f"{where} row {i} ({info.path.name}): {kind} is on another "
                                  f"grid than row 1 ({differs})")
-        label = cells.get("label") or _stem(source.path.name)
+        label = cells.get("label") or re.sub(r"\.nii(\.gz)?$", "", source.path.name)
         rows.append(CohortRow(i, cells["scalar_name"], label, source, mask,
                               tuple(str(record[c]) for c in covariates)))
     scalars: dict[str, list[CohortRow]] = {}
@@ -204,7 +205,9 @@ def write_cohort_sets(
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise UsageError(f"{existing[0]} exists{more}; nothing was written; use overwrite")
-    masks = {s: _group_mask(cohort, s, group_mask, mask_threshold) for s in cohort.scalars}
+    fixed = _fixed_mask(cohort, Path(group_mask)) if group_mask is not None else None
+    masks = {s: _threshold_mask(cohort, s, mask_threshold) if fixed is None else fixed
+             for s in cohort.scalars}
     group_dir = Path(output_dir) / "group"
     created = [p for p in (group_dir, *group_dir.parents) if not p.exists()]
     group_dir.mkdir(parents=True, exist_ok=True)
@@ -213,9 +216,8 @@ def write_cohort_sets(
         for scalar, rows in cohort.scalars.items():
             _write_scalar(cohort, rows, masks[scalar], stage, targets[scalar], group_mask,
                           mask_threshold)
-        for target in targets.values():
-            for path in target.values():
-                os.replace(stage / path.name, path)
+        for path in (p for t in targets.values() for p in t.values()):
+            os.replace(stage / path.name, path)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         for folder in created:  # innermost first; a failure leaves no empty folders behind
@@ -239,49 +241,38 @@ def _header(path: Path, where: str, column: str) -> NiftiInfo:
     return info
 
 
-def _stem(name: str) -> str:
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
 def _entity(scalar: str) -> str:
     return "".join(ch for ch in scalar if ch.isascii() and ch.isalnum())
 
 
 def _check_names(where: str, scalars: dict[str, list[CohortRow]]) -> None:
+    """Output names unique per scalar; labels unique per scalar, also once sanitised."""
     entities: dict[str, CohortRow] = {}
     for scalar, rows in scalars.items():
-        entity = _entity(scalar)
-        if not entity:
-            raise InputError(f"{where} row {rows[0].row}: scalar_name {scalar!r} has no letter "
-                             "or digit to name its output file")
-        if entity in entities:
-            other = entities[entity]
-            raise InputError(f"{where} row {rows[0].row}: scalar_name {scalar!r} and "
-                             f"{other.scalar!r} (row {other.row}) both give scalar-{entity}")
+        entity, at = _entity(scalar), f"{where} row {rows[0].row}: scalar_name {scalar!r}"
+        if not entity or entity in entities:
+            clash = f" and {entities[entity].scalar!r} (row {entities[entity].row}) both give "
+            raise InputError(at + (clash + f"scalar-{entity}" if entity else " has no letter or "
+                                   "digit to name its output file"))
         entities[entity] = rows[0]
-        labels: dict[str, CohortRow] = {}
         names: dict[str, CohortRow] = {}
         for row in rows:
-            name = sanitize_label(row.label)
-            if row.label in labels:
-                raise InputError(f"{where} row {row.row} ({row.source.path.name}): label "
-                                 f"{row.label!r} of scalar {scalar!r} already used by row "
-                                 f"{labels[row.label].row}")
-            if name in names:
-                raise InputError(f"{where} row {row.row} ({row.source.path.name}): label "
-                                 f"{row.label!r} and {names[name].label!r} (row {names[name].row})"
-                                 f" both become dataset name {name!r} in scalar {scalar!r}")
+            name, at = sanitize_label(row.label), f"{where} row {row.row} ({row.source.path.name})"
             if name in (".", ".."):
-                raise InputError(f"{where} row {row.row}: label {row.label!r} cannot name a volume")
-            labels[row.label], names[name] = row, row
+                raise InputError(f"{at}: label {row.label!r} cannot name a volume")
+            if name in names and names[name].label == row.label:
+                raise InputError(f"{at}: label {row.label!r} of scalar {scalar!r} already used "
+                                 f"by row {names[name].row}")
+            if name in names:
+                raise InputError(f"{at}: label {row.label!r} and {names[name].label!r} (row "
+                                 f"{names[name].row}) both become dataset name {name!r} in "
+                                 f"scalar {scalar!r}")
+            names[name] = row
 
 
 def _coverage(where: str, rows: list[CohortRow], scalars: dict, shape: tuple) -> dict:
     """Read each distinct mask once: check it is binary, count it for every row using it."""
-    count_type = np.min_scalar_type(max(len(r) for r in scalars.values()))
+    count_type = np.min_scalar_type(max(len(r) for r in scalars.values()))  # 200 → uint8
     coverage = {s: np.zeros(int(np.prod(shape)), dtype=count_type) for s in scalars}
     users: dict[Path, list[CohortRow]] = {}
     for row in rows:
@@ -319,22 +310,26 @@ def _read_mask(info: NiftiInfo, where: str) -> np.ndarray:
 
 
 # -- writing --------------------------------------------------------------------------------
-def _group_mask(cohort: Cohort, scalar: str, path: Path | None, threshold: float) -> np.ndarray:
-    """Flat bool group mask of ``scalar`` (fmristore voxel order)."""
-    if path is not None:
-        info = _header(Path(path), f"group mask {Path(path)}", "group mask")
-        if not same_grid(info.shape, info.affine, cohort.shape, cohort.affine):
-            raise InputError(f"group mask {path}: grid {info.shape[:3]} / affine differs from "
-                             f"the cohort's grid {cohort.shape}")
-        mask = _read_mask(info, f"group mask {path}")
-        what = f"group mask {path}"
-    else:
-        n = len(cohort.scalars[scalar])
-        need = max(1, math.ceil(threshold * n - 1e-9))
-        mask = cohort.coverage[scalar] >= need
-        what = f"scalar {scalar!r}: the voxels in at least {need} of {n} subject masks"
+def _fixed_mask(cohort: Cohort, path: Path) -> np.ndarray:
+    """The user's group mask, flat bool in fmristore voxel order."""
+    info = _header(path, f"group mask {path}", "group mask")
+    if not same_grid(info.shape, info.affine, cohort.shape, cohort.affine):
+        raise InputError(f"group mask {path}: grid {info.shape[:3]} / affine differs from "
+                         f"the cohort's grid {cohort.shape}")
+    mask = _read_mask(info, f"group mask {path}")
     if not mask.any():
-        raise InputError(f"{what}: group mask is empty")
+        raise InputError(f"group mask {path}: group mask is empty")
+    return mask
+
+
+def _threshold_mask(cohort: Cohort, scalar: str, threshold: float) -> np.ndarray:
+    """Voxels in at least ``threshold`` of the scalar's subject masks (flat bool)."""
+    n = len(cohort.scalars[scalar])
+    need = max(1, math.ceil(threshold * n - 1e-9))  # tolerance: 0.3 * 10 is 3.0000000000000004
+    mask = cohort.coverage[scalar] >= need
+    if not mask.any():
+        raise InputError(f"scalar {scalar!r}: group mask is empty (no voxel in at least {need} "
+                         f"of the {n} subject masks)")
     return mask
 
 
@@ -342,7 +337,7 @@ def _vectors(rows: list[CohortRow], order: np.ndarray, where: str) -> Iterator[n
     """Each row's values at the group-mask voxels, NaN outside the row's own mask."""
     for row in rows:
         at = f"{where} row {row.row} ({row.source.path.name})"
-        vec = _read_volume(row.source, at)[order].astype(np.float32)
+        vec = _read_volume(row.source, at)[order].astype(np.float32, copy=False)
         inside = _read_mask(row.mask, f"{at}: source_mask_file")[order]
         vec[~inside] = np.nan
         yield vec
@@ -358,19 +353,16 @@ def _write_scalar(cohort: Cohort, rows: list[CohortRow], mask: np.ndarray, stage
                   dtype=np.float32, attrs={"writer": f"bids_fmristore {__version__}"})
     sidecar = {
         "Description": "One volume per cohort row; NaN outside the subject's own mask.",
-        "CohortFile": str(cohort.csv_path.resolve()),
-        "ScalarName": rows[0].scalar,
-        "Labels": labels,
+        "CohortFile": str(cohort.csv_path.resolve()), "ScalarName": rows[0].scalar,
+        "Labels": labels, "NumberOfVoxels": int(order.size),
         "SourceFiles": {r.label: str(r.source.path.resolve()) for r in rows},
         "MaskFiles": {r.label: str(r.mask.path.resolve()) for r in rows},
         "GroupMask": ({"File": str(Path(group_mask).resolve())} if group_mask is not None
                       else {"Threshold": threshold}),
-        "NumberOfVoxels": int(order.size),
     }
-    text = json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n"
-    (stage / target["json"].name).write_text(text, encoding="utf-8")
+    (stage / target["json"].name).write_text(
+        json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     table = pd.DataFrame([r.covariates for r in rows], columns=cohort.covariates, dtype=str)
     table.insert(0, "label", labels)
-    table = table.replace("", NA)
-    (stage / target["tsv"].name).write_text(table.to_csv(sep="\t", index=False),
-                                            encoding="utf-8")
+    (stage / target["tsv"].name).write_text(
+        table.replace("", NA).to_csv(sep="\t", index=False), encoding="utf-8")
