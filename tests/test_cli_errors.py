@@ -32,15 +32,6 @@ SHAPE = (6, 7, 5)
 N_T = 6
 
 
-@pytest.fixture(autouse=True)
-def _restore_package_logger():
-    """main() configures the ``bids_fmristore`` logger; give later tests a clean one."""
-    logger = logging.getLogger("bids_fmristore")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
-
-
 def build(tmp_path: Path, rng, runs: dict[str, tuple[int, ...]] | None = None) -> dict:
     """raw BIDS + fMRIPrep derivatives (sub-01: runs 1, 2; sub-02: run 1) + an atlas."""
     runs = runs or {"01": (1, 2), "02": (1,)}
@@ -349,3 +340,11 @@ def test_subprocess_truncated_run(tmp_path, rng):
     with ParcellatedMultiScan(out_file(ds, "01")) as f:
         assert f.scan_names == ["sub-01_task-rest_run-02"]
     assert_nothing_partial(ds["out"])
+
+
+def test_main_leaves_the_package_logger_as_it_found_it(tmp_path):
+    """In-process callers (notebooks, tests) keep their logging set-up."""
+    logger = logging.getLogger("bids_fmristore")
+    before = (logger.handlers[:], logger.level, logger.propagate)
+    main([str(tmp_path / "missing"), str(tmp_path / "out"), "participant", "--atlas", "A=x"])
+    assert (logger.handlers[:], logger.level, logger.propagate) == before

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import h5py
@@ -24,15 +23,6 @@ SHAPE = (7, 5, 4)  # non-cubic, x ≠ y ≠ z so any axis swap changes the shape
 LABELS = ["faces", "left hand/é", "x.y-z_1"]
 FILES = ["faces.nii.gz", "left_hand__.nii.gz", "x.y-z_1.nii.gz"]
 PLAIN = [name.removesuffix(".gz") for name in FILES]
-
-
-@pytest.fixture(autouse=True)
-def _restore_package_logger():
-    """export_main attaches a handler to the ``bids_fmristore`` logger; restore it."""
-    logger = logging.getLogger("bids_fmristore")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 @pytest.fixture
