@@ -66,6 +66,8 @@ class Job:
     space: str | None
     res: str | None
     runs: tuple[BoldRun, ...]
+    #: the runs' headers, read once when planning
+    infos: tuple[NiftiInfo, ...]
     atlases: tuple[Atlas, ...]
     outputs: tuple[Path, ...]
     #: the subject's voxel-wise maps (LabeledVolumeSet), None to skip them
@@ -98,7 +100,6 @@ class JobResult:
 
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
-    scans: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
 
@@ -181,8 +182,8 @@ def plan_jobs(
                                         res=res, session=session) for a in grid_atlases)
             maps = output_path(output_dir, subject=subject, space=space, res=res,
                                session=session, desc=MAPS_DESC)
-            jobs.append(Job(subject, session, space, res, tuple(group_runs), grid_atlases,
-                            outputs, maps))
+            jobs.append(Job(subject, session, space, res, tuple(group_runs),
+                            tuple(i for _, i in group), grid_atlases, outputs, maps))
     seen: set[Path] = set()
     for job in jobs:
         if seen & {*job.outputs, job.maps_output}:
@@ -247,7 +248,7 @@ def prepare_targets(job: Job, opts: Options = Options()) -> Prepared:
                                                                     result)
     if not todo and not want_maps:
         return Prepared([], None, result)
-    infos = [read_info(run.path) for run in job.runs]
+    infos = job.infos
     geometry = Geometry(infos[0].shape[:3], infos[0].affine)
     run_masks = [_brain_mask(run, info) for run, info in zip(job.runs, infos, strict=True)]
     brain = np.logical_and.reduce(run_masks)
@@ -291,14 +292,13 @@ def _writer(target: Target, store: str, path: Path, *, overwrite: bool,
                            overwrite=overwrite, **extra)
 
 
-def _write_scans(run: BoldRun, name: str, index: int, prep: Prepared,
+def _write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prepared,
                  writers: list[MultiScanWriter], opts: Options) -> dict | None:
     """Parcellate one run for every target in one pass; on a read error no scan is kept.
 
     Returns the run's voxel maps (when the job writes them). With ``opts.tables_dir`` the
     run's per-atlas TSV tables are written once all its scans are complete."""
     targets = prep.targets
-    info = read_info(run.path)
     if info.shape[3] == 1:
         log.warning("%s has one volume; fmristore (R) cannot read a one-row summary", run.path)
     metadata = {"TR": run.tr, "subject": run.subject, "session": run.entities.get("session"),
@@ -334,12 +334,11 @@ def _run_sources(run: BoldRun) -> list[str]:
     return [run.uri()] + ([run.uri(run.mask, run.mask_dataset)] if run.mask else [])
 
 
-def _scan_info(run: BoldRun) -> dict:
-    info = {"Source": run.uri(), "RepetitionTime": run.tr,
-            "NumberOfVolumes": read_info(run.path).shape[3]}
+def _scan_info(run: BoldRun, info: NiftiInfo) -> dict:
+    entry = {"Source": run.uri(), "RepetitionTime": run.tr, "NumberOfVolumes": info.shape[3]}
     if run.mask:
-        info["Mask"] = run.uri(run.mask, run.mask_dataset)
-    return info
+        entry["Mask"] = run.uri(run.mask, run.mask_dataset)
+    return entry
 
 
 def run_job(job: Job, opts: Options = Options()) -> JobResult:
@@ -357,9 +356,9 @@ def run_job(job: Job, opts: Options = Options()) -> JobResult:
         writers = [stack.enter_context(_writer(t, opts.store, t.output,
                                                overwrite=opts.overwrite)) for t in prep.targets]
         done = {}
-        for i, (run, name) in enumerate(zip(job.runs, names, strict=True)):
+        for i, (run, info, name) in enumerate(zip(job.runs, job.infos, names, strict=True)):
             try:
-                done[name] = (run, _write_scans(run, name, i, prep, writers, opts))
+                done[name] = (run, info, _write_scans(run, info, name, i, prep, writers, opts))
             except RUN_READ_ERRORS as err:
                 log.debug("%s", run.path, exc_info=True)
                 result.failures.append(f"{run.path}: {err}")
@@ -373,18 +372,18 @@ def run_job(job: Job, opts: Options = Options()) -> JobResult:
 def _finish(job: Job, prep: Prepared, opts: Options, done: dict) -> None:
     """Sidecars of the parcellated files, and the maps file with its sidecar.
 
-    ``done`` maps each scan that was read to (run, its voxel maps or None)."""
+    ``done`` maps each scan that was read to (run, its header, its voxel maps or None)."""
     result = prep.result
-    scans_info = {name: _scan_info(run) for name, (run, _) in done.items()}
+    scans_info = {name: _scan_info(run, info) for name, (run, info, _) in done.items()}
     for target in prep.targets:
         write_json(target.output.with_name(target.output.name[: -len(".h5")] + ".json"),
                    _sidecar(target, opts, scans_info, job.space))
         result.written.append(target.output)
     if prep.maps is not None:
         labels = write_maps(prep.maps, job.label,
-                            [(name, stats) for name, (_, stats) in done.items()],
+                            [(name, stats) for name, (_, _, stats) in done.items()],
                             overwrite=opts.overwrite)
-        sources = [uri for run, _ in done.values() for uri in _run_sources(run)]
+        sources = [uri for run, _, _ in done.values() for uri in _run_sources(run)]
         write_json(prep.maps.output.with_name(prep.maps.output.name[: -len(".h5")] + ".json"), {
             "Description": "Voxel-wise temporal mean, standard deviation (ddof=0) and tSNR of "
                            "each run inside its brain mask (NaN outside), and their average "
@@ -393,11 +392,10 @@ def _finish(job: Job, prep: Prepared, opts: Options, done: dict) -> None:
             **({"Space": job.space} if job.space else {}),
         })
         result.written.append(prep.maps.output)
-    result.scans.extend(scans_info)
 
 
-def _run_piece(run: BoldRun, name: str, index: int, prep: Prepared, opts: Options,
-               folder: str) -> tuple[list[Path], dict | None] | str:
+def _run_piece(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prepared,
+               opts: Options, folder: str) -> tuple[list[Path], dict | None] | str:
     """Worker process: one run for all targets, each into its own single-scan file."""
     paths = [Path(folder) / f"{i}-{name}.h5" for i in range(len(prep.targets))]
     try:
@@ -405,7 +403,7 @@ def _run_piece(run: BoldRun, name: str, index: int, prep: Prepared, opts: Option
             writers = [stack.enter_context(_writer(t, opts.store, p, overwrite=True,
                                                    full=False))
                        for t, p in zip(prep.targets, paths, strict=True)]
-            maps = _write_scans(run, name, index, prep, writers, opts)
+            maps = _write_scans(run, info, name, index, prep, writers, opts)
     except RUN_READ_ERRORS as err:
         return f"{run.path}: {err}"
     return paths, maps
@@ -439,8 +437,9 @@ def run_jobs(jobs: list[Job], opts: Options = Options(), *, nprocs: int = 1,
             folder = Path(tmp) / str(j)
             folder.mkdir()
             names = scan_names(job.runs)
-            futures = [pool.submit(_run_piece, run, name, i, prep, opts, str(folder))
-                       for i, (run, name) in enumerate(zip(job.runs, names, strict=True))]
+            futures = [pool.submit(_run_piece, run, info, name, i, prep, opts, str(folder))
+                       for i, (run, info, name)
+                       in enumerate(zip(job.runs, job.infos, names, strict=True))]
             planned.append((job, prep, names, futures))
         for job, prep, names, futures in planned:
             outcome = _guarded(_assemble, job, prep, names, futures, opts)
@@ -453,13 +452,13 @@ def _assemble(job: Job, prep: Prepared, names: list[str], futures,
               opts: Options) -> JobResult:
     result = prep.result
     done, pieces = {}, {}
-    for run, name, future in zip(job.runs, names, futures, strict=True):
+    for run, info, name, future in zip(job.runs, job.infos, names, futures, strict=True):
         outcome = future.result()
         if isinstance(outcome, str):
             result.failures.append(outcome)
         else:
             pieces[name], maps = outcome
-            done[name] = (run, maps)
+            done[name] = (run, info, maps)
     if not done:
         raise InputError(f"sub-{job.subject}: none of the runs could be read: "
                          + "; ".join(result.failures))
