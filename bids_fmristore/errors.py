@@ -31,6 +31,8 @@ __all__ = [
     "UsageError",
     "InputError",
     "AtlasError",
+    "RunError",
+    "FormatError",
 ]
 
 EXIT_OK = 0
@@ -64,3 +66,16 @@ class AtlasError(UserError):
     """An atlas image or its label table cannot be used."""
 
     exit_code = EXIT_ATLAS
+
+
+class RunError(InputError):
+    """One run (or one of its files) cannot be used; only the outputs that need it fail.
+
+    The participant level catches it per run: the run is left out of its files, listed under
+    ``FailedRuns`` in their sidecars, and the exit code becomes 5 if anything else is written.
+    """
+
+
+class FormatError(InputError):
+    """An HDF5 file is not a readable fmristore layout (truncated, or a required object is
+    missing). ``str(err)`` names the file and what is wrong."""
