@@ -62,7 +62,9 @@ def run_command(func, *, verbose: int = 0, debug: bool = False) -> int:
 
     User errors print one line and return their code; bugs keep their traceback (exit 1).
     """
-    with _logging(verbose, debug):
+    from bids_fmristore.formats.atomic import write_once
+
+    with _logging(verbose, debug), write_once():
         return _mapped(func)
 
 

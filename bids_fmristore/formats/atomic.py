@@ -13,10 +13,41 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text", "PARTIAL_MARK"]
+__all__ = ["atomic_path", "atomic_write_text", "PARTIAL_MARK", "write_once", "WrittenTwice"]
 
 #: Substring of every temporary name, so that leftovers of a killed process are recognisable.
 PARTIAL_MARK = ".partial-"
+
+#: Final paths claimed in the current invocation (None: no invocation is being checked).
+_claimed: set[Path] | None = None
+
+
+class WrittenTwice(RuntimeError):
+    """A bug: one invocation was about to write the same output path twice."""
+
+
+@contextlib.contextmanager
+def write_once() -> Iterator[None]:
+    """Within the block, writing the same final path twice raises :class:`WrittenTwice`.
+
+    The command line wraps each invocation in it: two outputs that map to one name would
+    otherwise silently replace each other (e.g. two grids under one file name).
+    """
+    global _claimed
+    saved, _claimed = _claimed, set()
+    try:
+        yield
+    finally:
+        _claimed = saved
+
+
+def _claim(final: Path) -> None:
+    if _claimed is None:
+        return
+    key = Path(os.path.abspath(final))
+    if key in _claimed:
+        raise WrittenTwice(f"{final} would be written twice in one invocation")
+    _claimed.add(key)
 
 
 @contextlib.contextmanager
@@ -34,6 +65,7 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator
     final = Path(final)
     if not overwrite and final.exists():
         raise FileExistsError(final)
+    _claim(final)
     created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(
