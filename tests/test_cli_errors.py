@@ -271,7 +271,7 @@ def test_truncated_run_is_left_out_others_written(tmp_path, rng, capsys):
 
 def test_interrupt_mid_write_leaves_nothing(tmp_path, rng, capsys, monkeypatch):
     ds = build(tmp_path, rng)
-    real = bids_fmristore.participant.parcellate_run
+    real = bids_fmristore.participant.build.parcellate_run
     calls = []
 
     def interrupted(*a, **kw):
@@ -280,7 +280,7 @@ def test_interrupt_mid_write_leaves_nothing(tmp_path, rng, capsys, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(bids_fmristore.participant, "parcellate_run", interrupted)
+    monkeypatch.setattr(bids_fmristore.participant.build, "parcellate_run", interrupted)
     code = main(args(ds))
     err = capsys.readouterr().err
     assert code == EXIT_INTERRUPTED, err

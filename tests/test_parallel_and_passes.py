@@ -78,13 +78,13 @@ def test_parallel_damaged_run_is_left_out(dataset):
 def test_two_atlases_read_each_run_once(dataset, monkeypatch):
     tmp_path, atlases = dataset
     opened = []
-    real = participant.parcellate_run
+    real = participant.build.parcellate_run
 
     def counting(info, parcels, sinks=None, **kw):
         opened.append((info.path, len(parcels)))
         return real(info, parcels, sinks, **kw)
 
-    monkeypatch.setattr(participant, "parcellate_run", counting)
+    monkeypatch.setattr(participant.build, "parcellate_run", counting)
     assert cli(tmp_path, atlases, "out") == 0
     assert len(opened) == 6  # 2 subjects x 3 runs, not x 2 atlases
     assert {n for _, n in opened} == {2}
