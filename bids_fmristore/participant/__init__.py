@@ -1,4 +1,20 @@
-"""Participant level: one H5ParcellatedMultiScan file per subject, atlas and BOLD grid."""
+"""Participant level: one H5ParcellatedMultiScan file per subject, atlas and BOLD grid.
 
-from bids_fmristore.participant.build import *  # noqa: F403
-from bids_fmristore.participant.build import __all__  # noqa: F401
+:mod:`.plan` groups runs into jobs (a subject's runs on one grid) and names their files;
+:mod:`.resume` decides which existing files are done; :mod:`.build` writes a job's files in one
+streaming pass per run; :mod:`.parallel` runs the jobs, in this process or over workers.
+"""
+
+from bids_fmristore.participant.build import (
+    JobResult,
+    Prepared,
+    Target,
+    coverage_of,
+    prepare_targets,
+    run_job,
+)
+from bids_fmristore.participant.parallel import run_jobs
+from bids_fmristore.participant.plan import RUN_READ_ERRORS, Job, Options, plan_jobs
+
+__all__ = ["Job", "JobResult", "Options", "Prepared", "Target", "plan_jobs", "prepare_targets",
+           "run_job", "run_jobs", "coverage_of", "RUN_READ_ERRORS"]

@@ -1,22 +1,16 @@
-"""Participant level: one H5ParcellatedMultiScan file per subject, atlas and BOLD grid.
+"""Building a job's files: per atlas the mask (atlas voxels inside every run's brain mask),
+then one streaming pass per run feeding every atlas, then the JSON sidecars.
 
-:func:`plan_jobs` groups discovered runs into jobs (a subject's runs on one grid, all atlases);
-:func:`run_job` builds a job's files: per atlas the mask (atlas voxels inside every run's brain
-mask), then one streaming pass per run feeding every atlas, then the JSON sidecars.
-:func:`run_jobs` does the same with runs spread over worker processes. A run that cannot be
-read is left out of its files and reported; the others are kept.
+A run that cannot be read is left out of its files, listed in their sidecars under
+``FailedRuns`` and reported; the others are kept. Existing outputs are kept or rebuilt as
+:mod:`bids_fmristore.participant.resume` decides.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import tempfile
-import zlib
-from collections import defaultdict
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -24,74 +18,22 @@ import numpy as np
 
 from bids_fmristore import __version__
 from bids_fmristore.atlas import Atlas, labels_on_grid, resample_nearest, same_grid
-from bids_fmristore.derivatives import output_path, scan_names, write_json
+from bids_fmristore.derivatives import scan_names, write_json
 from bids_fmristore.discovery import BoldRun
-from bids_fmristore.errors import InputError, UserError
+from bids_fmristore.errors import InputError, RunError
 from bids_fmristore.formats.header import Geometry, mask_order
 from bids_fmristore.formats.multiscan import ClusterLayout, MultiScanWriter
-from bids_fmristore.nifti_stream import NiftiInfo, read_info
+from bids_fmristore.nifti_stream import NiftiInfo
 from bids_fmristore.parcellate import Parcels, parcellate_run
-from bids_fmristore.tables import write_run_tables
-from bids_fmristore.voxelmaps import (
-    MAPS_DESC,
-    STATS,
-    MapsTarget,
-    make_maps_target,
-    run_maps,
-    write_maps,
-)
+from bids_fmristore.participant.plan import RUN_READ_ERRORS, Job, Options
+from bids_fmristore.participant.resume import inputs_record, sidecar_of, why_rebuild
+from bids_fmristore.tables import run_table_paths, write_run_tables
+from bids_fmristore.voxelmaps import STATS, MapsTarget, make_maps_target, run_maps, write_maps
 
-__all__ = ["Job", "JobResult", "Options", "Target", "plan_jobs", "prepare_targets", "run_job",
-           "run_jobs", "coverage_of", "RUN_READ_ERRORS"]
+__all__ = ["JobResult", "Prepared", "Target", "prepare_targets", "run_job", "coverage_of",
+           "write_scans", "finish_job", "writer_for"]
 
 log = logging.getLogger(__name__)
-
-#: What a damaged or truncated BOLD file raises while being read.
-RUN_READ_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
-try:
-    from isal.isal_zlib import error as _isal_error
-
-    RUN_READ_ERRORS += (_isal_error,)
-except ImportError:  # pragma: no cover
-    pass
-
-
-@dataclass(frozen=True)
-class Job:
-    """A subject's runs on one grid; each run is read once for all atlases (one file each)."""
-
-    subject: str
-    session: str | None
-    space: str | None
-    res: str | None
-    runs: tuple[BoldRun, ...]
-    #: the runs' headers, read once when planning
-    infos: tuple[NiftiInfo, ...]
-    atlases: tuple[Atlas, ...]
-    outputs: tuple[Path, ...]
-    #: the subject's voxel-wise maps (LabeledVolumeSet), None to skip them
-    maps_output: Path | None = None
-
-    @property
-    def label(self) -> str:
-        """``sub-<label>[_ses-<label>]``: what the job's files cover."""
-        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
-
-
-@dataclass(frozen=True)
-class Options:
-    """What every output file of a participant run shares (from the command line).
-
-    ``store``: ``summary``, ``full`` or ``both``; ``min_coverage``: fraction of a parcel's
-    voxels that must lie inside the mask for its summary not to be NaN.
-    """
-
-    store: str = "both"
-    overwrite: bool = False
-    min_coverage: float = 0.5
-    #: also write XCP-D-style per-run tables into this derivative folder (``--tsv``)
-    tables_dir: Path | None = None
 
 
 @dataclass
@@ -129,70 +71,6 @@ class Target:
         return self.coverage[np.searchsorted(index, self.layout.cluster_ids)]
 
 
-def _grid_key(info: NiftiInfo) -> tuple:
-    return (info.shape[:3], tuple(np.round(info.affine, 4).ravel()))
-
-
-def _res_label(runs: list[BoldRun], info: NiftiInfo) -> str:
-    labels = {r.entities.get("res") for r in runs}
-    if len(labels) == 1 and None not in labels:
-        return labels.pop()
-    zooms = np.sqrt((info.affine[:3, :3] ** 2).sum(axis=0))
-    return "x".join(f"{z:g}".replace(".", "p") for z in zooms)
-
-
-def plan_jobs(
-    runs: list[BoldRun],
-    atlases: list[Atlas] | Callable[[np.ndarray], list[Atlas]],
-    output_dir: Path,
-    *,
-    per_session: bool = False,
-) -> tuple[list[Job], list[str]]:
-    """Group runs by subject (and session with ``per_session``) and grid.
-
-    ``atlases`` is a list, or a function of a grid's voxel size (mm) returning the atlases to
-    use on that grid. Returns the jobs and one line per run whose header cannot be read.
-    """
-    problems: list[str] = []
-    groups: dict[tuple, list[tuple[BoldRun, NiftiInfo]]] = defaultdict(list)
-    for run in runs:
-        try:
-            info = read_info(run.path)
-        except RUN_READ_ERRORS as err:
-            problems.append(f"{run.path}: cannot read NIfTI header ({err})")
-            continue
-        session = run.entities.get("session") if per_session else None
-        groups[(run.subject, session)].append((run, info))
-    jobs = []
-    for (subject, session), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        by_grid: dict[tuple, list[tuple[BoldRun, NiftiInfo]]] = defaultdict(list)
-        for run, info in members:
-            by_grid[_grid_key(info)].append((run, info))
-        grids = list(by_grid.values())
-        for group in grids:
-            group_runs = [r for r, _ in group]
-            spaces = {r.entities.get("space") for r in group_runs}
-            space = spaces.pop() if len(spaces) == 1 else None
-            res = group_runs[0].entities.get("res") if len(grids) == 1 else _res_label(
-                group_runs, group[0][1])
-            info = group[0][1]
-            grid_atlases = tuple(atlases(Geometry(info.shape[:3], info.affine).zooms)
-                                 if callable(atlases) else atlases)
-            outputs = tuple(output_path(output_dir, subject=subject, atlas=a.name, space=space,
-                                        res=res, session=session) for a in grid_atlases)
-            maps = output_path(output_dir, subject=subject, space=space, res=res,
-                               session=session, desc=MAPS_DESC)
-            jobs.append(Job(subject, session, space, res, tuple(group_runs),
-                            tuple(i for _, i in group), grid_atlases, outputs, maps))
-    seen: set[Path] = set()
-    for job in jobs:
-        if seen & {*job.outputs, job.maps_output}:
-            raise InputError(f"two grids of sub-{job.subject} map to {job.outputs[0].name}; "
-                             "use --space/--bids-filter-file to select one")
-        seen |= {*job.outputs, job.maps_output}
-    return jobs, problems
-
-
 def _brain_mask(run: BoldRun, info: NiftiInfo) -> np.ndarray:
     shape = info.shape[:3]
     if run.mask is None:
@@ -216,41 +94,116 @@ def coverage_of(labels: np.ndarray, mask: np.ndarray, index: np.ndarray) -> np.n
         return np.where(on_grid > 0, inside / np.maximum(on_grid, 1), 0.0)
 
 
+def _atlas_table_uri(atlas: Atlas) -> str:
+    return atlas.table_uri or f"bids:atlas-{atlas.name}:{atlas.table_path.name}"
+
+
+def _atlas_uri(atlas: Atlas) -> str:
+    return atlas.uri or f"bids:atlas-{atlas.name}:{atlas.path.name}"
+
+
+def _run_files(runs) -> dict[str, Path]:
+    files = {}
+    for run in runs:
+        files[run.uri()] = run.path
+        if run.mask is not None:
+            files[run.uri(run.mask, run.mask_dataset)] = run.mask
+    return files
+
+
+def expected_inputs(job: Job, opts: Options, atlas: Atlas | None) -> dict:
+    """The ``Inputs`` an output of ``job`` records: its atlas's file, or None for the maps."""
+    files = _run_files(job.runs)
+    if atlas is None:
+        return inputs_record(files, {})
+    files[_atlas_uri(atlas)] = atlas.path
+    files[_atlas_table_uri(atlas)] = atlas.table_path
+    return inputs_record(files, {"StoreMode": opts.store, "MinCoverage": opts.min_coverage})
+
+
 @dataclass
 class Prepared:
-    """What a job will write: its parcellated files and its maps file (None: skipped)."""
+    """What a job will write: its parcellated files and its maps file (None: skipped).
 
+    ``job`` holds the runs that will be read (those whose brain mask could not be read are
+    moved to its ``failed``); ``inputs`` the ``Inputs`` record of each output path."""
+
+    job: Job
     targets: list[Target]
     maps: MapsTarget | None
     result: JobResult
+    inputs: dict[Path, dict] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
         return not self.targets and self.maps is None
 
 
-def _keep_existing(path: Path, opts: Options, result: JobResult) -> bool:
-    if path.exists() and not opts.overwrite:
-        log.info("%s exists; skipping it (use --overwrite to replace it)", path)
-        result.skipped.append(path)
+def _wanted(job: Job, output: Path, opts: Options, record: dict, result: JobResult,
+            atlas: Atlas | None = None) -> bool:
+    """Whether ``output`` is to be (re)built; kept files are reported with a WARNING."""
+    if opts.overwrite:
         return True
-    return False
+    reason = why_rebuild(output, record)
+    if reason is None and opts.tables_dir is not None and atlas is not None:
+        missing = [p for run in job.runs for p in run_table_paths(
+            opts.tables_dir, run, atlas=atlas.name).values() if not p.exists()]
+        if missing:
+            reason = f"--tsv tables are missing ({missing[0].name} ...)"
+    if reason is None:
+        log.warning("kept %s: complete and up to date (%d run(s), same inputs and options); "
+                    "--overwrite rebuilds it", output, len(job.runs))
+        result.skipped.append(output)
+        return False
+    if reason != "missing":
+        log.warning("rebuilding %s: %s", output, reason)
+        # An interrupted rebuild must not leave the new .h5 beside the old sidecar.
+        with contextlib.suppress(FileNotFoundError):
+            sidecar_of(output).unlink()
+    return True
 
 
-def prepare_targets(job: Job, opts: Options = Options()) -> Prepared:
-    """Masks and voxel groupings of the job's files; existing files are skipped unless
-    ``overwrite``. An atlas with no voxel inside the brain masks is a failure of its file.
-    Clusters whose coverage is below ``opts.min_coverage`` get NaN summaries."""
+def _readable_masks(job: Job) -> tuple[Job, list[np.ndarray]]:
+    """The job without the runs whose brain mask cannot be read, and the others' masks."""
+    keep, masks, failed = [], [], list(job.failed)
+    for run, info in zip(job.runs, job.infos, strict=True):
+        try:
+            masks.append(_brain_mask(run, info))
+            keep.append((run, info))
+        except RUN_READ_ERRORS as err:
+            failed.append((run, f"{run.mask}: cannot read the brain mask ({err})"))
+    if len(keep) == len(job.runs):
+        return job, masks
+    return replace(job, runs=tuple(r for r, _ in keep), infos=tuple(i for _, i in keep),
+                   failed=tuple(failed)), masks
+
+
+def prepare_targets(job: Job, opts: Options | None = None) -> Prepared:
+    """Masks and voxel groupings of the job's files that are to be (re)built.
+
+    An atlas with no voxel inside the brain masks is a failure of its file. Clusters whose
+    coverage is below ``opts.min_coverage`` get NaN summaries.
+    """
+    opts = opts or Options()
     result = JobResult()
+    records = {output: expected_inputs(job, opts, atlas)
+               for atlas, output in zip(job.atlases, job.outputs, strict=True)}
+    if job.maps_output is not None:
+        records[job.maps_output] = expected_inputs(job, opts, None)
     todo = [(atlas, output) for atlas, output in zip(job.atlases, job.outputs, strict=True)
-            if not _keep_existing(output, opts, result)]
-    want_maps = job.maps_output is not None and not _keep_existing(job.maps_output, opts,
-                                                                    result)
+            if _wanted(job, output, opts, records[output], result, atlas)]
+    want_maps = job.maps_output is not None and _wanted(job, job.maps_output, opts,
+                                                        records[job.maps_output], result)
     if not todo and not want_maps:
-        return Prepared([], None, result)
+        return Prepared(job, [], None, result, records)
+    planned_failures = len(job.failed)  # reported when planning
+    job, run_masks = _readable_masks(job)
+    result.failures += [reason for _, reason in job.failed[planned_failures:]]
+    if not job.runs:
+        raise InputError(f"{job.label}: none of the runs could be read: "
+                         + "; ".join(reason for _, reason in job.failed))
     infos = job.infos
     geometry = Geometry(infos[0].shape[:3], infos[0].affine)
-    run_masks = [_brain_mask(run, info) for run, info in zip(job.runs, infos, strict=True)]
     brain = np.logical_and.reduce(run_masks)
     maps = make_maps_target(job.maps_output, geometry, run_masks) if want_maps else None
     targets = []
@@ -272,15 +225,17 @@ def prepare_targets(job: Job, opts: Options = Options()) -> Prepared:
         low = coverage[np.searchsorted(index, layout.cluster_ids)] < opts.min_coverage
         targets.append(Target(atlas, output, geometry, layout, Parcels(voxels, cluster_map),
                               coverage, low))
-    return Prepared(targets, maps, result)
+    return Prepared(job, targets, maps, result, records)
 
 
-def _writer(target: Target, store: str, path: Path, *, overwrite: bool,
-            full: bool = True) -> MultiScanWriter:
+def writer_for(target: Target, store: str, path: Path, *, full: bool = True) -> MultiScanWriter:
+    """The writer of ``target`` (or, with ``full=False``, of a parallel job's per-run piece,
+    which needs only the scans). Existing files at ``path`` are replaced: whether to build
+    was decided when planning."""
     table = target.atlas.table
     names = table.set_index("index").loc[target.layout.cluster_ids, "name"]
     extra = {}
-    if full:  # the per-run pieces of a parallel job need only the scans
+    if full:
         extra = {
             "cluster_meta": {"name": names.to_numpy(dtype=object),
                              "n_voxels": target.layout.counts,
@@ -289,11 +244,11 @@ def _writer(target: Target, store: str, path: Path, *, overwrite: bool,
             "attrs": {"writer": f"bids_fmristore {__version__}"},
         }
     return MultiScanWriter(path, geometry=target.geometry, layout=target.layout, store=store,
-                           overwrite=overwrite, **extra)
+                           overwrite=True, **extra)
 
 
-def _write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prepared,
-                 writers: list[MultiScanWriter], opts: Options) -> dict | None:
+def write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prepared,
+                writers: list[MultiScanWriter], opts: Options) -> dict | None:
     """Parcellate one run for every target in one pass; on a read error no scan is kept.
 
     Returns the run's voxel maps (when the job writes them). With ``opts.tables_dir`` the
@@ -330,6 +285,11 @@ def _write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Pre
     return run_maps(prep.maps, index, moments, info.slope, info.inter)
 
 
+def run_failure(run: BoldRun, err: BaseException) -> str:
+    """The one line that reports a run that could not be read."""
+    return str(err) if isinstance(err, RunError) else f"{run.path}: {err}"
+
+
 def _run_sources(run: BoldRun) -> list[str]:
     return [run.uri()] + ([run.uri(run.mask, run.mask_dataset)] if run.mask else [])
 
@@ -341,145 +301,68 @@ def _scan_info(run: BoldRun, info: NiftiInfo) -> dict:
     return entry
 
 
-def run_job(job: Job, opts: Options = Options()) -> JobResult:
+def run_job(job: Job, opts: Options | None = None) -> JobResult:
     """Build the job's files in this process, reading each run once for all atlases.
 
-    A run that cannot be read is left out of every file and reported in ``failures``;
-    a file none of whose runs could be read is not written.
+    A run that cannot be read is left out of every file, reported in ``failures`` and listed
+    in the sidecars; a file none of whose runs could be read is not written.
     """
+    opts = opts or Options()
     prep = prepare_targets(job, opts)
     if prep.empty:
         return prep.result
-    result = prep.result
+    job, result = prep.job, prep.result
     names = scan_names(job.runs)
+    failed = []
     with contextlib.ExitStack() as stack:
-        writers = [stack.enter_context(_writer(t, opts.store, t.output,
-                                               overwrite=opts.overwrite)) for t in prep.targets]
+        writers = [stack.enter_context(writer_for(t, opts.store, t.output))
+                   for t in prep.targets]
         done = {}
         for i, (run, info, name) in enumerate(zip(job.runs, job.infos, names, strict=True)):
             try:
-                done[name] = (run, info, _write_scans(run, info, name, i, prep, writers, opts))
+                done[name] = (run, info, write_scans(run, info, name, i, prep, writers, opts))
             except RUN_READ_ERRORS as err:
                 log.debug("%s", run.path, exc_info=True)
-                result.failures.append(f"{run.path}: {err}")
+                failed.append((run, run_failure(run, err)))
+        result.failures += [reason for _, reason in failed]
         if not done:
-            raise InputError(f"sub-{job.subject}: none of the runs could be read: "
-                             + "; ".join(result.failures))
-    _finish(job, prep, opts, done)
+            raise InputError(f"{job.label}: none of the runs could be read: "
+                             + "; ".join(reason for _, reason in failed))
+    # Sidecars after the renames: an .h5 without its sidecar is not done, so a kill between
+    # the two makes the next run rebuild it (an old .h5 never meets a new sidecar).
+    finish_job(prep, opts, done, failed)
     return result
 
 
-def _finish(job: Job, prep: Prepared, opts: Options, done: dict) -> None:
+def finish_job(prep: Prepared, opts: Options, done: dict, failed: list) -> None:
     """Sidecars of the parcellated files, and the maps file with its sidecar.
 
-    ``done`` maps each scan that was read to (run, its header, its voxel maps or None)."""
-    result = prep.result
+    ``done`` maps each scan that was read to (run, its header, its voxel maps or None);
+    ``failed`` lists (run, reason) of the job's runs that could not be read."""
+    job, result = prep.job, prep.result
+    failed_runs = [{"Source": run.uri(), "Reason": reason}
+                   for run, reason in [*job.failed, *failed]]
     scans_info = {name: _scan_info(run, info) for name, (run, info, _) in done.items()}
     for target in prep.targets:
-        write_json(target.output.with_name(target.output.name[: -len(".h5")] + ".json"),
-                   _sidecar(target, opts, scans_info, job.space))
+        content = _sidecar(target, opts, scans_info, job.space)
+        content["Inputs"] = prep.inputs[target.output]
+        content["FailedRuns"] = failed_runs
+        write_json(sidecar_of(target.output), content)
         result.written.append(target.output)
     if prep.maps is not None:
         labels = write_maps(prep.maps, job.label,
                             [(name, stats) for name, (_, _, stats) in done.items()],
-                            overwrite=opts.overwrite)
+                            overwrite=True)
         sources = [uri for run, _, _ in done.values() for uri in _run_sources(run)]
-        write_json(prep.maps.output.with_name(prep.maps.output.name[: -len(".h5")] + ".json"), {
+        write_json(sidecar_of(prep.maps.output), {
             "Description": "Voxel-wise temporal mean, standard deviation (ddof=0) and tSNR of "
                            "each run inside its brain mask (NaN outside), and their average "
                            "over runs; fmristore LabeledVolumeSet",
             "Sources": sources, "Labels": labels, "Statistics": list(STATS),
+            "Inputs": prep.inputs[prep.maps.output], "FailedRuns": failed_runs,
             **({"Space": job.space} if job.space else {}),
         })
         result.written.append(prep.maps.output)
-
-
-def _run_piece(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prepared,
-               opts: Options, folder: str) -> tuple[list[Path], dict | None] | str:
-    """Worker process: one run for all targets, each into its own single-scan file."""
-    paths = [Path(folder) / f"{i}-{name}.h5" for i in range(len(prep.targets))]
-    try:
-        with contextlib.ExitStack() as stack:
-            writers = [stack.enter_context(_writer(t, opts.store, p, overwrite=True,
-                                                   full=False))
-                       for t, p in zip(prep.targets, paths, strict=True)]
-            maps = _write_scans(run, info, name, index, prep, writers, opts)
-    except RUN_READ_ERRORS as err:
-        return f"{run.path}: {err}"
-    return paths, maps
-
-
-def run_jobs(jobs: list[Job], opts: Options = Options(), *, nprocs: int = 1,
-             scratch: Path | None = None) -> list[JobResult]:
-    """Run jobs; with ``nprocs > 1`` runs are parcellated in parallel worker processes.
-
-    Each worker writes its run's scans into single-scan files under a scratch folder; this
-    process then assembles every output file from them (HDF5 copies the compressed chunks
-    as they are), so exactly one process writes each output file.
-    """
-    if nprocs <= 1:
-        return [_guarded(run_job, job, opts) for job in jobs]
-    import multiprocessing
-
-    results = []
-    ctx = multiprocessing.get_context("spawn")  # no fork of pybids' or HDF5's state
-    with tempfile.TemporaryDirectory(dir=scratch, prefix=".bids_fmristore-work-") as tmp, \
-            ProcessPoolExecutor(max_workers=nprocs, mp_context=ctx) as pool:
-        planned = []
-        for j, job in enumerate(jobs):
-            prep = _guarded(prepare_targets, job, opts)
-            if isinstance(prep, JobResult):  # a user error of the whole job
-                results.append(prep)
-                continue
-            results.append(prep.result)
-            if prep.empty:
-                continue
-            folder = Path(tmp) / str(j)
-            folder.mkdir()
-            names = scan_names(job.runs)
-            futures = [pool.submit(_run_piece, run, info, name, i, prep, opts, str(folder))
-                       for i, (run, info, name)
-                       in enumerate(zip(job.runs, job.infos, names, strict=True))]
-            planned.append((job, prep, names, futures))
-        for job, prep, names, futures in planned:
-            outcome = _guarded(_assemble, job, prep, names, futures, opts)
-            if outcome is not prep.result:  # the whole job failed
-                prep.result.failures.extend(outcome.failures)
-    return results
-
-
-def _assemble(job: Job, prep: Prepared, names: list[str], futures,
-              opts: Options) -> JobResult:
-    result = prep.result
-    done, pieces = {}, {}
-    for run, info, name, future in zip(job.runs, job.infos, names, futures, strict=True):
-        outcome = future.result()
-        if isinstance(outcome, str):
-            result.failures.append(outcome)
-        else:
-            pieces[name], maps = outcome
-            done[name] = (run, info, maps)
-    if not done:
-        raise InputError(f"sub-{job.subject}: none of the runs could be read: "
-                         + "; ".join(result.failures))
-    for i, target in enumerate(prep.targets):
-        with _writer(target, opts.store, target.output, overwrite=opts.overwrite) as writer:
-            for name, paths in pieces.items():
-                writer.copy_scan(paths[i], name)
-    _finish(job, prep, opts, done)
-    return result
-
-
-def _guarded(func, job_or_first, *args, **kwargs):
-    """Call ``func``; a user error or unreadable file becomes a failed JobResult."""
-    try:
-        return func(job_or_first, *args, **kwargs)
-    except (UserError, *RUN_READ_ERRORS) as err:
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("failure", exc_info=True)
-        result = JobResult()
-        result.failures.append(str(err))
-        return result
 
 
 def _sidecar(target: Target, opts: Options, scans: dict, space: str | None) -> dict:

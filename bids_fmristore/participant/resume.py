@@ -1,0 +1,79 @@
+"""When an existing output counts as done (a resubmitted job keeps it) and when it is rebuilt.
+
+An output is done only if its ``.h5`` and its JSON sidecar both exist, no run failed when it
+was written (``FailedRuns``), and the sidecar's ``Inputs`` equal what this invocation would
+write from: the same runs, masks and atlas files (by BIDS URI, size and modification time) and
+the same content options (store mode, coverage threshold). Anything else is rebuilt, with a
+WARNING giving the reason; ``--overwrite`` rebuilds regardless.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+__all__ = ["file_stamp", "inputs_record", "why_rebuild", "sidecar_of"]
+
+
+def sidecar_of(output: Path) -> Path:
+    """The JSON sidecar beside an ``.h5`` output."""
+    return output.with_name(output.name[: -len(".h5")] + ".json")
+
+
+def file_stamp(path: Path) -> dict[str, int]:
+    """Size (bytes) and modification time (ns) of a file, following symlinks."""
+    st = os.stat(path)
+    return {"Size": int(st.st_size), "MTime": int(st.st_mtime_ns)}
+
+
+def inputs_record(files: Mapping[str, Path], options: Mapping[str, object]) -> dict:
+    """The sidecar's ``Inputs``: each input file (BIDS URI → stamp) and the content options."""
+    return {"Files": {uri: file_stamp(path) for uri, path in sorted(files.items())},
+            "Options": dict(sorted(options.items()))}
+
+
+def why_rebuild(output: Path, expected: Mapping) -> str | None:
+    """None when ``output`` is done for ``expected`` (an :func:`inputs_record`), else why not.
+
+    A missing ``.h5`` gives ``"missing"``.
+    """
+    if not output.exists():
+        return "missing"
+    sidecar = sidecar_of(output)
+    try:
+        content = json.loads(sidecar.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"it has no sidecar {sidecar.name} (an interrupted job?)"
+    except (OSError, ValueError) as err:
+        return f"its sidecar {sidecar.name} is unreadable ({err.__class__.__name__})"
+    failed = content.get("FailedRuns") or []
+    if failed:
+        names = ", ".join(Path(str(f.get("Source", "?"))).name for f in failed)
+        return f"{len(failed)} run(s) failed when it was written ({names})"
+    recorded = content.get("Inputs")
+    if not isinstance(recorded, dict):
+        return "its sidecar does not record its inputs (written by an older version)"
+    return _difference(recorded, expected)
+
+
+def _difference(recorded: Mapping, expected: Mapping) -> str | None:
+    old_opts, new_opts = recorded.get("Options", {}), expected["Options"]
+    for key in sorted(set(old_opts) | set(new_opts)):
+        if old_opts.get(key) != new_opts.get(key):
+            return f"it was written with {key}={old_opts.get(key)!r}, now {new_opts.get(key)!r}"
+    old, new = recorded.get("Files", {}), expected["Files"]
+    added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+    if added or removed:
+        return "its inputs changed: " + "; ".join(
+            [f"new {_short(added)}"] * bool(added) + [f"gone {_short(removed)}"] * bool(removed))
+    changed = sorted(uri for uri in new if old[uri] != new[uri])
+    if changed:
+        return f"{_short(changed)} changed since it was written"
+    return None
+
+
+def _short(uris: Iterable[str]) -> str:
+    uris = [u.rsplit("/", 1)[-1] for u in uris]
+    return ", ".join(uris[:3]) + (f" and {len(uris) - 3} more" if len(uris) > 3 else "")
