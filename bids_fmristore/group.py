@@ -9,6 +9,7 @@ Memory holds one volume (and the voxel counts of the group mask) at a time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections import defaultdict
@@ -23,6 +24,8 @@ from bids_fmristore.derivatives import write_json
 from bids_fmristore.errors import InputError
 from bids_fmristore.formats.atomic import atomic_write_text
 from bids_fmristore.formats.labeled import LabeledVolumeSet, write_labeled
+from bids_fmristore.grids import Grid, grid_labels
+from bids_fmristore.resume import inputs_record, sidecar_of, why_rebuild
 from bids_fmristore.voxelmaps import MAPS_DESC, STATS
 
 __all__ = ["GroupItem", "collect_maps", "write_group"]
@@ -47,8 +50,11 @@ def _entities(path: Path) -> dict[str, str]:
 
 def collect_maps(output_dir: Path, *, group_by: str = "subject",
                  participants: list[str] | None = None) -> dict[tuple, dict[str, list[GroupItem]]]:
-    """The participant maps of OUTPUT_DIR grouped by grid (space, res, grid number) and
-    statistic.
+    """The participant maps of OUTPUT_DIR grouped by grid and statistic.
+
+    Returns ``{(space, res): {stat: [GroupItem, ...]}}`` where ``res`` is the grid's label
+    among the grids of its space (:func:`bids_fmristore.grids.grid_labels`: the participant
+    files' own ``res-`` where it tells the grids apart, else one derived from the grid).
 
     Raises
     ------
@@ -61,20 +67,15 @@ def collect_maps(output_dir: Path, *, group_by: str = "subject",
     if not files:
         raise InputError(f"{output_dir} holds no participant-level maps "
                          f"(*_desc-{MAPS_DESC}_bold.h5): run the participant level first")
-    groups: dict[tuple, dict[str, list[GroupItem]]] = defaultdict(lambda: defaultdict(list))
-    grids: dict[tuple, list[tuple]] = defaultdict(list)  # (space, res) → distinct grids
+    by_grid: dict[tuple, dict[str, list[GroupItem]]] = defaultdict(lambda: defaultdict(list))
+    res_of: dict[tuple, list[str | None]] = defaultdict(list)
     for path in files:
         ents = _entities(path)
         subject_label = "_".join(f"{k}-{ents[k]}" for k in ("sub", "ses") if k in ents)
         with LabeledVolumeSet(path) as f:
             labels = f.labels
-            grid = (f.shape, f.affine)
-        seen = grids[ents.get("space"), ents.get("res")]
-        index = next((i for i, g in enumerate(seen) if same_grid(*g, *grid)), None)
-        if index is None:
-            seen.append(grid)
-            index = len(seen) - 1
-        key = (ents.get("space"), ents.get("res"), index)
+            key = (ents.get("space"), Grid.of(f.shape, f.affine))
+        res_of[key].append(ents.get("res"))
         for stat in STATS:
             suffix = f"_stat-{stat}"
             if group_by == "subject":
@@ -85,7 +86,14 @@ def collect_maps(output_dir: Path, *, group_by: str = "subject",
             for lab in chosen:
                 if lab not in labels:
                     raise InputError(f"{path}: no volume {lab!r}")
-                groups[key][stat].append(GroupItem(lab[: -len(suffix)], ents["sub"], path, lab))
+                by_grid[key][stat].append(GroupItem(lab[: -len(suffix)], ents["sub"], path,
+                                                    lab))
+    groups = {}
+    for space in sorted({s for s, _ in by_grid}, key=str):
+        grids = [g for s, g in by_grid if s == space]
+        for grid, res in zip(grids, grid_labels(grids, [res_of[space, g] for g in grids]),
+                             strict=True):
+            groups[(space, res)] = by_grid[space, grid]
     return groups
 
 
@@ -114,9 +122,7 @@ def write_group(output_dir: Path, bids_dir: Path | None, *, group_by: str = "sub
     groups = collect_maps(output_dir, group_by=group_by, participants=participants)
     table = _participants(bids_dir)
     written = []
-    for (space, res, grid), stats in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        if res is None and sum(k[:2] == (space, res) for k in groups) > 1:
-            res = f"grid{grid + 1}"  # subjects on different grids without res- entities
+    for (space, res), stats in sorted(groups.items(), key=lambda kv: str(kv[0])):
         for stat, items in stats.items():
             labels = [item.label for item in items]
             if len(set(labels)) != len(labels):
@@ -125,9 +131,20 @@ def write_group(output_dir: Path, bids_dir: Path | None, *, group_by: str = "sub
             parts = ([f"space-{space}"] if space else []) + ([f"res-{res}"] if res else [])
             parts += [f"stat-{stat}"] + (["desc-runs"] if group_by == "run" else [])
             path = output_dir / "group" / ("_".join(parts) + "_bold.h5")
-            if path.exists() and not overwrite:
-                log.info("%s exists; skipping it (use --overwrite to replace it)", path)
+            record = inputs_record(
+                {f"bids::{item.source.relative_to(output_dir).as_posix()}": item.source
+                 for item in items},
+                {"GroupBy": group_by, "MaskThreshold": threshold,
+                 "Labels": [item.label for item in items]})
+            reason = "missing" if overwrite else why_rebuild(path, record)
+            if reason is None:
+                log.warning("kept %s: complete and up to date (%d %s(s)); --overwrite "
+                            "rebuilds it", path, len(items), group_by)
                 continue
+            if reason != "missing":
+                log.warning("rebuilding %s: %s", path, reason)
+                with contextlib.suppress(FileNotFoundError):
+                    sidecar_of(path).unlink()
             mask, affine = _group_mask(items, threshold)
             if not mask.any():
                 raise InputError(f"stat-{stat}: no voxel is inside {threshold:.0%} of the masks")
@@ -138,21 +155,23 @@ def write_group(output_dir: Path, bids_dir: Path | None, *, group_by: str = "sub
                         yield f.volume(item.source_label)
 
             write_labeled(path, mask=mask, affine=affine, labels=labels, volumes=volumes(),
-                          overwrite=overwrite)
+                          overwrite=True)
             stem = path.name[: -len(".h5")]
-            write_json(path.with_name(stem + ".json"), {
-                "Description": f"Participant-level voxel maps (stat-{stat}) of each "
-                               f"{group_by}; NaN outside each one's own mask",
-                "Statistic": stat, "GroupBy": group_by, "MaskThreshold": threshold,
-                "Sources": {item.label: f"bids::{item.source.relative_to(output_dir).as_posix()}"
-                                        f"#{item.source_label}" for item in items},
-            })
             rows = pd.DataFrame({"label": labels, "participant_id": [
                 f"sub-{item.subject}" for item in items]})
             if table is not None:
                 rows = rows.merge(table, on="participant_id", how="left")
             atomic_write_text(path.with_name(stem + ".tsv"),
                               rows.to_csv(sep="\t", index=False, na_rep="n/a"))
+            # The sidecar last: it is what makes the file count as done.
+            write_json(path.with_name(stem + ".json"), {
+                "Description": f"Participant-level voxel maps (stat-{stat}) of each "
+                               f"{group_by}; NaN outside each one's own mask",
+                "Statistic": stat, "GroupBy": group_by, "MaskThreshold": threshold,
+                "Sources": {item.label: f"bids::{item.source.relative_to(output_dir).as_posix()}"
+                                        f"#{item.source_label}" for item in items},
+                "Inputs": record,
+            })
             written.append(path)
     return written
 
@@ -161,7 +180,12 @@ def _participants(bids_dir: Path | None) -> pd.DataFrame | None:
     tsv = None if bids_dir is None else bids_dir / "participants.tsv"
     if tsv is None or not tsv.is_file():
         return None
-    table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=False)
+    try:
+        table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=False)
+    except (OSError, ValueError, UnicodeDecodeError) as err:  # pandas' ParserError is a ValueError
+        log.warning("%s cannot be read (%s); the group tables get no covariates", tsv,
+                    str(err).splitlines()[0] if str(err) else err.__class__.__name__)
+        return None
     if "participant_id" not in table.columns:
         log.warning("%s has no participant_id column; not copied", tsv)
         return None

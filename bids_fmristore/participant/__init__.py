@@ -1,8 +1,9 @@
 """Participant level: one H5ParcellatedMultiScan file per subject, atlas and BOLD grid.
 
 :mod:`.plan` groups runs into jobs (a subject's runs on one grid) and names their files;
-:mod:`.resume` decides which existing files are done; :mod:`.build` writes a job's files in one
-streaming pass per run; :mod:`.parallel` runs the jobs, in this process or over workers.
+:mod:`.build` writes a job's files in one streaming pass per run (keeping the outputs that
+:mod:`bids_fmristore.resume` finds done); :mod:`.parallel` runs the jobs, in this process or
+over workers.
 """
 
 from bids_fmristore.participant.build import (

@@ -26,7 +26,7 @@ from bids_fmristore.formats.multiscan import ClusterLayout, MultiScanWriter
 from bids_fmristore.nifti_stream import NiftiInfo
 from bids_fmristore.parcellate import Parcels, parcellate_run
 from bids_fmristore.participant.plan import RUN_READ_ERRORS, Job, Options
-from bids_fmristore.participant.resume import inputs_record, sidecar_of, why_rebuild
+from bids_fmristore.resume import inputs_record, sidecar_of, why_rebuild
 from bids_fmristore.tables import run_table_paths, write_run_tables
 from bids_fmristore.voxelmaps import STATS, MapsTarget, make_maps_target, run_maps, write_maps
 

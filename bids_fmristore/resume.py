@@ -75,5 +75,5 @@ def _difference(recorded: Mapping, expected: Mapping) -> str | None:
 
 
 def _short(uris: Iterable[str]) -> str:
-    uris = [u.rsplit("/", 1)[-1] for u in uris]
+    uris = [u.replace(":", "/").rsplit("/", 1)[-1] for u in uris]  # the file names
     return ", ".join(uris[:3]) + (f" and {len(uris) - 3} more" if len(uris) > 3 else "")

@@ -1,0 +1,136 @@
+"""Several grids per subject, and resume: what a plain rerun keeps, rebuilds and repairs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from conftest import make_atlas, make_fmriprep_run, make_raw, random_labels
+
+import bids_fmristore
+import bids_fmristore.participant.plan as plan
+from bids_fmristore.cli.run import main
+from bids_fmristore.resume import inputs_record, why_rebuild
+
+SHAPE = (6, 7, 5)
+AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+
+
+def dataset(tmp_path: Path, rng) -> dict:
+    """sub-01: runs 1 and 2 on one grid; sub-02: run 1 on that grid, run 2 on another grid
+    with the same voxel size, both labelled res-2."""
+    bids, fmriprep = tmp_path / "bids", tmp_path / "fmriprep"
+    make_raw(bids, subjects=("01", "02"))
+    bolds = {}
+    for sub, run, shape in [("01", 1, SHAPE), ("01", 2, SHAPE), ("02", 1, SHAPE),
+                            ("02", 2, (8, 7, 5))]:
+        data = rng.normal(100, 5, size=(*shape, 5)).astype(np.float32)
+        bolds[sub, run] = make_fmriprep_run(fmriprep, data, AFFINE, np.ones(shape, bool),
+                                            sub=sub, run=run, res="2")
+    atlas = make_atlas(tmp_path / "atlas", random_labels((8, 7, 5), 4, rng), AFFINE)
+    return {"bids": bids, "fmriprep": fmriprep, "atlas": atlas, "out": tmp_path / "out",
+            "bolds": bolds}
+
+
+def argv(ds: dict, *extra: str) -> list[str]:
+    return [str(ds["bids"]), str(ds["out"]), "participant", "-d", f"fmriprep={ds['fmriprep']}",
+            "--atlas", f"Demo={ds['atlas']}", "--min-coverage", "0", *extra]
+
+
+def outputs(out: Path) -> dict[Path, tuple[int, int]]:
+    return {p: (p.stat().st_mtime_ns, p.stat().st_ino)
+            for p in sorted(out.glob("sub-*/func/*")) if p.suffix in (".h5", ".json")}
+
+
+def test_two_grids_under_one_res_label_get_two_files(tmp_path, rng, capsys):
+    ds = dataset(tmp_path, rng)
+    assert main(argv(ds)) == 0, capsys.readouterr().err
+    files = sorted(ds["out"].glob("sub-02/func/*_atlas-Demo_bold.h5"))
+    assert len(files) == 2
+    scans = {}
+    for path in files:
+        with bids_fmristore.open(path) as f:
+            assert len(f.scan_names) == 1
+            scans[f.scan_names[0]] = f.shape
+    assert scans == {"sub-02_task-rest_run-01": SHAPE, "sub-02_task-rest_run-02": (8, 7, 5)}
+    # sub-01 has one grid: its file keeps the BOLD's own res label
+    assert [p.name for p in ds["out"].glob("sub-01/func/*_atlas-Demo_bold.h5")] == [
+        "sub-01_space-MNI152NLin2009cAsym_res-2_atlas-Demo_bold.h5"]
+
+
+def test_rerun_keeps_complete_files_and_says_so(tmp_path, rng, capsys):
+    ds = dataset(tmp_path, rng)
+    assert main(argv(ds)) == 0
+    before = outputs(ds["out"])
+    capsys.readouterr()
+    assert main(argv(ds)) == 0
+    err = capsys.readouterr().err
+    assert outputs(ds["out"]) == before
+    kept = [line for line in err.splitlines() if "WARNING: kept" in line]
+    assert len(kept) == len([p for p in before if p.suffix == ".h5"]), err
+    assert "finished" in err
+
+
+def test_other_options_or_a_lost_sidecar_rebuild(tmp_path, rng, capsys):
+    ds = dataset(tmp_path, rng)
+    assert main(argv(ds)) == 0
+    target = ds["out"] / "sub-01/func/sub-01_space-MNI152NLin2009cAsym_res-2_atlas-Demo_bold.h5"
+    capsys.readouterr()
+    assert main(argv(ds, "--store", "summary")) == 0
+    err = capsys.readouterr().err
+    assert f"rebuilding {target}: it was written with StoreMode='both', now 'summary'" in err
+    with bids_fmristore.open(target) as f:
+        assert not f.has_voxels("sub-01_task-rest_run-01")
+    target.with_suffix(".json").unlink()
+    assert main(argv(ds, "--store", "summary")) == 0
+    err = capsys.readouterr().err
+    assert "rebuilding" in err and "has no sidecar" in err
+    assert target.with_suffix(".json").exists()
+
+
+def test_failed_run_listed_and_repaired_by_a_plain_rerun(tmp_path, rng, capsys):
+    ds = dataset(tmp_path, rng)
+    bold = ds["bolds"]["01", 2]
+    good = bold.read_bytes()
+    bold.write_bytes(good[: len(good) // 2])
+    assert main(argv(ds)) == 5
+    sidecar = json.loads((ds["out"] / "sub-01/func/"
+                          "sub-01_space-MNI152NLin2009cAsym_res-2_atlas-Demo_bold.json")
+                         .read_text())
+    assert [Path(f["Source"]).name for f in sidecar["FailedRuns"]] == [bold.name]
+    assert sidecar["FailedRuns"][0]["Source"].startswith("bids:fmriprep:sub-01/func/")
+    before = outputs(ds["out"])
+    bold.write_bytes(good)
+    capsys.readouterr()
+    assert main(argv(ds)) == 0
+    after = outputs(ds["out"])
+    changed = {p.name for p in before if before[p] != after[p]}
+    assert changed and all(name.startswith("sub-01_") for name in changed)
+    assert all(after[p] == before[p] for p in before if p.name.startswith("sub-02_"))
+    with bids_fmristore.open(ds["out"] / "sub-01/func/"
+                             "sub-01_space-MNI152NLin2009cAsym_res-2_atlas-Demo_bold.h5") as f:
+        assert f.scan_names == ["sub-01_task-rest_run-01", "sub-01_task-rest_run-02"]
+
+
+def test_changed_input_is_a_reason(tmp_path):
+    src = tmp_path / "a.nii.gz"
+    src.write_bytes(b"x" * 10)
+    out = tmp_path / "o.h5"
+    out.write_bytes(b"")
+    record = inputs_record({"bids:raw:a.nii.gz": src}, {"StoreMode": "both"})
+    (tmp_path / "o.json").write_text(json.dumps({"Inputs": record, "FailedRuns": []}))
+    assert why_rebuild(out, record) is None
+    os.utime(src, ns=(1, 1))
+    assert why_rebuild(out, inputs_record({"bids:raw:a.nii.gz": src}, {"StoreMode": "both"})) \
+        == "a.nii.gz changed since it was written"
+    assert why_rebuild(tmp_path / "none.h5", record) == "missing"
+
+
+def test_a_path_written_twice_is_a_bug(tmp_path, rng, capsys, monkeypatch):
+    ds = dataset(tmp_path, rng)
+    monkeypatch.setattr(plan, "grid_labels", lambda grids, res: ["2"] * len(grids))
+    assert main(argv(ds)) == 1
+    err = capsys.readouterr().err
+    assert "would be written twice in one invocation" in err
