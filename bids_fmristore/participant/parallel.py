@@ -39,8 +39,10 @@ class _Subjects:
 
     def __init__(self, jobs: list[Job]) -> None:
         self._left: dict[str, int] = {}
+        self._runs: dict[str, int] = {}
         for job in jobs:
             self._left[job.subject] = self._left.get(job.subject, 0) + 1
+            self._runs[job.subject] = self._runs.get(job.subject, 0) + len(job.runs)
         self._started: dict[str, float] = {}
         self._results: dict[str, list[JobResult]] = {}
 
@@ -49,8 +51,9 @@ class _Subjects:
             return
         self._started[job.subject] = time.monotonic()
         self._results[job.subject] = []
-        log.info("sub-%s: started (%d run(s), %d file(s) per grid)", job.subject,
-                 len(job.runs) + len(job.failed), len(job.outputs) + 1)
+        log.info("sub-%s: started (%d run(s) on %d grid(s), %d atlas(es))", job.subject,
+                 self._runs[job.subject] + len(job.failed), self._left[job.subject],
+                 len(job.atlases))
 
     def end(self, job: Job, result: JobResult) -> None:
         self._results[job.subject].append(result)
