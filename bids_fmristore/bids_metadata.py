@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bids_fmristore.errors import RunError
 
-__all__ = ["SidecarReader", "filename_entities", "repetition_time", "check_readable"]
+__all__ = ["SidecarReader", "filename_entities", "inherits", "repetition_time", "check_readable"]
 
 _TR_TOLERANCE = 0.01
 _TIME_UNITS = {"msec": 1e-3, "usec": 1e-6}
@@ -46,6 +46,11 @@ def _same(key: str, a: str, b: str) -> bool:
     if key in ("run", "echo") and a.isdigit() and b.isdigit():
         return int(a) == int(b)
     return a == b
+
+
+def inherits(general: Mapping[str, str], specific: Mapping[str, str]) -> bool:
+    """Whether a file with entities ``general`` applies to one with ``specific`` (a subset)."""
+    return all(k in specific and _same(k, v, specific[k]) for k, v in general.items())
 
 
 def check_readable(path: Path) -> None:
@@ -92,8 +97,7 @@ class SidecarReader:
         source: dict[str, Path] = {}
         for folder in reversed(folders):  # root first: deeper folders override
             for _, name, js_ents, js_suffix in self._listing(folder):
-                if js_suffix != suffix or not all(
-                        k in entities and _same(k, v, entities[k]) for k, v in js_ents.items()):
+                if js_suffix != suffix or not inherits(js_ents, entities):
                     continue
                 sidecar = folder / name
                 content = self._read(sidecar)

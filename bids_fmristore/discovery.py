@@ -11,20 +11,27 @@ entities are parsed from each file's path relative to its dataset root only.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
 import os
 import re
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 
-from bids_fmristore.bids_metadata import SidecarReader, check_readable, repetition_time
-from bids_fmristore.errors import InputError, RunError, UsageError
+from bids_fmristore.bids_filters import check_filters, pybids_filters
+from bids_fmristore.bids_metadata import (
+    SidecarReader,
+    check_readable,
+    filename_entities,
+    inherits,
+    repetition_time,
+)
+from bids_fmristore.errors import InputError, RunError
 
 __all__ = ["BoldRun", "Dataset", "DiscoveryResult", "discover", "load_layout", "ENTITY_KEYS"]
 
@@ -44,7 +51,6 @@ ENTITY_KEYS: dict[str, str] = {
     "part": "part",
 }
 _NIFTI = [".nii", ".nii.gz"]
-_QUERIES = ("bold", "mask")
 #: bump when the way files are indexed changes, so databases built by older code are not reused
 _INDEX_VERSION = "2"
 
@@ -265,7 +271,7 @@ def discover(
         _dataset_type(root)
         datasets.append(Dataset(name, Path(os.path.abspath(root)), True))
     filters = dict(filters or {})
-    _check_filters(filters)
+    check_filters(filters)
     layouts = {}
     for ds in datasets:
         db = None
@@ -274,11 +280,11 @@ def discover(
         layouts[ds.name] = load_layout(ds.root, derivative=ds.is_derivative,
                                        validate=validate, database=db, exclude=exclude)
     sources = datasets[1:] or [raw]
-    bold_filters = _pybids_filters(filters.get("bold", {}))
-    mask_filters = _pybids_filters(filters.get("mask", {}))
+    bold_filters = pybids_filters(filters.get("bold", {}))
+    mask_filters = pybids_filters(filters.get("mask", {}))
 
-    available = sorted({s for ds in datasets for s in layouts[ds.name].get_subjects()})
     if participants:
+        available = sorted({s for ds in datasets for s in layouts[ds.name].get_subjects()})
         missing = sorted(set(participants) - set(available))
         if missing:
             raise InputError(
@@ -294,6 +300,7 @@ def discover(
     for ds in sources:
         layout = layouts[ds.name]
         sidecars = SidecarReader(ds.root)
+        masks = _Masks(layout, mask_filters) if ds.is_derivative else None
         q = dict(query)
         if ds.is_derivative:
             q.update(desc="preproc", space=space)
@@ -305,7 +312,7 @@ def discover(
         found = 0
         for bold in layout.get(return_type="object", invalid_filters="allow", **q):
             try:
-                run = _make_run(layout, ds, bold, mask_filters, sidecars)
+                run = _make_run(ds, bold, masks, sidecars)
             except InputError as err:
                 result.problems.append(str(err).splitlines()[0])
                 continue
@@ -323,55 +330,7 @@ def discover(
     return result
 
 
-def _check_filters(filters: Mapping) -> None:
-    """Bad queries or entities are usage errors, found before the slow indexing.
-
-    Entities are those of pybids' ``bids`` and ``derivatives`` configurations (pybids itself
-    raises a bare ValueError mid-query); derivatives ones (``desc``, ``res``) are accepted on
-    raw BIDS too, where they simply match no file.
-    """
-    import bids.layout
-
-    valid = sorted({entity["name"] for config in ("bids", "derivatives") for entity in json.loads(
-        (Path(bids.layout.__file__).parent / "config" / f"{config}.json").read_text())["entities"]})
-    scalar = (str, int, float, type(None))
-    for query, entities in filters.items():
-        if query not in _QUERIES:
-            raise UsageError(f"--bids-filter-file: unknown query {query!r} "
-                             f"(valid queries: {', '.join(_QUERIES)})")
-        if not isinstance(entities, Mapping):
-            raise UsageError(f"--bids-filter-file: query {query!r} must be an object of "
-                             f"entity filters, got {json.dumps(entities)}")
-        for name, value in entities.items():
-            if name not in valid:
-                close = difflib.get_close_matches(name, valid, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise UsageError(f"--bids-filter-file: unknown entity {name!r} in query "
-                                 f"{query!r}{hint}; valid entities: {', '.join(valid)}")
-            values = value if isinstance(value, list) else [value]
-            if any(isinstance(v, bool) or not isinstance(v, scalar) for v in values):
-                raise UsageError(f"--bids-filter-file: {query}.{name} = {json.dumps(value)}: "
-                                 'expected a string, a number, null, "*" or a list of these')
-
-
-def _pybids_filters(filters: Mapping) -> dict:
-    """JSON filters → pybids: ``null`` means "entity absent", ``"*"`` means "any value"."""
-    from bids.layout import Query
-
-    def convert(value):
-        if value is None:
-            return Query.NONE
-        if value == "*":
-            return Query.ANY
-        if isinstance(value, list):
-            return [convert(v) for v in value]
-        return value
-
-    return {key: convert(value) for key, value in filters.items()}
-
-
-def _make_run(layout, ds: Dataset, bold, mask_filters: Mapping,
-              sidecars: SidecarReader) -> BoldRun:
+def _make_run(ds: Dataset, bold, masks: _Masks | None, sidecars: SidecarReader) -> BoldRun:
     path = Path(bold.path)
     entities = {k: str(v) for k, v in bold.get_entities().items()
                 if k not in ("suffix", "extension", "datatype")}
@@ -384,42 +343,37 @@ def _make_run(layout, ds: Dataset, bold, mask_filters: Mapping,
         raise RunError(f"{path}: cannot read NIfTI header ({err})") from None
     metadata, source = sidecars.metadata(path)
     tr = repetition_time(path, header, metadata, source, log)
-    mask = _find_mask(layout, bold, mask_filters) if ds.is_derivative else None
+    mask = masks.find(path) if masks is not None else None
     return BoldRun(path, ds, entities, tr, mask, ds if mask is not None else None)
 
 
-def _find_mask(layout, bold, extra: Mapping) -> Path | None:
-    """The run's brain mask: same entities, or (e.g. one per session) a subset of them.
+class _Masks:
+    """The brain masks of one dataset, listed with one query, to pair with its BOLD runs.
 
-    A sibling run's mask is never borrowed: a candidate's entities must all be the BOLD's, in
-    its folder or a parent folder, the nearest folder and then the most entities winning.
+    A run's mask has the same entities or (e.g. one per session) a subset of them, the same
+    space, and is in the run's folder or a parent folder; the nearest folder, then the most
+    entities win. So a sibling run's mask is never borrowed.
     """
-    ents = {k: v for k, v in bold.get_entities().items()
-            if k not in ("desc", "suffix", "extension")}
-    base = {"desc": "brain", "suffix": "mask", "extension": _NIFTI, "subject": ents["subject"],
-            "space": ents.get("space", _none()), **extra}
-    found = layout.get(return_type="object", invalid_filters="allow", **base, **{
-        k: v for k, v in ents.items() if k not in base})
-    if len(found) != 1:
-        folders = [Path(bold.path).parent, *Path(bold.path).parent.parents]
-        scored = []
-        for f in layout.get(return_type="object", invalid_filters="allow", **base):
-            f_ents = {k: v for k, v in f.get_entities().items()
-                      if k not in ("desc", "suffix", "extension")}
-            folder = Path(f.path).parent
-            if folder in folders and all(k in ents and str(v) == str(ents[k])
-                                         for k, v in f_ents.items()):
-                scored.append((folders.index(folder), -len(f_ents), f.path))
-        found = [min(scored)[2]] if scored else []
-    if found:
-        mask = Path(getattr(found[0], "path", found[0]))
-        check_readable(mask)
-        return mask
-    log.warning("%s: no brain mask found; every voxel inside the atlas is used", bold.path)
-    return None
 
+    def __init__(self, layout, extra: Mapping) -> None:
+        self._by_folder: dict[Path, list[tuple[dict[str, str], Path]]] = defaultdict(list)
+        query = {"desc": "brain", "suffix": "mask", "extension": _NIFTI, **extra}
+        for name in layout.get(return_type="filename", invalid_filters="allow", **query):
+            path = Path(name)
+            parsed = filename_entities(path.name)
+            if parsed is not None:
+                ents = {k: v for k, v in parsed[0].items() if k != "desc"}
+                self._by_folder[path.parent].append((ents, path))
 
-def _none():
-    from bids.layout import Query
-
-    return Query.NONE
+    def find(self, bold: Path) -> Path | None:
+        parsed = filename_entities(bold.name)
+        ents = {k: v for k, v in (parsed[0] if parsed else {}).items() if k != "desc"}
+        for folder in (bold.parent, *bold.parent.parents):
+            fits = [(-len(m), str(p), p) for m, p in self._by_folder.get(folder, ())
+                    if m.get("space") == ents.get("space") and inherits(m, ents)]
+            if fits:
+                mask = min(fits)[2]
+                check_readable(mask)
+                return mask
+        log.warning("%s: no brain mask found; every voxel inside the atlas is used", bold)
+        return None
