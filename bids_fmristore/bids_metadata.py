@@ -131,6 +131,10 @@ class SidecarReader:
 
 
 def _load_sidecar(path: Path) -> dict | RunError:
+    try:
+        check_readable(path)
+    except RunError as err:
+        return err
     if path.is_dir():
         return RunError(f"{path}: invalid JSON sidecar (a folder, not a file)")
     try:

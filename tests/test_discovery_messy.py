@@ -102,11 +102,18 @@ def test_git_annex_dataset_uris_stay_in_the_dataset(tmp_path):
     assert run.mask == fmriprep / FUNC / MASK
     assert run.uri(run.mask, run.mask_dataset) == f"bids:fmriprep:{FUNC}/{MASK}"
 
-    objects[bold].unlink()  # content dropped (`datalad drop`): a dangling link
+    sidecar = bold.with_suffix("").with_suffix(".json")
+    shutil.move(objects[bold], tmp_path / "kept")  # content dropped (`datalad drop`)
     found = discover(bids, derivatives={"fmriprep": fmriprep})
     assert found.runs == []
     (line,) = found.problems
-    assert line.startswith(f"{bold}: symlink target ") and "is missing" in line
+    assert line.startswith(f"{bold}: symlink target ../../.git/annex/objects/")
+    assert line.endswith(" is missing (content not retrieved? e.g. `datalad get` it)")
+
+    shutil.move(tmp_path / "kept", objects[bold])
+    objects[sidecar].unlink()  # now the sidecar's content is missing
+    (line,) = discover(bids, derivatives={"fmriprep": fmriprep}).problems
+    assert line.startswith(f"{sidecar}: symlink target ../../.git/annex/objects/")
 
 
 def test_bold_linked_from_outside_its_dataset(tmp_path):
