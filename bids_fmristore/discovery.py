@@ -124,6 +124,10 @@ def _relative(path: Path, root: Path) -> str | None:
 
 def _dataset_type(root: Path) -> str:
     desc = root / "dataset_description.json"
+    try:
+        check_readable(desc)
+    except RunError as err:  # the whole dataset is unusable, not one run
+        raise InputError(str(err)) from None
     if not desc.is_file():
         raise InputError(f"{root}: not a BIDS dataset (no dataset_description.json)")
     try:
@@ -284,9 +288,11 @@ def discover(
     mask_filters = pybids_filters(filters.get("mask", {}))
 
     if participants:
-        available = sorted({s for ds in datasets for s in layouts[ds.name].get_subjects()})
-        missing = sorted(set(participants) - set(available))
+        present = {s for ds in datasets for s in layouts[ds.name].get(
+            return_type="id", target="subject", subject=list(participants))}
+        missing = sorted(set(participants) - present)
         if missing:
+            available = sorted({s for ds in datasets for s in layouts[ds.name].get_subjects()})
             raise InputError(
                 f"participant label(s) {', '.join(missing)} not found in "
                 f"{', '.join(str(ds.root) for ds in datasets)} "

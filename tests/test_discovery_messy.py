@@ -252,6 +252,13 @@ def test_bad_dataset_description_is_one_input_error(tmp_path):
         with pytest.raises(InputError) as err:
             discover(fmriprep)
         assert one_line(err).startswith(f"{desc}: {reason}")
+    desc.unlink()
+    desc.symlink_to(".git/annex/objects/Xk/9p/KEY/KEY")
+    with pytest.raises(InputError) as err:
+        discover(fmriprep)
+    assert type(err.value) is InputError
+    assert one_line(err).startswith(f"{desc}: symlink target .git/annex/objects/Xk/9p/KEY/KEY "
+                                    "is missing")
 
 
 def test_byte_order_mark_is_tolerated(tmp_path):
