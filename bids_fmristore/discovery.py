@@ -3,19 +3,35 @@
 The result is a list of plain :class:`BoldRun` records; nothing downstream needs pybids.
 BOLD comes from the derivative datasets given with ``-d NAME=PATH`` (fMRIPrep outputs), from
 BIDS_DIR itself when it is a derivative dataset, or from raw BIDS otherwise.
+
+Paths are kept as the datasets name them (``os.path.abspath``, symlinks never resolved), so a
+git-annex dataset or a BOLD linked from shared storage still gets URIs inside its dataset, and
+entities are parsed from each file's path relative to its dataset root only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import re
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 
-from bids_fmristore.errors import InputError
+from bids_fmristore.bids_filters import check_filters, pybids_filters
+from bids_fmristore.bids_metadata import (
+    SidecarReader,
+    check_readable,
+    filename_entities,
+    inherits,
+    repetition_time,
+)
+from bids_fmristore.errors import InputError, RunError
 
 __all__ = ["BoldRun", "Dataset", "DiscoveryResult", "discover", "load_layout", "ENTITY_KEYS"]
 
@@ -35,7 +51,8 @@ ENTITY_KEYS: dict[str, str] = {
     "part": "part",
 }
 _NIFTI = [".nii", ".nii.gz"]
-_TR_TOLERANCE = 0.01
+#: bump when the way files are indexed changes, so databases built by older code are not reused
+_INDEX_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -66,11 +83,22 @@ class BoldRun:
     def subject(self) -> str:
         return self.entities["subject"]
 
+    @property
+    def space(self) -> str | None:
+        """Template space of the BOLD; None for native space (raw BIDS, or no ``space-``)."""
+        return self.entities.get("space")
+
     def uri(self, path: Path | None = None, dataset: Dataset | None = None) -> str:
-        """BIDS URI (``bids:<dataset>:<relative path>``) of the BOLD file or another file."""
+        """BIDS URI (``bids:<dataset>:<relative path>``) of the BOLD file or another file.
+
+        The path is taken as the dataset names it: a symlink (git-annex, shared storage) is
+        not followed, so the URI stays inside the dataset.
+        """
         ds = dataset or self.dataset
-        rel = Path(path or self.path).resolve().relative_to(ds.root.resolve())
-        return f"bids:{ds.name}:{rel.as_posix()}"
+        rel = _relative(Path(path or self.path), ds.root)
+        if rel is None:
+            raise ValueError(f"{path or self.path} is not inside dataset {ds.name} ({ds.root})")
+        return f"bids:{ds.name}:{rel}"
 
 
 @dataclass
@@ -81,30 +109,111 @@ class DiscoveryResult:
     problems: list[str] = field(default_factory=list)
 
 
+def _relative(path: Path, root: Path) -> str | None:
+    """POSIX path of ``path`` relative to ``root`` without following symlinks; None if outside.
+
+    Falls back to both resolved, for a root given through a symlink and a path given resolved.
+    """
+    for a, b in ((os.path.abspath(path), os.path.abspath(root)),
+                 (os.path.realpath(path), os.path.realpath(root))):
+        rel = os.path.relpath(a, b)
+        if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
+            return Path(rel).as_posix()
+    return None
+
+
 def _dataset_type(root: Path) -> str:
     desc = root / "dataset_description.json"
+    try:
+        check_readable(desc)
+    except RunError as err:  # the whole dataset is unusable, not one run
+        raise InputError(str(err)) from None
     if not desc.is_file():
         raise InputError(f"{root}: not a BIDS dataset (no dataset_description.json)")
     try:
-        return str(json.loads(desc.read_text(encoding="utf-8")).get("DatasetType", "raw"))
+        content = json.loads(desc.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"{desc}: invalid JSON ({err})") from None
+    except OSError as err:
+        raise InputError(f"{desc}: cannot read ({err.strerror or err})") from None
+    if not isinstance(content, dict):
+        raise InputError(f"{desc}: invalid dataset description (expected a JSON object)")
+    return str(content.get("DatasetType", "raw"))
 
 
-def load_layout(root: Path, *, derivative: bool, validate: bool, database: Path | None = None):
-    """A pybids ``BIDSLayout`` with our errors instead of pybids' exceptions."""
+def _indexer(root: Path, exclude: Sequence[Path], validate: bool):
+    """A pybids indexer that parses entities from root-relative paths and skips ``exclude``.
+
+    pybids 0.22 matches entity patterns against absolute paths (pybids #1270, fixed upstream
+    after 0.22 by parsing the root-relative path): a dataset under ``/x/perf/bids`` had every
+    file indexed with ``datatype=perf``, so no BOLD was found. Metadata is not indexed (see
+    :mod:`bids_fmristore.bids_metadata`).
+    """
+    from bids.layout.index import BIDSLayoutIndexer
+    from bids.layout.models import _create_tag_dict
+    from bids.layout.validation import DEFAULT_LOCATIONS_TO_IGNORE
+    from bids.utils import make_bidsfile
+
+    class _Relative:
+        __slots__ = ("path",)
+
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+    class RootRelativeIndexer(BIDSLayoutIndexer):
+        def _index_file(self, abs_fn, entities):
+            bf = make_bidsfile(abs_fn)
+            rel = _relative(Path(bf.path), root)
+            probe = _Relative("/" + rel if rel is not None else bf.path)
+            match_vals = {}
+            for e in entities.values():
+                m = e.match_file(probe)
+                if m is None and e.mandatory:
+                    break
+                if m is not None:
+                    match_vals[e.name] = (e, m)
+            tags = [_create_tag_dict(bf, ent, val, ent._dtype) for ent, val in match_vals.values()]
+            return bf, tags
+
+    ignore = list(DEFAULT_LOCATIONS_TO_IGNORE)
+    for path in exclude:
+        rel = _relative(Path(path), root)
+        if rel is not None and rel != ".":
+            ignore.append(re.compile("^/" + re.escape(rel) + "(/|$)"))
+    return RootRelativeIndexer(validate=validate, ignore=ignore, index_metadata=False)
+
+
+def load_layout(root: Path, *, derivative: bool, validate: bool, database: Path | None = None,
+                exclude: Sequence[Path] = ()):
+    """A pybids ``BIDSLayout`` with our errors instead of pybids' exceptions.
+
+    ``exclude`` lists folders (e.g. OUTPUT_DIR) not to index when they are inside ``root``.
+    With ``database``, an index is reused only if it was built for the same root, exclusions
+    and indexing code: a subfolder keyed by those is used.
+    """
     from bids import BIDSLayout
     from bids.exceptions import BIDSValidationError
+    from sqlalchemy.exc import SQLAlchemyError
 
-    kwargs = {"validate": validate and not derivative}
+    root = Path(os.path.abspath(root))
+    validate = validate and not derivative
+    kwargs = {"validate": validate, "indexer": _indexer(root, exclude, validate)}
     if derivative:
         kwargs["config"] = ["bids", "derivatives"]
     if database is not None:
+        key = "\n".join([_INDEX_VERSION, str(root), str(derivative), str(validate),
+                         *sorted(os.path.abspath(p) for p in exclude)])
+        database = Path(database) / hashlib.sha1(key.encode()).hexdigest()[:12]
         kwargs["database_path"] = str(database)
     try:
         return BIDSLayout(str(root), **kwargs)
     except (BIDSValidationError, ValueError) as err:
         raise InputError(f"{root}: {str(err).splitlines()[0]}") from None
+    except OSError as err:
+        raise InputError(f"{root}: cannot index the dataset ({err})") from None
+    except SQLAlchemyError as err:
+        raise InputError(f"{database}: cannot use the pybids database "
+                         f"({str(err).splitlines()[0]})") from None
 
 
 def discover(
@@ -119,48 +228,71 @@ def discover(
     filters: Mapping[str, Mapping] | None = None,
     validate: bool = True,
     database_dir: Path | None = None,
+    exclude: Sequence[Path] = (),
 ) -> DiscoveryResult:
     """Collect the BOLD runs to parcellate.
+
+    A run that cannot be used (unreadable header, not 4-D, invalid RepetitionTime, a bad JSON
+    sidecar in its inheritance chain, an absent annexed file) is left out with one line in
+    :attr:`DiscoveryResult.problems`; the other runs are found normally.
+
+    Raw BIDS runs are native space (:attr:`BoldRun.space` None) and never have a brain mask:
+    one WARNING per raw dataset gives their count. A derivative run without a brain mask gets
+    one WARNING naming it. Either way every voxel inside the atlas is used.
 
     Parameters
     ----------
     participants, sessions, tasks
         Labels without ``sub-``/``ses-`` prefixes; None selects all.
     space, res
-        Template space (and resolution) of derivative BOLD; ignored for raw BIDS.
+        Template space (and resolution) of derivative BOLD; ignored for raw BIDS, whose BOLD
+        must have no ``space-`` entity.
     filters
         ``--bids-filter-file`` content: pybids filters per query (``bold``, ``mask``).
+    exclude
+        Folders not to index when they lie inside a dataset (OUTPUT_DIR, a work folder).
+        pybids already skips the ``derivatives/`` folder of every dataset it indexes.
 
     Raises
     ------
     InputError
         Missing or invalid datasets, unknown participants, or no matching BOLD run.
+    UsageError
+        A filter query other than ``bold``/``mask``, or an unknown entity in a filter.
     """
+    from bids.layout import Query
+
     bids_dir = Path(bids_dir)
     if not bids_dir.is_dir():
         raise InputError(f"BIDS_DIR {bids_dir} does not exist or is not a folder")
     raw_is_derivative = _dataset_type(bids_dir) == "derivative"
-    raw = Dataset("raw", bids_dir, raw_is_derivative)
+    raw = Dataset("raw", Path(os.path.abspath(bids_dir)), raw_is_derivative)
     datasets = [raw]
     for name, root in (derivatives or {}).items():
         root = Path(root)
         if not root.is_dir():
             raise InputError(f"derivative dataset {name}={root} does not exist")
         _dataset_type(root)
-        datasets.append(Dataset(name, root, True))
+        datasets.append(Dataset(name, Path(os.path.abspath(root)), True))
+    filters = dict(filters or {})
+    check_filters(filters)
     layouts = {}
     for ds in datasets:
         db = None
         if database_dir is not None:
             db = Path(database_dir) / ds.name
         layouts[ds.name] = load_layout(ds.root, derivative=ds.is_derivative,
-                                       validate=validate, database=db)
+                                       validate=validate, database=db, exclude=exclude)
     sources = datasets[1:] or [raw]
+    bold_filters = pybids_filters(filters.get("bold", {}))
+    mask_filters = pybids_filters(filters.get("mask", {}))
 
-    available = sorted({s for ds in datasets for s in layouts[ds.name].get_subjects()})
     if participants:
-        missing = sorted(set(participants) - set(available))
+        present = {s for ds in datasets for s in layouts[ds.name].get(
+            return_type="id", target="subject", subject=list(participants))}
+        missing = sorted(set(participants) - present)
         if missing:
+            available = sorted({s for ds in datasets for s in layouts[ds.name].get_subjects()})
             raise InputError(
                 f"participant label(s) {', '.join(missing)} not found in "
                 f"{', '.join(str(ds.root) for ds in datasets)} "
@@ -170,23 +302,31 @@ def discover(
     for key, values in (("subject", participants), ("session", sessions), ("task", tasks)):
         if values:
             query[key] = list(values)
-    filters = dict(filters or {})
     result = DiscoveryResult([], datasets)
     for ds in sources:
         layout = layouts[ds.name]
+        sidecars = SidecarReader(ds.root)
+        masks = _Masks(layout, mask_filters) if ds.is_derivative else None
         q = dict(query)
         if ds.is_derivative:
             q.update(desc="preproc", space=space)
             if res is not None:
                 q["res"] = res
-        q.update(_pybids_filters(filters.get("bold", {})))
-        for bold in layout.get(return_type="object", **q):
+        else:
+            q["space"] = Query.NONE
+        q.update(bold_filters)
+        found = 0
+        for bold in layout.get(return_type="object", invalid_filters="allow", **q):
             try:
-                result.runs.append(
-                    _make_run(layout, ds, bold, _pybids_filters(filters.get("mask", {})))
-                )
+                run = _make_run(ds, bold, masks, sidecars)
             except InputError as err:
-                result.problems.append(str(err))
+                result.problems.append(str(err).splitlines()[0])
+                continue
+            result.runs.append(run)
+            found += 1
+        if found and not ds.is_derivative:
+            log.warning("%s: %d raw BOLD run(s) have no brain mask (raw BIDS input); every "
+                        "voxel inside the atlas is used", ds.root, found)
     if not result.runs and not result.problems:
         shown = {k: v for k, v in query.items() if k not in ("suffix", "datatype", "extension")}
         where = ", ".join(str(ds.root) for ds in sources)
@@ -196,76 +336,50 @@ def discover(
     return result
 
 
-def _pybids_filters(filters: Mapping) -> dict:
-    """JSON filters → pybids: ``null`` means "entity absent", ``"*"`` means "any value"."""
-    from bids.layout import Query
-
-    def convert(value):
-        if value is None:
-            return Query.NONE
-        if value == "*":
-            return Query.ANY
-        if isinstance(value, list):
-            return [convert(v) for v in value]
-        return value
-
-    return {key: convert(value) for key, value in filters.items()}
-
-
-def _make_run(layout, ds: Dataset, bold, mask_filters: Mapping) -> BoldRun:
+def _make_run(ds: Dataset, bold, masks: _Masks | None, sidecars: SidecarReader) -> BoldRun:
     path = Path(bold.path)
     entities = {k: str(v) for k, v in bold.get_entities().items()
                 if k not in ("suffix", "extension", "datatype")}
     if "run" in entities:  # pybids' PaddedInt keeps the file's zero padding in str()
         entities["run"] = str(bold.get_entities()["run"])
-    mask = _find_mask(layout, bold, mask_filters) if ds.is_derivative else None
-    tr = _repetition_time(path, layout.get_metadata(bold.path))
+    check_readable(path)
+    try:
+        header = nib.load(path).header
+    except Exception as err:  # nibabel raises many types for unreadable files
+        raise RunError(f"{path}: cannot read NIfTI header ({err})") from None
+    metadata, source = sidecars.metadata(path)
+    tr = repetition_time(path, header, metadata, source, log)
+    mask = masks.find(path) if masks is not None else None
     return BoldRun(path, ds, entities, tr, mask, ds if mask is not None else None)
 
 
-def _find_mask(layout, bold, extra: Mapping) -> Path | None:
-    ents = {k: v for k, v in bold.get_entities().items()
-            if k not in ("desc", "suffix", "extension")}
-    query = {**ents, "desc": "brain", "suffix": "mask", "extension": _NIFTI, **extra}
-    found = layout.get(return_type="filename", **query)
-    if len(found) == 1:
-        return Path(found[0])
-    nearest = layout.get_nearest(
-        bold.path, return_type="filename", strict=False, suffix="mask", desc="brain",
-        extension=_NIFTI, subject=ents["subject"], space=ents.get("space"),
-    )
-    # get_nearest may pick another run's mask; accept only one whose entities do not conflict
-    # (a mask without `run`, e.g. one per session, is fine).
-    if nearest:
-        found_ents = layout.parse_file_entities(nearest)
-        conflicts = [k for k, v in found_ents.items() if k not in ("desc", "suffix", "extension")
-                     and k in ents and str(v) != str(ents[k])]
-        if not conflicts:
-            return Path(nearest)
-    log.warning("%s: no brain mask found; every voxel inside the atlas is used", bold.path)
-    return None
+class _Masks:
+    """The brain masks of one dataset, listed with one query, to pair with its BOLD runs.
 
+    A run's mask has the same entities or (e.g. one per session) a subset of them, the same
+    space, and is in the run's folder or a parent folder; the nearest folder, then the most
+    entities win. So a sibling run's mask is never borrowed.
+    """
 
-def _repetition_time(path: Path, metadata: Mapping) -> float:
-    """TR in seconds from the JSON sidecar, the NIfTI header as a fallback."""
-    try:
-        header = nib.load(path).header
-        zooms = header.get_zooms()
-    except Exception as err:  # nibabel raises many types for unreadable files
-        raise InputError(f"{path}: cannot read NIfTI header ({err})") from None
-    if len(zooms) < 4 and len(header.get_data_shape()) > 3:
-        raise InputError(f"{path}: header has no time dimension")
-    header_tr = None
-    if len(zooms) >= 4 and zooms[3] > 0:
-        unit = header.get_xyzt_units()[1]
-        header_tr = float(zooms[3]) * {"msec": 1e-3, "usec": 1e-6}.get(unit, 1.0)
-    json_tr = metadata.get("RepetitionTime")
-    if json_tr is not None:
-        json_tr = float(json_tr)
-        if header_tr and abs(header_tr - json_tr) > _TR_TOLERANCE * json_tr:
-            log.warning("%s: RepetitionTime %.4g s in JSON but %.4g s in the header; using JSON",
-                        path.name, json_tr, header_tr)
-        return json_tr
-    if header_tr:
-        return header_tr
-    raise InputError(f"{path}: no RepetitionTime in the JSON sidecar or the header")
+    def __init__(self, layout, extra: Mapping) -> None:
+        self._by_folder: dict[Path, list[tuple[dict[str, str], Path]]] = defaultdict(list)
+        query = {"desc": "brain", "suffix": "mask", "extension": _NIFTI, **extra}
+        for name in layout.get(return_type="filename", invalid_filters="allow", **query):
+            path = Path(name)
+            parsed = filename_entities(path.name)
+            if parsed is not None:
+                ents = {k: v for k, v in parsed[0].items() if k != "desc"}
+                self._by_folder[path.parent].append((ents, path))
+
+    def find(self, bold: Path) -> Path | None:
+        parsed = filename_entities(bold.name)
+        ents = {k: v for k, v in (parsed[0] if parsed else {}).items() if k != "desc"}
+        for folder in (bold.parent, *bold.parent.parents):
+            fits = [(-len(m), str(p), p) for m, p in self._by_folder.get(folder, ())
+                    if m.get("space") == ents.get("space") and inherits(m, ents)]
+            if fits:
+                mask = min(fits)[2]
+                check_readable(mask)
+                return mask
+        log.warning("%s: no brain mask found; every voxel inside the atlas is used", bold)
+        return None
