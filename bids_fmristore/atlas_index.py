@@ -9,7 +9,7 @@ read correctly (pybids issue 1270 concerns its stock configurations).
 
 A TemplateFlow cache holds thousands of files, so :class:`AtlasIndex` indexes only what the
 requested atlases can use: the ``tpl-*`` folders (and two folder levels below them, for
-``cohort-*/`` and a datatype folder) that hold a fetched file whose name contains
+``cohort-*/`` and a datatype folder) that hold a fetched ``_dseg`` image whose name contains
 ``atlas-<label>``, the BOLD space's folder first, and in them only the ``atlas-<label>``
 ``_dseg`` images and tables. Each folder is indexed at most once per invocation.
 """
@@ -37,6 +37,7 @@ __all__ = ["CONFIG_PATH", "AtlasIndex", "parse_name", "nearest_table"]
 #: pybids configuration of the atlas entities.
 CONFIG_PATH: Path = Path(__file__).parent / "data" / "atlas_config.json"
 _NIFTI = (".nii.gz", ".nii")
+_IMAGES = tuple(f"_dseg{ext}" for ext in _NIFTI)
 #: Folder levels indexed below a ``tpl-*`` folder (BEP038: ``[cohort-<label>/][<datatype>/]``).
 _DEPTH = 2
 
@@ -89,7 +90,7 @@ class AtlasIndex:
         Raises
         ------
         AtlasError
-            pybids cannot read the dataset's ``dataset_description.json``.
+            ``root`` cannot be listed, or pybids cannot read its ``dataset_description.json``.
         """
         folders = self._template_folders(root)
         if template is not None:
@@ -221,10 +222,6 @@ def folder_tables(folder: Path, label: str) -> dict[Path, list[Entry]]:
     return _by_folder(found)
 
 
-def _plain(entities: Mapping[str, object]) -> dict[str, str]:
-    return {k: str(v) for k, v in entities.items() if k not in ("suffix", "extension")}
-
-
 def _by_folder(found: list[Entry]) -> dict[Path, list[Entry]]:
     folders: dict[Path, list[Entry]] = {}
     for path, entities in sorted(found, key=lambda f: str(f[0])):
@@ -233,20 +230,23 @@ def _by_folder(found: list[Entry]) -> dict[Path, list[Entry]]:
 
 
 def _template_folders(root: Path, needles: tuple[str, ...]) -> list[str]:
-    """Names of ``root``'s ``tpl-*`` folders holding a non-empty file whose name contains one
-    of ``needles`` (at most ``_DEPTH`` levels down).
+    """Names of ``root``'s ``tpl-*`` folders holding a non-empty ``_dseg`` image whose name
+    contains one of ``needles`` (at most ``_DEPTH`` levels down).
 
     A substring test, not a parse: it only spares pybids the folders that cannot hold a usable
     requested atlas (TemplateFlow keeps files not fetched as empty files or broken links).
     """
     kept = []
-    with os.scandir(root) as entries:
-        folders = sorted(e.name for e in entries if e.name.startswith("tpl-") and e.is_dir())
+    try:
+        with os.scandir(root) as entries:
+            folders = sorted(e.name for e in entries if e.name.startswith("tpl-") and e.is_dir())
+    except OSError as err:
+        raise AtlasError(f"cannot read the atlas folder {root} ({err.strerror})") from None
     for name in folders:
         top = os.path.join(root, name)
         for here, dirs, files in os.walk(top):
             if any(_fetched(os.path.join(here, file)) for file in files
-                   if any(needle in file for needle in needles)):
+                   if file.endswith(_IMAGES) and any(needle in file for needle in needles)):
                 kept.append(name)
                 break
             depth = 0 if here == top else os.path.relpath(here, top).count(os.sep) + 1
