@@ -185,10 +185,7 @@ def find_atlas(
     mismatched = []
     other_descs: set[str] = set()
     for origin, root in sources:
-        found = index.images(root, request.name, space) if root.is_dir() else []
-        if not any(ents["tpl"] == space and request.desc in (None, ents.get("desc"))
-                   for _, ents in found) and root.is_dir():
-            found = index.images(root, request.name)  # all templates, to say which exist
+        found = _images(index, root, request, space)
         if request.desc is not None:
             other_descs |= {ents.get("desc", "(none)") for _, ents in found} - {request.desc}
             found = [(path, ents) for path, ents in found if ents.get("desc") == request.desc]
@@ -257,6 +254,20 @@ def publish_atlas(candidates: AtlasCandidates, chosen: Path, output_dir: Path, s
     _install(root / f"atlas-{candidates.label}_description.json",
              _description(candidates, chosen, space), overwrite and fresh, keep=True)
     return f"{stem}{ext}"
+
+
+def _images(index: AtlasIndex, root: Path, request: AtlasRequest,
+            space: str) -> list[tuple[Path, dict[str, str]]]:
+    """The request's images in ``root``: those of its ``tpl-<space>`` folder when one of them
+    fits (the usual case, and cheap to index), else those of every template folder (to use
+    or name them)."""
+    if not root.is_dir():
+        return []
+    found = index.images(root, request.name, space)
+    if any(ents["tpl"] == space and request.desc in (None, ents.get("desc"))
+           for _, ents in found):
+        return found
+    return index.images(root, request.name)
 
 
 def _candidates(request: AtlasRequest, origin: str, root: Path,
