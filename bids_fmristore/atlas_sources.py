@@ -8,8 +8,9 @@
     (a plain NIfTI cannot say), which is also the ``tpl-`` of its published copy.
 ``LABEL`` or ``LABEL:desc-DESC``
     The ``atlas-LABEL`` files of an atlas dataset given with ``-d NAME=PATH`` (BIDS 1.11 atlas
-    layout, ``tpl-<tpl>/[<folder>/]tpl-<tpl>[_res-<r>][_desc-<d>]_atlas-<label>_dseg.nii.gz``,
-    entities in any order), else of a local TemplateFlow cache. Nothing is ever downloaded.
+    layout, ``tpl-<tpl>/[cohort-<c>/][<folder>/]tpl-<tpl>[_res-<r>][_desc-<d>]_atlas-<label>_dseg
+    .nii.gz``, entities in any order), else of a local TemplateFlow cache. Nothing is ever
+    downloaded. Both are indexed with pybids (:mod:`bids_fmristore.atlas_index`).
 
 :func:`find_atlas` searches the file, then each ``-d`` dataset in order, then the TemplateFlow
 cache, and prefers a source whose template is the BOLD space. :meth:`AtlasCandidates.pick`
@@ -37,11 +38,12 @@ import numpy as np
 
 from bids_fmristore import __version__
 from bids_fmristore.atlas import Atlas, load_atlas, table_path_for
+from bids_fmristore.atlas_index import AtlasIndex, folder_tables, nearest_table, parse_name
 from bids_fmristore.errors import AtlasError
 from bids_fmristore.formats.atomic import atomic_path
 
-__all__ = ["AtlasCatalog", "AtlasRequest", "AtlasFile", "AtlasCandidates", "parse_atlas_arg",
-           "find_atlas",
+__all__ = ["AtlasCatalog", "AtlasRequest", "AtlasFile", "AtlasCandidates", "AtlasIndex",
+           "parse_atlas_arg", "find_atlas",
            "publish_atlas", "default_templateflow_home", "ALLOW_MISMATCH_FLAG", "ATLASES_DIR"]
 
 log = logging.getLogger(__name__)
@@ -51,8 +53,6 @@ ALLOW_MISMATCH_FLAG = "--allow-atlas-space-mismatch"
 #: Folder of OUTPUT_DIR holding the atlases used (the ``atlases`` of ``bids:atlases:...``).
 ATLASES_DIR = "atlases"
 _LABEL = re.compile(r"[A-Za-z0-9]+")
-_PAIR = re.compile(r"([A-Za-z]+)-([A-Za-z0-9+]+)")
-_NIFTI = (".nii.gz", ".nii")
 _TEMPLATEFLOW = "templateflow"
 
 
@@ -153,6 +153,7 @@ def find_atlas(
     datasets: Mapping[str, Path],
     templateflow_home: Path | None,
     allow_space_mismatch: bool = False,
+    index: AtlasIndex | None = None,
 ) -> AtlasCandidates:
     """Locate the atlas of ``request`` for BOLD runs in template ``space``.
 
@@ -164,6 +165,9 @@ def find_atlas(
         A TemplateFlow cache to search last (only files already there); None to skip it.
     allow_space_mismatch
         Use an atlas of another template with a warning instead of an error.
+    index
+        The pybids indexes to search, shared by the requests of one invocation (built on first
+        use); a new one for this request when None or not made for its label.
 
     Raises
     ------
@@ -173,26 +177,28 @@ def find_atlas(
     """
     if request.path is not None:
         return _file_candidates(request, space, allow_space_mismatch)
+    if index is None or request.name not in index.labels:
+        index = AtlasIndex([request.name])
     sources = [(name, Path(root)) for name, root in datasets.items()]
     if templateflow_home is not None:
         sources.append((_TEMPLATEFLOW, Path(templateflow_home)))
     mismatched = []
     other_descs: set[str] = set()
     for origin, root in sources:
-        found = _scan(root, request.name) if root.is_dir() else []
+        found = _images(index, root, request, space)
         if request.desc is not None:
             other_descs |= {ents.get("desc", "(none)") for _, ents in found} - {request.desc}
             found = [(path, ents) for path, ents in found if ents.get("desc") == request.desc]
         matching = [(path, ents) for path, ents in found if ents["tpl"] == space]
         if matching:
-            return _candidates(request, origin, root, matching)
+            return _candidates(request, origin, root, matching, index)
         if found:
             mismatched.append((origin, root, found))
     if mismatched:  # prefer a right-template atlas from any source, else the first one found
         origin, root, found = mismatched[0]
         _mismatch(f"atlas {request.name} in {_where(origin, root)}",
                   sorted({ents["tpl"] for _, ents in found}), space, allow_space_mismatch)
-        return _candidates(request, origin, root, found)
+        return _candidates(request, origin, root, found, index)
     wanted = request.name + (f" with desc-{request.desc}" if request.desc else "")
     places = "; ".join(_where(o, r, missing=not r.is_dir()) for o, r in sources)
     hint = f" (desc found: {', '.join(sorted(other_descs))})" if other_descs else ""
@@ -250,41 +256,22 @@ def publish_atlas(candidates: AtlasCandidates, chosen: Path, output_dir: Path, s
     return f"{stem}{ext}"
 
 
-def _split_name(filename: str) -> tuple[dict[str, str], str, str] | None:
-    """BIDS-like file name → (entities, suffix, extension); None when it is not one."""
-    ext = next((e for e in (*_NIFTI, ".tsv", ".json") if filename.endswith(e)), None)
-    if ext is None:
-        return None
-    *pairs, suffix = filename[: -len(ext)].split("_")
-    entities: dict[str, str] = {}
-    for pair in pairs:
-        match = _PAIR.fullmatch(pair)
-        if not match or match[1] in entities:
-            return None
-        entities[match[1]] = match[2]
-    return (entities, suffix, ext) if _LABEL.fullmatch(suffix) else None
-
-
-def _scan(root: Path, label: str) -> list[tuple[Path, dict[str, str]]]:
-    """``atlas-<label>`` dseg images under ``root/tpl-*/`` and one folder deeper."""
-    found = []
-    for tpl_dir in sorted(p for p in root.glob("tpl-*") if p.is_dir()):
-        pattern = f"*atlas-{label}*_dseg.nii*"
-        for image in [*sorted(tpl_dir.glob(pattern)), *sorted(tpl_dir.glob(f"*/{pattern}"))]:
-            parsed = _split_name(image.name)
-            if parsed is None or parsed[1] != "dseg" or parsed[2] not in _NIFTI:
-                continue
-            entities = parsed[0]
-            # A TemplateFlow file not fetched yet is a broken annex link or an empty file.
-            if entities.get("atlas") != label or not image.is_file() or not image.stat().st_size:
-                continue
-            entities.setdefault("tpl", tpl_dir.name[len("tpl-"):])
-            found.append((image, entities))
-    return found
+def _images(index: AtlasIndex, root: Path, request: AtlasRequest,
+            space: str) -> list[tuple[Path, dict[str, str]]]:
+    """The request's images in ``root``: those of its ``tpl-<space>`` folder when one of them
+    fits (the usual case, and cheap to index), else those of every template folder (to use
+    or name them)."""
+    if not root.is_dir():
+        return []
+    found = index.images(root, request.name, space)
+    if any(ents["tpl"] == space and request.desc in (None, ents.get("desc"))
+           for _, ents in found):
+        return found
+    return index.images(root, request.name)
 
 
 def _candidates(request: AtlasRequest, origin: str, root: Path,
-                found: list[tuple[Path, dict[str, str]]]) -> AtlasCandidates:
+                found: list[tuple[Path, dict[str, str]]], index: AtlasIndex) -> AtlasCandidates:
     variants: dict[tuple, list[tuple[Path, dict[str, str]]]] = {}
     for path, ents in found:
         key = tuple(sorted((k, v) for k, v in ents.items() if k not in ("res", "atlas")))
@@ -295,26 +282,39 @@ def _candidates(request: AtlasRequest, origin: str, root: Path,
         raise AtlasError(f"atlas {request.name} in {_where(origin, root)} has several variants: "
                          f"{', '.join(names)}; choose one with --atlas {request.name}:desc-DESC")
     (chosen,) = variants.values()
+    tables = index.tables(root, request.name)
     by_res: dict[str | None, AtlasFile] = {}
     for path, ents in chosen:  # on duplicates the first (shallowest, .nii.gz) is kept
-        by_res.setdefault(ents.get("res"),
-                          AtlasFile(ents.get("res"), path, _find_table(path, ents, root)))
+        by_res.setdefault(ents.get("res"), AtlasFile(ents.get("res"), path,
+                                                     nearest_table(path, ents, root, tables)))
     ents = chosen[0][1]
     description = root / f"atlas-{request.name}_description.json"
+    if description.is_file():
+        _check_description(request.name, description)
     return AtlasCandidates(request.name, ents["tpl"], ents.get("desc"), origin, root,
                            tuple(by_res.values()), description if description.is_file() else None)
+
+
+def _check_description(label: str, path: Path) -> None:
+    """Refuse a description that would be copied into OUTPUT_DIR/atlases unreadable."""
+    try:
+        content = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+        raise AtlasError(f"atlas {label}: {path} is not valid JSON ({err})") from None
+    if not isinstance(content, dict):
+        raise AtlasError(f"atlas {label}: {path} is not a JSON object")
 
 
 def _file_candidates(request: AtlasRequest, space: str, allow: bool) -> AtlasCandidates:
     path = Path(request.path)
     if not path.is_file():
         raise AtlasError(f"atlas {request.name}: {path} does not exist")
-    parsed = _split_name(path.name)
-    ents = parsed[0] if parsed else {}
+    ents, _, _ = parse_name(path.name)
     template = ents.get("tpl")
     if template is not None and template != space:
         _mismatch(f"atlas {request.name} ({path.name})", [template], space, allow)
-    file = AtlasFile(ents.get("res"), path, _find_table(path, ents, path.parent))
+    tables = folder_tables(path.parent, ents["atlas"]) if "atlas" in ents else {}
+    file = AtlasFile(ents.get("res"), path, nearest_table(path, ents, path.parent, tables))
     return AtlasCandidates(request.name, template, ents.get("desc"), "file", None, (file,))
 
 
@@ -329,29 +329,6 @@ def _mismatch(what: str, templates: list[str], space: str, allow: bool) -> None:
                          f"the BOLD space {space}")
     log.warning("%s is in template %s but the BOLD runs are in space %s; using it anyway "
                 "(%s)", what, templates[0], space, ALLOW_MISMATCH_FLAG)
-
-
-def _find_table(image: Path, entities: Mapping[str, str], top: Path) -> Path:
-    """The image's label table: its same-named ``.tsv``, else the most specific ``_dseg.tsv``
-    whose entities are a subset of the image's (BIDS inheritance: TemplateFlow has one table
-    without ``res-`` for all resolutions), from the image's folder up to ``top``."""
-    sibling = table_path_for(image)
-    if sibling.is_file() or "atlas" not in entities:
-        return sibling
-    folder = image.parent
-    while True:
-        best: tuple[int, Path] | None = None
-        for tsv in sorted(folder.glob("*_dseg.tsv")):
-            parsed = _split_name(tsv.name)
-            if parsed and parsed[0].get("atlas") == entities["atlas"] and \
-                    parsed[0].items() <= entities.items():
-                if best is None or len(parsed[0]) > best[0]:
-                    best = (len(parsed[0]), tsv)
-        if best is not None:
-            return best[1]
-        if folder == top or top not in folder.parents:
-            return sibling  # absent: load_atlas names it in its error
-        folder = folder.parent
 
 
 def _normalized_table(data: bytes) -> bytes:
@@ -458,9 +435,11 @@ class AtlasCatalog:
             raise AtlasError(f"atlas names must be unique (they name the outputs): "
                              f"{', '.join(names)}")
         self.space, self.output_dir, self.overwrite = space, output_dir, overwrite
+        # one index of each source for all requests: TemplateFlow caches are large
+        index = AtlasIndex(r.name for r in requests if r.path is None)
         self._found = [
             (r, find_atlas(r, space=space, datasets=datasets, templateflow_home=templateflow_home,
-                           allow_space_mismatch=allow_space_mismatch))
+                           allow_space_mismatch=allow_space_mismatch, index=index))
             for r in requests
         ]
         self._loaded: dict[tuple[str, Path], Atlas] = {}

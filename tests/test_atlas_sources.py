@@ -313,3 +313,141 @@ def test_publish_checks_before_copying(tmp_path, masters):
     with pytest.raises(AtlasError) as err:
         publish_atlas(found, found.files[0].image, tmp_path / "out", SPACE)
     assert f"of {TF_STEM}.nii.gz are not in {table.name}" in str(err.value)
+
+
+def _tf_layout(home: Path, masters, template=SPACE) -> Path:
+    """A TemplateFlow-like cache holding Demo (res-02, table without res-) in ``template``."""
+    return make_templateflow(home, masters, template=template)
+
+
+@pytest.mark.parametrize("parent", ["anat", "perf", f"tpl-{OTHER}_res-9_desc-bad_atlas-Demo"])
+def test_entities_come_from_file_names_only(tmp_path, masters, parent):
+    # pybids issue 1270: its stock patterns also match folders above the dataset
+    base = tmp_path / parent
+    ds = make_dataset(base / "atl", masters, {
+        f"tpl-{SPACE}_res-2_atlas-Demo_dseg.nii.gz": 2}, deep=True)
+    home = _tf_layout(base / "templateflow", masters)
+    plain = place(masters[2], base / "mine" / "atlas-Demo_dseg.nii.gz")
+    from_ds = find_atlas(AtlasRequest("Demo"), space=SPACE, datasets={"atl": ds},
+                         templateflow_home=None)
+    assert (from_ds.template, from_ds.desc, [f.res for f in from_ds.files]) == (SPACE, None, ["2"])
+    assert from_ds.files[0].table == table_path_for(from_ds.files[0].image)
+    from_tf = find_atlas(AtlasRequest("Demo"), space=SPACE, datasets={}, templateflow_home=home)
+    assert (from_tf.template, from_tf.desc, [f.res for f in from_tf.files]) == (
+        SPACE, "100Parcels", ["02"])
+    assert from_tf.files[0].table.name == f"tpl-{SPACE}_atlas-Demo_desc-100Parcels_dseg.tsv"
+    from_file = find_atlas(AtlasRequest("Demo", plain), space=SPACE, datasets={},
+                           templateflow_home=None)
+    assert (from_file.template, from_file.desc, from_file.files[0].res) == (None, None, None)
+
+
+def test_malformed_files_fail_only_the_atlas_that_needs_them(tmp_path, masters):
+    ds = make_dataset(tmp_path / "atl", masters, {
+        f"tpl-{SPACE}_atlas-Demo_dseg.nii.gz": 2, f"tpl-{SPACE}_atlas-Other_dseg.nii.gz": 2})
+    folder = ds / f"tpl-{SPACE}"
+    (ds / "dataset_description.json").write_bytes(b"")  # invalid JSON: pybids tolerates it
+    (folder / f"tpl-{SPACE}_atlas-Demo_dseg.json").write_bytes(b"{")
+    (folder / f"tpl-{SPACE}_atlas-Other_dseg.tsv").write_bytes(b"\xff\xfe\x00index")
+    (ds / "atlas-Other_description.json").write_bytes(b"{not json")
+    (ds / "README").write_text("atlases\n")
+    (ds / "code").mkdir()
+    (ds / "code" / "x_dseg.nii.gz").write_bytes(b"\x00")
+    kwargs = {"space": SPACE, "datasets": {"atl": ds}, "templateflow_home": None}
+    found, _, rel, atlas = resolve(AtlasRequest("Demo"), tmp_path, "out", **kwargs)
+    assert found.origin == "atl" and atlas.table.shape[0] > 10
+    with pytest.raises(AtlasError) as err:
+        find_atlas(AtlasRequest("Other"), **kwargs)
+    message = str(err.value)
+    assert str(ds / "atlas-Other_description.json") in message and "\n" not in message
+    (ds / "atlas-Other_description.json").write_text('["a list"]')
+    with pytest.raises(AtlasError, match="is not a JSON object"):
+        find_atlas(AtlasRequest("Other"), **kwargs)
+    (ds / "atlas-Other_description.json").unlink()
+    other = find_atlas(AtlasRequest("Other"), **kwargs)
+    with pytest.raises(AtlasError) as err:
+        publish_atlas(other, other.files[0].image, tmp_path / "out", SPACE)
+    message = str(err.value)
+    assert f"cannot read {folder / f'tpl-{SPACE}_atlas-Other_dseg.tsv'}" in message
+    assert "\n" not in message
+    assert (tmp_path / "out" / "atlases" / rel).is_file()  # Demo's copy untouched
+
+
+@pytest.mark.parametrize("content, readable", [
+    (["not", "an object"], False),
+    ({"DatasetType": "derivative", "GeneratedBy": {"Name": "x"}}, False),
+    ({"DatasetType": "derivative", "PipelineDescription": {"Name": "old"}}, True),
+    ({"DatasetType": "derivative"}, True),
+])
+def test_dataset_description_pybids_cannot_read(tmp_path, masters, content, readable):
+    ds = make_dataset(tmp_path / "atl", masters, {f"tpl-{SPACE}_atlas-Demo_dseg.nii.gz": 2})
+    write_json(ds / "dataset_description.json", content)
+    kwargs = {"space": SPACE, "datasets": {"atl": ds}, "templateflow_home": None}
+    if readable:  # an old-style description: no warning escapes (pytest makes them errors)
+        assert find_atlas(AtlasRequest("Demo"), **kwargs).origin == "atl"
+    else:
+        with pytest.raises(AtlasError) as err:
+            find_atlas(AtlasRequest("Demo"), **kwargs)
+        message = str(err.value)
+        assert message.startswith(f"{ds / 'dataset_description.json'}: pybids cannot read")
+        assert "\n" not in message
+    # a dataset without the atlas asked for is not indexed at all
+    with pytest.raises(AtlasError, match="atlas Absent not found"):
+        find_atlas(AtlasRequest("Absent"), **kwargs)
+
+
+def test_templateflow_cache_indexes_only_what_is_asked(tmp_path, masters, monkeypatch):
+    from bids_fmristore import atlas_index
+    from bids_fmristore.atlas_sources import AtlasCatalog, AtlasIndex
+
+    home = _tf_layout(tmp_path / "tf", masters)
+    place(masters[1], home / f"tpl-{SPACE}" / f"tpl-{SPACE}_res-01_atlas-Two_dseg.nii.gz")
+    for template in (SPACE, OTHER, "Third"):
+        folder = home / f"tpl-{template}"
+        (folder / "cohort-1").mkdir(parents=True, exist_ok=True)
+        for name in ("template_description.json", f"tpl-{template}_res-01_T1w.nii.gz",
+                     f"tpl-{template}_res-01_label-GM_probseg.nii.gz",
+                     f"tpl-{template}_res-01_atlas-Schaefer2018_desc-100Parcels_dseg.nii.gz",
+                     f"tpl-{template}_atlas-Schaefer2018_desc-100Parcels_dseg.tsv",
+                     f"tpl-{template}_res-01_atlas-Demo_probseg.nii.gz",
+                     f"tpl-{template}_from-X_to-{template}_mode-image_xfm.h5",
+                     f"cohort-1/tpl-{template}_cohort-1_res-01_T1w.nii.gz"):
+            (folder / name).write_bytes(b"\x00")
+    # not fetched: an empty file and a broken annex link
+    (home / f"tpl-{OTHER}" / f"tpl-{OTHER}_res-02_atlas-Demo_dseg.nii.gz").write_bytes(b"")
+    (home / f"tpl-{OTHER}" / f"tpl-{OTHER}_res-01_atlas-Demo_dseg.nii.gz").symlink_to(
+        tmp_path / "annex" / "missing")
+
+    index = AtlasIndex(["Demo"])
+    images = index.images(home, "Demo", SPACE)
+    demo = [home / f"tpl-{SPACE}" / f"{TF_STEM}.nii.gz",
+            home / f"tpl-{SPACE}" / f"tpl-{SPACE}_atlas-Demo_desc-100Parcels_dseg.tsv"]
+    assert [path for path, _ in images] == demo[:1]
+    assert index.indexed(home) == sorted(demo)
+    assert index.images(home, "Demo") == images  # no other template has Demo fetched
+    assert index.indexed(home) == sorted(demo)
+
+    built = []
+    real = atlas_index.BIDSLayout
+    monkeypatch.setattr(atlas_index, "BIDSLayout", lambda *a, **k: built.append(a) or real(*a, **k))
+    catalog = AtlasCatalog([AtlasRequest("Demo"), AtlasRequest("Two")], space=SPACE, datasets={},
+                           output_dir=tmp_path / "out", templateflow_home=home)
+    assert [c.files[0].image.name for _, c in catalog._found] == [
+        f"{TF_STEM}.nii.gz", f"tpl-{SPACE}_res-01_atlas-Two_dseg.nii.gz"]
+    assert len(built) == 1  # one index of the cache for both atlases
+    assert not (tmp_path / "out").exists()
+
+
+def test_cohort_folders_root_tables_and_duplicates(tmp_path, masters):
+    root = make_dataset(tmp_path / "atl", masters, {})
+    deep = root / f"tpl-{SPACE}" / "cohort-1" / "anat"
+    stem = f"tpl-{SPACE}_cohort-1_res-2_atlas-Demo_dseg"
+    place(masters[2], deep / f"{stem}.nii.gz", table=root / "atlas-Demo_dseg.tsv")
+    shutil.copyfile(masters[1], deep / f"{stem}.nii")  # same name uncompressed: not used
+    place(masters[1], deep / "too" / f"tpl-{SPACE}_res-1_atlas-Demo_dseg.nii.gz")  # too deep
+    found = find_atlas(AtlasRequest("Demo"), space=SPACE, datasets={"atl": root},
+                       templateflow_home=None)
+    assert found.files == (type(found.files[0])("2", deep / f"{stem}.nii.gz",
+                                                 root / "atlas-Demo_dseg.tsv"),)
+    assert found.template == SPACE
+    rel = publish_atlas(found, found.files[0].image, tmp_path / "out", SPACE)
+    assert rel == f"tpl-{SPACE}/tpl-{SPACE}_res-2_atlas-Demo_dseg.nii.gz"

@@ -132,3 +132,31 @@ def test_pybids_indexes_outputs_and_atlases(dataset):
     _, sidecar = summary(tmp_path)
     rel = sidecar["Atlas"]["File"].split(":", 2)[2]
     assert (Path(desc["DatasetLinks"]["atlases"]) / rel).resolve() == Path(dseg[0].path).resolve()
+
+
+def test_atlas_sources_under_anat_and_perf_folders(dataset, monkeypatch, capsys):
+    # pybids issue 1270: folders named like datatypes above a dataset must not change its names
+    tmp_path, atlas = dataset
+    assert run(tmp_path, "--atlas", f"Blocks={atlas}", out="file") == 0
+    ds = bep038(tmp_path / "perf" / "atlasds", atlas)
+    (ds / f"tpl-{SPACE}" / f"tpl-{SPACE}_atlas-Other_dseg.tsv").write_bytes(b"\xff\x00")
+    tf = bep038(tmp_path / "anat" / "templateflow", atlas, res="02")
+    (tf / "dataset_description.json").unlink()
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tf))
+    assert run(tmp_path, "-d", f"myatlases={ds}", "--atlas", "Blocks", out="bep038") == 0
+    assert run(tmp_path, "--atlas", "Blocks", out="tf") == 0
+    ref, _ = summary(tmp_path, "file")
+    for out, res in (("bep038", "01"), ("tf", "02")):
+        got, sidecar = summary(tmp_path, out)
+        assert got.equals(ref)
+        assert sidecar["Atlas"]["File"] == (
+            f"bids:atlases:tpl-{SPACE}/tpl-{SPACE}_res-{res}_atlas-Blocks_dseg.nii.gz")
+
+    write_json(ds / "dataset_description.json", {"DatasetType": "derivative",
+                                                  "GeneratedBy": {"Name": "x"}})
+    capsys.readouterr()
+    assert run(tmp_path, "-d", f"myatlases={ds}", "--atlas", "Blocks", out="bad") == 4
+    err = capsys.readouterr().err.strip()
+    assert str(ds / "dataset_description.json") in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
