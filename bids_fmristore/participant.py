@@ -26,7 +26,7 @@ from bids_fmristore import __version__
 from bids_fmristore.atlas import Atlas, labels_on_grid, resample_nearest, same_grid
 from bids_fmristore.derivatives import output_path, scan_names, write_json
 from bids_fmristore.discovery import BoldRun
-from bids_fmristore.errors import InputError, UserError
+from bids_fmristore.errors import InputError, RunError, UserError
 from bids_fmristore.formats.header import Geometry, mask_order
 from bids_fmristore.formats.multiscan import ClusterLayout, MultiScanWriter
 from bids_fmristore.nifti_stream import NiftiInfo, read_info
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 #: What a damaged or truncated BOLD file raises while being read.
 RUN_READ_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
+    RunError, OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
 try:
     from isal.isal_zlib import error as _isal_error
 
@@ -157,7 +157,7 @@ def plan_jobs(
     groups: dict[tuple, list[tuple[BoldRun, NiftiInfo]]] = defaultdict(list)
     for run in runs:
         try:
-            info = read_info(run.path)
+            info = read_info(run.path, want_4d=True)
         except RUN_READ_ERRORS as err:
             problems.append(f"{run.path}: cannot read NIfTI header ({err})")
             continue
