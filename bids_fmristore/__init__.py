@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+from bids_fmristore.errors import FormatError
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "open"]
+__all__ = ["__version__", "open", "FormatError"]
 
 
 def open(path):  # noqa: A001 - mirrors nibabel.load / h5py.File naming
@@ -18,6 +20,15 @@ def open(path):  # noqa: A001 - mirrors nibabel.load / h5py.File naming
 
     Returns a reader object (``ParcellatedMultiScan``, ``LabeledVolumeSet``, ``H5NeuroVec`` or
     ``H5NeuroVol``) chosen as fmristore's ``read_dataset()`` would; use it as a context manager.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    FormatError
+        If the file is not HDF5, is truncated, is of another layout or lacks what its layout
+        needs (also raised later by the readers' accessors); ``str(err)`` is one line naming
+        the file and the problem.
     """
     from bids_fmristore.formats.detect import open as _open
 

@@ -36,7 +36,7 @@ import pandas as pd
 
 from bids_fmristore import __version__
 from bids_fmristore.atlas import same_grid
-from bids_fmristore.errors import InputError, UsageError
+from bids_fmristore.errors import InputError, RunError, UsageError
 from bids_fmristore.formats.atomic import PARTIAL_MARK
 from bids_fmristore.formats.labeled import sanitize_label, write_labeled
 from bids_fmristore.nifti_stream import NiftiInfo, iter_volumes, read_info
@@ -290,7 +290,7 @@ def _read_volume(info: NiftiInfo, where: str) -> np.ndarray:
     try:
         for _, block in iter_volumes(info, 1, read_ahead=False):
             volume = block[0]
-    except (OSError, EOFError, ValueError) as err:  # zlib errors are OSError subclasses
+    except (OSError, EOFError, ValueError, RunError) as err:  # zlib errors are OSErrors
         raise InputError(f"{where}: cannot read data ({err})") from None
     if info.scaled:
         volume = volume * info.slope + info.inter

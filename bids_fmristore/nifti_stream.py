@@ -12,12 +12,15 @@ from __future__ import annotations
 import gzip
 import queue
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from bids_fmristore.errors import RunError
 
 __all__ = ["NiftiInfo", "read_info", "iter_volumes"]
 
@@ -28,6 +31,15 @@ except ImportError:  # pragma: no cover - isal is a dependency; these keep odd p
         from zlib_ng import gzip_ng as _gzip
     except ImportError:
         _gzip = gzip
+
+#: What a damaged or truncated gzip stream raises while it is decompressed.
+_STREAM_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error)
+try:
+    from isal.isal_zlib import error as _isal_error
+
+    _STREAM_ERRORS += (_isal_error,)
+except ImportError:  # pragma: no cover
+    pass
 
 
 @dataclass(frozen=True)
@@ -65,37 +77,173 @@ class NiftiInfo:
         return self.path.name.endswith(".gz")
 
 
-def read_info(path: str | Path) -> NiftiInfo:
-    """Parse the header of a NIfTI-1/2 file (``.nii`` or ``.nii.gz``).
+def read_info(path: str | Path, *, want_4d: bool = False) -> NiftiInfo:
+    """Parse and check the header of a NIfTI-1/2 file (``.nii`` or ``.nii.gz``).
+
+    Nothing in the header is trusted before it is checked against the file: the bytes it
+    announces (``vox_offset + prod(shape) * itemsize``) must fit in a ``.nii``; for a
+    ``.nii.gz`` they must agree with the gzip trailer (ISIZE, the uncompressed size mod 2**32)
+    and be reachable from the compressed size at deflate's maximum ratio. A trailer that
+    disagrees (a truncated file, or a multi-member gzip whose trailer covers its last member
+    only) is settled by decompressing the file once, without keeping the data.
+
+    Parameters
+    ----------
+    path : path-like
+    want_4d : bool
+        Reject 3-D images (a BOLD series must be 4-D; a 4-D image of one volume is accepted).
 
     Raises
     ------
-    ValueError
-        If the file is not a single-file NIfTI image, or has more than 4 dimensions.
+    RunError
+        With one line naming the file: not a single-file NIfTI image, truncated or damaged,
+        non-positive or more than 4 dimensions, 3-D with ``want_4d``, an unsupported data
+        type (complex, RGB), a non-finite affine, or fewer bytes than the header announces.
     """
     path = Path(path)
-    img = nib.load(path)
-    if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass; pairs are not
-        raise ValueError(f"{path}: not a single-file NIfTI image")
+    size = _file_size(path)
+    img = _load(path, size)
     # The proxy describes the bytes on disk; img.header is a copy whose vox_offset may be reset.
     proxy = img.dataobj
     shape = tuple(int(v) for v in proxy.shape)
+    text = "x".join(map(str, shape))
+    if any(v <= 0 for v in shape):
+        raise RunError(f"{path}: header has non-positive dimensions {text}")
+    while len(shape) > 4 and shape[-1] == 1:  # same bytes as the 4-D image
+        shape = shape[:-1]
+    if len(shape) not in (3, 4):
+        raise RunError(f"{path} is {len(shape)}-D ({text}); expected a 3-D or 4-D image")
     if len(shape) == 3:
+        if want_4d:
+            raise RunError(f"{path} is 3-D ({text}); expected a 4-D BOLD series")
         shape = (*shape, 1)
-    if len(shape) != 4:
-        raise ValueError(f"{path}: expected a 3-D or 4-D image, not shape {shape}")
+    dtype = np.dtype(proxy.dtype)
+    if dtype.kind not in "iuf":
+        raise RunError(f"{path}: data type {_dtype_name(dtype)} is not supported "
+                       "(integers or floating point only)")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise RunError(f"{path}: the header's affine is not finite")
+    offset = int(proxy.offset)
+    _check_size(path, size, offset, shape, dtype)
     slope, inter = float(proxy.slope), float(proxy.inter)
     if not np.isfinite(slope) or slope == 0:  # NIfTI: slope 0 or NaN means "no scaling"
         slope, inter = 1.0, 0.0
     return NiftiInfo(
         path=path,
         shape=shape,  # type: ignore[arg-type]
-        affine=img.affine.copy(),
-        dtype=np.dtype(proxy.dtype),
-        offset=int(proxy.offset),
+        affine=affine.copy(),
+        dtype=dtype,
+        offset=offset,
         slope=slope,
         inter=inter if np.isfinite(inter) else 0.0,
     )
+
+
+#: Deflate cannot compress more than 1032:1 (258-byte matches coded in at least 2 bits).
+_MAX_DEFLATE_RATIO = 1032
+_GZIP_MAGIC = b"\x1f\x8b"
+#: Smallest gzip member: 10-byte header, an empty deflate block, 8-byte trailer.
+_GZIP_MIN = 20
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        raise RunError(f"{path}: no such file") from None
+    except OSError as err:
+        raise RunError(f"{path}: cannot read it ({err.strerror or err})") from None
+
+
+def _load(path: Path, size: int) -> nib.Nifti1Image:
+    """nibabel's header parse, its many exception types turned into one line."""
+    if size == 0:
+        raise RunError(f"{path}: empty file")
+    if path.name.endswith(".gz"):
+        with _open_raw(path) as raw:
+            magic = raw.read(2)
+        if magic != _GZIP_MAGIC or size < _GZIP_MIN:
+            raise RunError(f"{path}: not a gzip file (named .gz), or truncated")
+    try:
+        img = nib.load(path)
+    except nib.filebasedimages.ImageFileError:
+        raise RunError(f"{path}: not a NIfTI image, or its header is truncated") from None
+    except Exception as err:  # nibabel raises many types for damaged headers
+        raise RunError(f"{path}: unreadable NIfTI header ({_reason(err, path)})") from None
+    if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass; pairs are not
+        raise RunError(f"{path}: not a single-file NIfTI image")
+    return img
+
+
+def _open_raw(path: Path):
+    try:
+        return open(path, "rb")
+    except OSError as err:
+        raise RunError(f"{path}: cannot read it ({err.strerror or err})") from None
+
+
+def _check_size(path: Path, size: int, offset: int, shape: tuple, dtype: np.dtype) -> None:
+    """The bytes the header announces must be in the file (see :func:`read_info`)."""
+    needed = offset + int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if not path.name.endswith(".gz"):
+        if size < needed:
+            raise RunError(f"{path}: {_promise(shape, dtype, needed)} but the file holds "
+                           f"{_bytes(size)}")
+        return
+    if needed > _MAX_DEFLATE_RATIO * size:
+        raise RunError(f"{path}: {_promise(shape, dtype, needed)} but the file holds "
+                       f"{_bytes(size)} compressed (at most {_bytes(_MAX_DEFLATE_RATIO * size)})")
+    with _open_raw(path) as raw:
+        raw.seek(-4, 2)
+        isize = int.from_bytes(raw.read(4), "little")
+    if isize == needed % 2**32:
+        return
+    got = _decompressed_size(path, needed)
+    if got < needed:
+        raise RunError(f"{path}: truncated or damaged: {_promise(shape, dtype, needed)} but "
+                       f"the data end after {_bytes(got)}")
+
+
+def _decompressed_size(path: Path, limit: int) -> int:
+    """Bytes the gzip stream yields, up to ``limit``; RunError if the stream is damaged."""
+    buffer = bytearray(_READ_BYTES)
+    total = 0
+    try:
+        with _gzip.open(path, "rb") as stream:
+            while total < limit and (n := stream.readinto(buffer)):
+                total += n
+    except _STREAM_ERRORS as err:
+        raise RunError(f"{path}: truncated or damaged: {_reason(err, path)}") from None
+    return total
+
+
+def _promise(shape: tuple, dtype: np.dtype, needed: int) -> str:
+    return f"header promises {'x'.join(map(str, shape))} {_dtype_name(dtype)} ({_bytes(needed)})"
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    if dtype.names:
+        return "RGB" if len(dtype.names) == 3 else "RGBA" if len(dtype.names) == 4 else "record"
+    return dtype.newbyteorder("=").name
+
+
+def _bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.3g} {unit}"
+        value /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def _reason(err: BaseException, path: Path) -> str:
+    """An exception's text without a repeated path (many libraries put it in)."""
+    text = str(err) or type(err).__name__
+    for name in (str(path), path.name):
+        text = text.replace(f'"{name}"', "the file").replace(f"'{name}'", "the file")
+        text = text.replace(name, "the file")
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
 
 
 def iter_volumes(
@@ -109,14 +257,20 @@ def iter_volumes(
 
     Raises
     ------
-    EOFError
-        If the file holds fewer bytes than its header announces.
+    RunError
+        ``"<path>: truncated or damaged: ..."`` if the data cannot be read to the end (a
+        ``.nii.gz`` whose stream breaks off or fails its checks, a file shortened since
+        :func:`read_info`).
     """
     n_t = info.shape[3]
     per_chunk = max(1, min(per_chunk, n_t))
     if not info.gzipped:
-        data = np.memmap(info.path, dtype=info.dtype, mode="r", offset=info.offset,
-                         shape=(n_t, info.n_vox))
+        try:
+            data = np.memmap(info.path, dtype=info.dtype, mode="r", offset=info.offset,
+                             shape=(n_t, info.n_vox))
+        except (OSError, ValueError) as err:  # ValueError: shorter than the mapped length
+            raise RunError(f"{info.path}: truncated or damaged: {_reason(err, info.path)}"
+                           ) from None
         for t0 in range(0, n_t, per_chunk):
             yield t0, np.asarray(data[t0 : t0 + per_chunk])
         return
@@ -163,25 +317,28 @@ def _read_gz(info: NiftiInfo, per_chunk: int, get_buffer) -> Iterator[tuple[int,
     """Decompress blocks in order, each into the buffer ``get_buffer()`` returns."""
     n_t = info.shape[3]
     vol_bytes = info.n_vox * info.dtype.itemsize
-    with _gzip.open(info.path, "rb") as stream:
-        _skip(stream, info.offset, info.path)
-        for t0 in range(0, n_t, per_chunk):
-            buffer = get_buffer()
-            if buffer is None:
-                raise _Stop
-            k = min(per_chunk, n_t - t0)
-            got = _read_into(stream, buffer.view(np.uint8).reshape(-1)[: k * vol_bytes])
-            if got != k * vol_bytes:
-                raise EOFError(f"{info.path}: data end after {t0 + got // vol_bytes} of {n_t} "
-                               "volumes (truncated file)")
-            yield t0, buffer[:k]
+    try:
+        with _gzip.open(info.path, "rb") as stream:
+            _skip(stream, info.offset, info.path)
+            for t0 in range(0, n_t, per_chunk):
+                buffer = get_buffer()
+                if buffer is None:
+                    raise _Stop
+                k = min(per_chunk, n_t - t0)
+                got = _read_into(stream, buffer.view(np.uint8).reshape(-1)[: k * vol_bytes])
+                if got != k * vol_bytes:
+                    raise RunError(f"{info.path}: truncated or damaged: data end after "
+                                   f"{t0 + got // vol_bytes} of {n_t} volumes")
+                yield t0, buffer[:k]
+    except _STREAM_ERRORS as err:
+        raise RunError(f"{info.path}: truncated or damaged: {_reason(err, info.path)}") from None
 
 
 def _skip(stream, n: int, path: Path) -> None:
     while n > 0:
         chunk = stream.read(min(n, 1 << 20))
         if not chunk:
-            raise EOFError(f"{path}: file ends inside the header")
+            raise RunError(f"{path}: truncated or damaged: the file ends inside the header")
         n -= len(chunk)
 
 

@@ -4,18 +4,28 @@ Semantics are nilearn's ``NiftiLabelsMasker``: the mean over the voxels of each 
 the mask, per volume. Means of integer data are taken on the stored integers with float64
 accumulators and scaled afterwards (``mean(a*x+b) == a*mean(x)+b``), so no float copy of the
 run is ever made.
+
+Non-finite values (NaN, ±Inf) of floating-point runs count as 0 in the parcel means, as in
+nilearn (``img_to_signals_labels`` replaces them with 0 and warns); voxel blocks and voxel
+moments keep them. They are found without a per-value test on the hot path: a block's parcel
+sum is non-finite iff one of its values is, so only the (rare) blocks whose sums are not
+finite are examined value by value.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from bids_fmristore.errors import RunError
 from bids_fmristore.nifti_stream import NiftiInfo, iter_volumes
 
-__all__ = ["Parcels", "VoxelMoments", "parcellate_run", "VOLUMES_PER_CHUNK"]
+__all__ = ["Parcels", "RunMeans", "VoxelMoments", "parcellate_run", "VOLUMES_PER_CHUNK"]
+
+log = logging.getLogger(__name__)
 
 #: Volumes decoded at a time: two read buffers of this size bound memory (8 MNI 2 mm
 #: volumes = 35 MB each) while amortising per-block overhead (see bench/).
@@ -65,7 +75,8 @@ class Parcels:
         """Per-label sums of a label-grouped block ``(k, N)`` → ``(k, K)`` float64."""
         if not self.ids.size:
             return np.zeros((grouped_block.shape[0], 0))
-        return np.add.reduceat(grouped_block, self._starts, axis=1, dtype=np.float64)
+        with np.errstate(invalid="ignore"):  # Inf - Inf in one parcel: handled by the caller
+            return np.add.reduceat(grouped_block, self._starts, axis=1, dtype=np.float64)
 
 
 class VoxelMoments:
@@ -92,7 +103,8 @@ class VoxelMoments:
         values = np.take(block, self.voxels, axis=1).astype(np.float64)
         if self._shift is None:
             self._shift = values[0].copy()
-        values -= self._shift
+        with np.errstate(invalid="ignore"):  # Inf - Inf: a NaN voxel, as it should be
+            values -= self._shift
         self._sum += values.sum(axis=0)
         self._sumsq += np.einsum("ij,ij->j", values, values)
         self.n += values.shape[0]
@@ -104,13 +116,64 @@ class VoxelMoments:
         """
         if self.n == 0:
             raise ValueError("no volume was added")
-        centred = self._sum / self.n
-        var = np.maximum(self._sumsq / self.n - centred**2, 0.0)
-        mean = (centred + self._shift) * slope + inter
-        std = np.sqrt(var) * abs(slope)
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # NaN/Inf voxels
+            centred = self._sum / self.n
+            var = np.maximum(self._sumsq / self.n - centred**2, 0.0)
+            mean = (centred + self._shift) * slope + inter
+            std = np.sqrt(var) * abs(slope)
             tsnr = np.where(std > 0, mean / np.where(std > 0, std, 1.0), np.nan)
         return {"mean": mean, "std": std, "tsnr": tsnr}
+
+    def nonfinite(self) -> np.ndarray:
+        """Which voxels (N,) had a NaN or Inf value in at least one of the volumes added."""
+        return ~np.isfinite(self._sum)
+
+
+class RunMeans(list):
+    """The per-target means of :func:`parcellate_run` (a list), with what was found in the run.
+
+    Attributes
+    ----------
+    nonfinite_voxels : int
+        Voxels read (those of any target or of the moments) that hold NaN or Inf in at least
+        one volume; 0 for integer data.
+    """
+
+    nonfinite_voxels: int = 0
+
+
+class _Finite:
+    """Which voxels of each target held non-finite values, and whether any value was finite."""
+
+    def __init__(self, parcels: Sequence[Parcels]) -> None:
+        self.parcels = parcels
+        #: per target (by identity) with a non-finite value: its voxels that held one
+        self.flags: dict[int, tuple[Parcels, np.ndarray]] = {}
+        self.seen_finite = False
+
+    def check(self, p: Parcels, values: np.ndarray, sums: np.ndarray) -> None:
+        """Redo a block's ``sums`` in place, NaN/Inf taken as 0, if one is not finite
+        (only then are the block's values tested one by one)."""
+        if np.isfinite(sums).all():
+            self.seen_finite = self.seen_finite or bool(sums.size)
+            return
+        ok = np.isfinite(values)
+        _, flags = self.flags.setdefault(id(p), (p, np.zeros(values.shape[1], dtype=bool)))
+        flags |= ~ok.all(axis=0)
+        self.seen_finite = self.seen_finite or bool(ok.any())
+        sums[...] = p.sums(np.where(ok, values, 0))
+
+    def count(self, moments: VoxelMoments | None) -> int:
+        bad = [p.grouped[flags] for p, flags in self.flags.values()]
+        if moments is not None:
+            bad.append(moments.voxels[moments.nonfinite()])
+        return int(np.unique(np.concatenate(bad)).size) if bad else 0
+
+    def all_bad(self, moments: VoxelMoments | None) -> bool:
+        if any(p.grouped.size for p in self.parcels):
+            return not self.seen_finite
+        # Moments only: a voxel with a finite value in some volumes still counts as bad here.
+        return moments is not None and moments.voxels.size > 0 and bool(moments.nonfinite().all())
 
 
 def parcellate_run(
@@ -120,7 +183,7 @@ def parcellate_run(
     *,
     moments: VoxelMoments | None = None,
     per_chunk: int = VOLUMES_PER_CHUNK,
-) -> list[np.ndarray]:
+) -> RunMeans:
     """Read a run once and compute every target's parcel means (and voxel blocks).
 
     Parameters
@@ -138,13 +201,22 @@ def parcellate_run(
 
     Returns
     -------
-    list of ndarray
-        Per target, the means, shape (T, K), float64, columns in ascending label order.
+    RunMeans
+        Per target, the means, shape (T, K), float64, columns in ascending label order; its
+        ``nonfinite_voxels`` counts the voxels that held NaN or Inf (logged as a warning
+        naming the file when not 0).
+
+    Raises
+    ------
+    RunError
+        If the data are unreadable (see :func:`~bids_fmristore.nifti_stream.iter_volumes`)
+        or every value read is NaN or Inf.
     """
     sinks = list(voxel_sinks or [None] * len(parcels))
     n_t = info.shape[3]
-    means = [np.empty((n_t, p.ids.size)) for p in parcels]
+    means = RunMeans(np.empty((n_t, p.ids.size)) for p in parcels)
     slope, inter = np.float32(info.slope), np.float32(info.inter)
+    finite = _Finite(parcels) if info.dtype.kind == "f" else None
     for t0, block in iter_volumes(info, per_chunk):
         t1 = t0 + block.shape[0]
         if moments is not None:
@@ -153,12 +225,22 @@ def parcellate_run(
             # One gather serves the means and the voxel output.
             values = np.take(block, p.grouped, axis=1)
             out[t0:t1] = p.sums(values)
+            if finite is not None:
+                finite.check(p, values, out[t0:t1])
             if sink is not None:
                 values = values.astype(np.float32, copy=False)
                 if info.scaled:
                     values *= slope
                     values += inter
                 sink(t0, values)
+    if finite is not None:
+        means.nonfinite_voxels = finite.count(moments)
+        if finite.all_bad(moments):
+            raise RunError(f"{info.path}: every value inside the mask is NaN or Inf")
+        if means.nonfinite_voxels:
+            log.warning("%s: %d voxel(s) inside the mask hold NaN or Inf in at least one "
+                        "volume; they count as 0 in the parcel means (as in nilearn)",
+                        info.path, means.nonfinite_voxels)
     for p, out in zip(parcels, means, strict=True):
         out /= p.counts
         if info.scaled:

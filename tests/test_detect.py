@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import OBLIQUE_AFFINE
 
+from bids_fmristore.errors import FormatError
 from bids_fmristore.formats import detect
 from bids_fmristore.formats.detect import detect_type
 from bids_fmristore.formats.labeled import LabeledVolumeSet, write_labeled
@@ -160,7 +161,7 @@ def test_open_dispatches(name, cls):
 )
 def test_open_refuses_other_types(tmp_path, spec, kind):
     path = build(tmp_path / "x.h5", spec)
-    with pytest.raises(ValueError, match=rf"x\.h5: not an fmristore file \(detected: {kind}\)"):
+    with pytest.raises(FormatError, match=rf"x\.h5: not an fmristore file \(detected: {kind}\)"):
         detect.open(path)
 
 
@@ -172,5 +173,5 @@ def test_missing_and_non_hdf5_files(tmp_path):
         detect.open(missing)
     text = tmp_path / "text.h5"
     text.write_text("not hdf5")
-    with pytest.raises(ValueError, match="not an HDF5 file"):
+    with pytest.raises(FormatError, match="text.h5: not an HDF5 file or truncated"):
         detect.open(text)

@@ -21,7 +21,8 @@ from bids_fmristore.formats.neurovec import write_neurovec
 FIXTURES = Path(__file__).parent / "data" / "fmristore-written"
 SHAPE = (7, 5, 4)  # non-cubic, x ≠ y ≠ z so any axis swap changes the shape
 LABELS = ["faces", "left hand/é", "x.y-z_1"]
-FILES = ["faces.nii.gz", "left_hand__.nii.gz", "x.y-z_1.nii.gz"]
+# file stem "set" has no entity: stem + label-<letters and digits of the label>
+FILES = ["set_label-faces.nii.gz", "set_label-lefthand.nii.gz", "set_label-xyz1.nii.gz"]
 PLAIN = [name.removesuffix(".gz") for name in FILES]
 
 
@@ -53,7 +54,7 @@ def check_geometry(img: nib.Nifti1Image, affine: np.ndarray) -> None:
 def test_labeled_round_trip(labeled, tmp_path: Path) -> None:
     path, mask, volumes = labeled
     written = export_file(path, tmp_path / "out")
-    assert [p.name for p in written] == FILES  # sanitised names, label order
+    assert [p.name for p in written] == FILES  # label order
     for target, volume in zip(written, volumes, strict=True):
         img = nib.load(target)
         check_geometry(img, OBLIQUE_AFFINE)
@@ -82,7 +83,7 @@ def test_no_compress_writes_plain_nifti(labeled, tmp_path: Path, capsys) -> None
     assert export_main([str(labeled[0]), str(out), "--no-compress"]) == EXIT_OK
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(PLAIN)
-    assert (out / "faces.nii").read_bytes()[344:348] == b"n+1\0"  # NIfTI magic, not gzip
+    assert (out / PLAIN[0]).read_bytes()[344:348] == b"n+1\0"  # NIfTI magic, not gzip
     assert capsys.readouterr().out.split() == [str(out / n) for n in PLAIN]  # written paths
 
 
@@ -103,7 +104,7 @@ def test_refuses_to_overwrite_then_replaces(labeled, tmp_path: Path, capsys) -> 
 def test_labels_subset_and_unknown(labeled, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     assert export_main([str(labeled[0]), str(out), "--labels", "x.y-z_1", "faces"]) == EXIT_OK
-    assert sorted(p.name for p in out.iterdir()) == ["faces.nii.gz", "x.y-z_1.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [FILES[0], FILES[2]]  # same names
     capsys.readouterr()
     empty = tmp_path / "empty"
     assert export_main([str(labeled[0]), str(empty), "--labels", "faces", "cars"]) == EXIT_USAGE
@@ -127,9 +128,10 @@ def test_fmristore_labeled_fixture(tmp_path: Path) -> None:
     records = _records("labeled")
     head = records[1]
     written = export_file(FIXTURES / "labeled.h5", tmp_path)
-    assert [p.name for p in written] == [f"{label}.nii.gz" for label in head["labels"]]
+    assert [p.name for p in written] == [f"labeled_label-{label}.nii.gz"
+                                         for label in head["labels"]]
     for rec in (r for r in records if r["what"] == "volume"):
-        img = nib.load(tmp_path / f"{rec['label']}.nii.gz")
+        img = nib.load(tmp_path / f"labeled_label-{rec['label']}.nii.gz")
         check_geometry(img, _r_affine(head["mask_space"]))
         flat = np.asanyarray(img.dataobj).ravel(order="F")  # R's linear index order
         inside = flat[~np.isnan(flat)]
@@ -170,7 +172,7 @@ def test_fmristore_multiscan_fixture(tmp_path: Path, capsys) -> None:
     rec = next(r for r in _records("multiscan_parcellated") if r.get("name") == "run_full")
     assert export_main([str(FIXTURES / "multiscan_parcellated.h5"), str(tmp_path)]) == EXIT_OK
     assert "'run_summary' holds only parcel summaries" in capsys.readouterr().err
-    img = nib.load(tmp_path / "run_full.nii.gz")
+    img = nib.load(tmp_path / "multiscan_parcellated_label-runfull.nii.gz")
     data = np.asanyarray(img.dataobj)
     assert list(data.shape) == rec["dim"] and img.header.get_zooms()[3] == 2.0  # TR
     mask = ~np.isnan(data[..., 0])

@@ -13,6 +13,7 @@ import pytest
 from conftest import OBLIQUE_AFFINE
 from nibabel.quaternions import fillpositive, quat2mat
 
+from bids_fmristore.errors import FormatError
 from bids_fmristore.formats.labeled import LabeledVolumeSet, sanitize_label, write_labeled
 
 SHAPE = (7, 5, 4)
@@ -270,14 +271,14 @@ def test_reader_checks_dim4_and_mask_grid(written, tmp_path):
     def wrong_count(f):
         f["header/dim"][4] = 2
 
-    with pytest.raises(ValueError, match=r"3 labels but /header/dim\[4\] = 2"):
+    with pytest.raises(FormatError, match=r"3 labels but /header/dim\[4\] = 2"):
         LabeledVolumeSet(_edited(path, tmp_path, wrong_count))
 
     def wrong_grid(f):
         del f["mask"]
         f["mask"] = np.ones((4, 7, 5), np.uint8)  # X and Y swapped
 
-    with pytest.raises(ValueError, match="/mask grid"):
+    with pytest.raises(FormatError, match="/mask grid"):
         LabeledVolumeSet(_edited(path, tmp_path, wrong_grid))
 
 
@@ -297,7 +298,7 @@ def test_reader_pads_short_data_and_refuses_long(written, tmp_path):
         expected = fortran_voxels(vols[0], mask)
         assert np.array_equal(values[: n - 3], expected[: n - 3])
         assert np.array_equal(values[n - 3 :], np.zeros(3))
-        with pytest.raises(ValueError, match="expected"):
+        with pytest.raises(FormatError, match="expected"):
             lv.values("houses")
         with pytest.raises(KeyError, match="no label"):
             lv.values("nope")

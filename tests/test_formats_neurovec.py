@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import OBLIQUE_AFFINE
 
+from bids_fmristore.errors import FormatError
 from bids_fmristore.formats.neurovec import (
     H5NeuroVec,
     H5NeuroVol,
@@ -137,27 +138,27 @@ def _edited(path, tmp_path, edit):
 def test_reader_checks_rtype_and_shapes(tmp_path):
     vec = write_neurovec(tmp_path / "v.h5", vec_data(), OBLIQUE_AFFINE)
     vol = write_neurovol(tmp_path / "w.h5", vol_data(), OBLIQUE_AFFINE)
-    with pytest.raises(ValueError, match="rtype"):
+    with pytest.raises(FormatError, match="rtype"):
         H5NeuroVol(vec)
-    with pytest.raises(ValueError, match="rtype"):
+    with pytest.raises(FormatError, match="rtype"):
         H5NeuroVec(vol)
 
     def no_rtype(f):
         del f.attrs["rtype"]
 
-    with pytest.raises(ValueError, match="rtype"):
+    with pytest.raises(FormatError, match="rtype"):
         H5NeuroVec(_edited(vec, tmp_path, no_rtype))
 
     def wrong_dim(f):
         f["space/dim"][0] = 5
 
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(FormatError, match="expected"):
         H5NeuroVec(_edited(vec, tmp_path, wrong_dim))
 
     def singular(f):
         f["space/trans"][...] = 0
 
-    with pytest.raises(ValueError, match="invertible"):
+    with pytest.raises(FormatError, match="invertible"):
         H5NeuroVol(_edited(vol, tmp_path, singular))
 
 
@@ -179,5 +180,5 @@ def test_neurovec_dataset_name(tmp_path):
         assert v.dataset_name == "processed" and np.array_equal(v.volume(0), data[..., 0] + 1)
     with H5NeuroVec(path, dataset_name="data/elements") as v:
         assert np.array_equal(v.series(1, 2, 3), data[1, 2, 3])
-    with pytest.raises(ValueError, match="no 4-D dataset"):
+    with pytest.raises(FormatError, match="no 4-D dataset"):
         H5NeuroVec(path, dataset_name="missing")

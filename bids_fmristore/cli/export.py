@@ -19,8 +19,8 @@ def build_export_parser() -> argparse.ArgumentParser:
                     "(LabeledVolumeSet), one 3-D/4-D image (H5NeuroVol/H5NeuroVec), or one "
                     "4-D image per scan with voxel data (H5ParcellatedMultiScan).",
         epilog="exit codes: 0 success; 2 usage (an output exists without --overwrite: nothing "
-               "written; unknown --labels); 3 FILE unreadable or not a supported layout, or "
-               "an image cannot be written; 1 bug")
+               "written; unknown --labels); 3 FILE unreadable, truncated, missing a dataset or "
+               "not a supported layout, or an image cannot be written (nothing written); 1 bug")
     parser.add_argument("file", metavar="FILE", type=Path, help="fmristore .h5 file")
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path,
                         help="folder for the images (created if needed)")
@@ -29,6 +29,8 @@ def build_export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace existing images")
     parser.add_argument("--labels", nargs="+", action="extend", metavar="L",
                         help="export only these labels (or scans of a multiscan file)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("--debug", action="store_true", help="debug logs")
     return parser
 
 
@@ -46,4 +48,4 @@ def export_main(argv: list[str] | None = None) -> int:
             print(target)
         return 0
 
-    return run_command(export)
+    return run_command(export, verbose=opts.verbose, debug=opts.debug)

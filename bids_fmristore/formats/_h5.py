@@ -2,29 +2,98 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-__all__ = ["H5Reader", "decode", "str_attr", "read_group_datasets", "write_metadata_value"]
+from bids_fmristore.errors import FormatError
+
+__all__ = ["H5Reader", "open_h5", "decode", "str_attr", "read_group_datasets",
+           "write_metadata_value"]
+
+#: What h5py and the readers' checks raise on a damaged file or a missing object.
+_DAMAGE = (KeyError, OSError, ValueError, TypeError, IndexError)
+
+
+def open_h5(path: str | Path) -> h5py.File:
+    """Open an HDF5 file read-only.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    FormatError
+        ``"<path>: not an HDF5 file or truncated"`` (zero bytes, text, cut short...).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+    try:
+        return h5py.File(path, "r")
+    except OSError:
+        raise FormatError(f"{path}: not an HDF5 file or truncated") from None
+
+
+def reason(err: BaseException, path: Path) -> str:
+    """An exception's first line, without the file name it may already start with."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    text = (text.strip().splitlines() or [type(err).__name__])[0]
+    for prefix in (f"{path}: ", f"{path.name}: "):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
 
 
 class H5Reader:
     """Base of the lazy readers: owns a read-only h5py file; use as a context manager.
 
     Subclasses implement ``_load()`` to read and check the small metadata eagerly; the file is
-    closed again if that fails.
+    closed again if that fails. Any problem with the file, when it is opened or later when a
+    lazy accessor reads it, is a :class:`~bids_fmristore.errors.FormatError` naming the file.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    FormatError
+        If it is not a readable HDF5 file of the reader's layout.
     """
+
+    #: "an H5ParcellatedMultiScan": the layout, with its article, for error messages
+    _LAYOUT = "an fmristore"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._f = h5py.File(self.path, "r")
+        self._f = open_h5(self.path)
         try:
-            self._load()
+            with self._reading():
+                self._load()
         except BaseException:
             self._f.close()
             raise
+
+    @contextlib.contextmanager
+    def _reading(self, what: str = "") -> Iterator[None]:
+        """Turn h5py's and the checks' errors inside the block into one FormatError line."""
+        try:
+            yield
+        except FormatError:
+            raise
+        except _DAMAGE as err:
+            where = f"cannot read {what}: " if what else ""
+            raise FormatError(f"{self.path}: {where}{reason(err, self.path)}") from None
+
+    def _require(self, key: str, kind: type = h5py.Dataset) -> h5py.Dataset | h5py.Group:
+        """The object at ``key``, or FormatError ``<path>: missing /key (not a ... file?)``."""
+        node = self._f.get(key)
+        if not isinstance(node, kind):
+            what = "missing" if node is None else f"not a {kind.__name__.lower()}:"
+            raise FormatError(f"{self.path}: {what} /{key} (not {self._LAYOUT} file?)")
+        return node
 
     def _load(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -7,14 +7,14 @@ matching reader of this package.
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from bids_fmristore.formats._h5 import decode
+from bids_fmristore.errors import FormatError
+from bids_fmristore.formats._h5 import decode, open_h5, reason
 from bids_fmristore.formats.labeled import LabeledVolumeSet
 from bids_fmristore.formats.neurovec import H5NeuroVec, H5NeuroVol
 
@@ -43,16 +43,16 @@ def detect_type(path: str | os.PathLike) -> str:
     ------
     FileNotFoundError
         If ``path`` does not exist.
-    ValueError
-        If ``path`` is not an HDF5 file.
+    FormatError
+        ``"<path>: not an HDF5 file or truncated"``, or an object the rules look at cannot
+        be read.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
-    if not h5py.is_hdf5(path):
-        raise ValueError(f"{path}: not an HDF5 file")
-    with h5py.File(path, "r") as f:
-        return _detect(f)
+    with open_h5(path) as f:
+        try:
+            return _detect(f)
+        except (KeyError, OSError, ValueError, TypeError, IndexError) as err:
+            raise FormatError(f"{path}: cannot read it: {reason(err, path)}") from None
 
 
 def _detect(f: h5py.File) -> str:
@@ -114,8 +114,10 @@ def open(path: str | os.PathLike):  # shadows the builtin inside this module onl
     ------
     FileNotFoundError
         If ``path`` does not exist.
-    ValueError
-        If the file is not one of the layouts this package reads.
+    FormatError
+        If the file is not HDF5, is truncated, is not one of the layouts this package reads,
+        or lacks what its layout requires; the message names the file and the problem
+        (``"<path>: missing /mask (not an H5ParcellatedMultiScan file?)"``).
     """
     kind = detect_type(path)
     if kind == "H5ParcellatedMultiScan":
@@ -129,4 +131,4 @@ def open(path: str | os.PathLike):  # shadows the builtin inside this module onl
         return H5NeuroVol(path)
     if kind == "H5NeuroVec":
         return H5NeuroVec(path)
-    raise ValueError(f"{path}: not an fmristore file (detected: {kind})")
+    raise FormatError(f"{path}: not an fmristore file (detected: {kind})")

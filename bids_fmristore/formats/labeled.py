@@ -18,6 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from bids_fmristore.errors import FormatError
 from bids_fmristore.formats._h5 import H5Reader
 from bids_fmristore.formats.atomic import atomic_path
 from bids_fmristore.formats.header import (
@@ -59,32 +60,37 @@ class LabeledVolumeSet(H5Reader):
 
     Raises
     ------
-    ValueError
-        If the file lacks ``/header``, ``/labels`` or ``/mask``, if ``dim[4]`` differs from the
-        number of labels, or if the mask shape differs from the header grid (fmristore's checks).
+    FileNotFoundError
+        If the file does not exist.
+    FormatError
+        If the file is not HDF5 or truncated, lacks ``/header``, ``/labels`` or ``/mask``, if
+        ``dim[4]`` differs from the number of labels, or if the mask shape differs from the
+        header grid (fmristore's checks); later, if a volume cannot be read.
     """
 
+    _LAYOUT = "a LabeledVolumeSet"
+
     def _load(self) -> None:
-        f, name = self._f, self.path.name
-        for node in ("header", "labels", "mask"):
-            if node not in f:
-                raise ValueError(f"{name}: no /{node}; not a LabeledVolumeSet file")
-        header = f["header"]
+        name = self.path
+        header = self._require("header", h5py.Group)
+        labels = self._require("labels")
+        mask = self._require("mask")
         geom = read_header(header, min_dim_len=5)
         self.affine: np.ndarray = geom.affine
         if not all(_is_number(header, key) for key in _QFIELDS):
             # read_header keeps whatever offsets exist; read_labeled_vec drops them all.
             self.affine[:3, 3] = 0.0
         self.shape: tuple[int, int, int] = geom.shape
-        self.labels: list[str] = [_text(v) for v in np.asarray(f["labels"][()]).ravel()]
+        self.labels: list[str] = [_text(v) for v in np.asarray(labels[()]).ravel()]
         n_dim4 = int(np.asarray(header["dim"][()]).ravel()[4])
         if len(self.labels) != n_dim4:
-            raise ValueError(f"{name}: {len(self.labels)} labels but /header/dim[4] = {n_dim4}")
-        if f["mask"].ndim != 3:
-            raise ValueError(f"{name}: /mask has shape {f['mask'].shape}, expected 3-D")
-        self.mask: np.ndarray = mask_from_disk(f["mask"][()])
+            raise FormatError(f"{name}: {len(self.labels)} labels but /header/dim[4] = {n_dim4}")
+        if mask.ndim != 3:
+            raise FormatError(f"{name}: /mask has shape {mask.shape}, expected 3-D")
+        self.mask: np.ndarray = mask_from_disk(mask[()])
         if self.mask.shape != self.shape:
-            raise ValueError(f"{name}: /mask grid {self.mask.shape} != header grid {self.shape}")
+            raise FormatError(f"{name}: /mask grid {self.mask.shape} != header grid "
+                              f"{self.shape}")
         self._order = mask_order(self.mask)
 
     def __len__(self) -> int:
@@ -109,20 +115,22 @@ class LabeledVolumeSet(H5Reader):
         Raises
         ------
         KeyError
-            If ``label`` is not in :attr:`labels`, or its dataset is missing.
-        ValueError
-            If the stored vector is not 1-D or is longer than N.
+            If ``label`` is not in :attr:`labels`.
+        FormatError
+            If its dataset is missing, unreadable, not 1-D or longer than N.
         """
         if label not in self.labels:
             raise KeyError(f"no label {label!r} in {self.path.name}; labels: {self.labels}")
         key = f"data/{sanitize_label(label)}"
-        if key not in self._f:
-            raise KeyError(f"{self.path.name}: label {label!r} has no dataset /{key}")
-        ds = self._f[key]
+        with self._reading(f"/{key}"):
+            ds = self._f.get(key)
+        if not isinstance(ds, h5py.Dataset):
+            raise FormatError(f"{self.path}: label {label!r} has no dataset /{key}")
         n = self.n_voxels
         if ds.ndim != 1 or ds.shape[0] > n:
-            raise ValueError(f"{self.path.name}: /{key} has shape {ds.shape}, expected ({n},)")
-        data = ds[()]
+            raise FormatError(f"{self.path}: /{key} has shape {ds.shape}, expected ({n},)")
+        with self._reading(f"/{key}"):
+            data = ds[()]
         if data.size < n:
             warnings.warn(
                 f"{self.path.name}: /{key} has {data.size} values for {n} mask voxels; "

@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from bids_fmristore.errors import FormatError
 from bids_fmristore.formats._h5 import (
     H5Reader,
     decode,
@@ -384,28 +385,40 @@ class ParcellatedMultiScan(H5Reader):
 
     Arrays are in nibabel's orientation (``mask[x, y, z]``); voxel selections are 0-based
     indices into fmristore voxel order. Data are read from HDF5 only when asked for.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    FormatError
+        When opened or later, if the file is not HDF5, is truncated, or lacks or has
+        inconsistent ``/header``, ``/mask``, ``/cluster_map``, ``/scans`` or scan datasets:
+        ``"<path>: missing /mask (not an H5ParcellatedMultiScan file?)"``,
+        ``"<path>: scan 'x' has no cluster_3"``.
     """
 
+    _LAYOUT = "an H5ParcellatedMultiScan"
+
     def _load(self) -> None:
-        f = self._f
-        if "header" not in f:
-            raise ValueError(f"{self.path}: no /header group")
-        geom = read_header(f["header"])
+        geom = read_header(self._require("header", h5py.Group))
         self.shape, self.affine = geom.shape, geom.affine
-        if "cluster_map" not in f or f["cluster_map"].ndim != 1:
-            raise ValueError(f"{self.path}: /cluster_map missing or not 1-D")
-        self.mask = mask_from_disk(f["mask"][()])
+        cmap = self._require("cluster_map")
+        if cmap.ndim != 1:
+            raise FormatError(f"{self.path}: /cluster_map has shape {cmap.shape}, not 1-D")
+        self.mask = mask_from_disk(self._require("mask")[()])
         if self.mask.shape != self.shape:
-            raise ValueError(f"{self.path}: mask {self.mask.shape} != header {self.shape}")
-        self.cluster_map = f["cluster_map"][()].astype(np.int64)
+            raise FormatError(f"{self.path}: /mask grid {self.mask.shape} != header grid "
+                              f"{self.shape}")
+        self.cluster_map = cmap[()].astype(np.int64)
         if self.cluster_map.size != int(self.mask.sum()):
-            raise ValueError(f"{self.path}: cluster_map length != mask voxels")
-        self.cluster_ids = np.unique(self.cluster_map)
-        if "scans" not in f:
-            raise ValueError(f"{self.path}: no /scans group")
+            raise FormatError(f"{self.path}: /cluster_map has {self.cluster_map.size} values "
+                              f"for {int(self.mask.sum())} mask voxels")
+        self.cluster_ids, counts = np.unique(self.cluster_map, return_counts=True)
+        self._sizes = dict(zip(self.cluster_ids.tolist(), counts.tolist(), strict=True))
+        scans = self._require("scans", h5py.Group)
         # R lists children by name index = byte-wise order (spec §1.4).
-        self.scan_names = sorted(f["scans"].keys(), key=lambda s: s.encode())
-        self._preference = _summary_preference(f["scans"])
+        self.scan_names = sorted(scans.keys(), key=lambda s: s.encode())
+        self._preference = _summary_preference(scans)
         self._rank: np.ndarray | None = None
 
     # -- file-level properties -------------------------------------------------------------
@@ -430,38 +443,52 @@ class ParcellatedMultiScan(H5Reader):
 
     def cluster_sizes(self) -> dict[int, int]:
         """Voxels per cluster id."""
-        ids, counts = np.unique(self.cluster_map, return_counts=True)
-        return {int(i): int(c) for i, c in zip(ids, counts, strict=True)}
+        return dict(self._sizes)
 
     @property
     def cluster_meta(self) -> pd.DataFrame:
         """``/clusters/cluster_meta`` as a table (one row per cluster); empty if absent."""
-        node = self._f.get("clusters/cluster_meta")
-        if node is None:
-            return pd.DataFrame()
-        if isinstance(node, h5py.Dataset):  # compound form (spec §3.1)
-            arr = node[()]
-            return pd.DataFrame({n: [decode(v) for v in arr[n]] for n in arr.dtype.names})
-        return pd.DataFrame(read_group_datasets(node))
+        with self._reading("/clusters/cluster_meta"):
+            node = self._f.get("clusters/cluster_meta")
+            if node is None:
+                return pd.DataFrame()
+            if isinstance(node, h5py.Dataset):  # compound form (spec §3.1)
+                arr = node[()]
+                return pd.DataFrame({n: [decode(v) for v in arr[n]] for n in arr.dtype.names})
+            return pd.DataFrame(read_group_datasets(node))
 
     @property
     def label_table(self) -> pd.DataFrame | None:
         """Every atlas label (``index``, ``name``), clusters or not; None for foreign files."""
-        node = self._f.get("label_table")
-        if node is None:
-            return None
-        return pd.DataFrame(read_group_datasets(node))
+        with self._reading("/label_table"):
+            node = self._f.get("label_table")
+            if node is None:
+                return None
+            return pd.DataFrame(read_group_datasets(node))
 
     # -- scans -----------------------------------------------------------------------------
     def _scan(self, name: str) -> h5py.Group:
-        if name not in self._f["scans"]:
+        """The scan's group; KeyError for a name the file does not list (a caller's slip)."""
+        if name not in self.scan_names:
             raise KeyError(f"no scan {name!r} in {self.path.name}; scans: {self.scan_names}")
-        return self._f["scans"][name]
+        with self._reading(f"scan {name!r}"):
+            group = self._f["scans"].get(name)
+        if not isinstance(group, h5py.Group):
+            raise FormatError(f"{self.path}: /scans/{name} is not a group")
+        return group
+
+    def _cluster(self, group: h5py.Group, name: str, cid: int) -> h5py.Dataset:
+        ds = group.get(f"clusters/cluster_{int(cid)}")
+        if not isinstance(ds, h5py.Dataset):
+            raise FormatError(f"{self.path}: scan {name!r} has no cluster_{int(cid)}")
+        return ds
 
     def scan_metadata(self, name: str) -> dict:
         """Datasets under ``/scans/<name>/metadata`` as Python values."""
-        node = self._scan(name).get("metadata")
-        return {} if node is None else read_group_datasets(node, scalars=True)
+        group = self._scan(name)
+        with self._reading(f"/scans/{name}/metadata"):
+            node = group.get("metadata")
+            return {} if node is None else read_group_datasets(node, scalars=True)
 
     def scan_kind(self, name: str) -> Literal["full", "summary"]:
         """The part fmristore's ``H5ParcellatedMultiScan`` exposes for this scan (§3.2 step 9)."""
@@ -476,7 +503,7 @@ class ParcellatedMultiScan(H5Reader):
         else:
             kind = "summary" if has_summary else "full"
         if (kind == "summary" and not has_summary) or (kind == "full" and not has_full):
-            raise ValueError(f"{self.path.name}: scan {name!r} has no {kind} data")
+            raise FormatError(f"{self.path}: scan {name!r} has no {kind} data")
         return kind
 
     def has_summary(self, name: str) -> bool:
@@ -488,15 +515,17 @@ class ParcellatedMultiScan(H5Reader):
     def n_time(self, name: str) -> int:
         """Number of time points of a scan."""
         group = self._scan(name)
-        meta = group.get("metadata/n_time")
-        if meta is not None:
-            return int(np.asarray(meta[()]).ravel()[0])
-        if "n_time" in group.attrs:
-            return int(np.asarray(group.attrs["n_time"]).ravel()[0])
-        if self.has_summary(name) and not self.has_voxels(name):
-            return int(group["clusters_summary/summary_data"].shape[1])
-        first = int(self.cluster_map[0])
-        return int(group[f"clusters/cluster_{first}"].shape[0])
+        with self._reading(f"the length of scan {name!r}"):
+            meta = group.get("metadata/n_time")
+            if meta is not None:
+                return int(np.asarray(meta[()]).ravel()[0])
+            if "n_time" in group.attrs:
+                return int(np.asarray(group.attrs["n_time"]).ravel()[0])
+            if self.has_summary(name) and not self.has_voxels(name):
+                return int(group["clusters_summary/summary_data"].shape[1])
+        if not self.n_voxels:
+            raise FormatError(f"{self.path}: scan {name!r} has no length (no n_time)")
+        return int(self._cluster(group, name, self.cluster_map[0]).shape[0])
 
     def summary(self, name: str, *, all_labels: bool = False) -> pd.DataFrame:
         """Parcel mean time series, shape (T, K), one column per cluster id (ascending).
@@ -507,7 +536,11 @@ class ParcellatedMultiScan(H5Reader):
         ds = self._scan(name).get("clusters_summary/summary_data")
         if ds is None:
             raise ValueError(f"{self.path.name}: scan {name!r} has no summary data")
-        data = ds[()].T
+        with self._reading(f"/scans/{name}/clusters_summary/summary_data"):
+            data = ds[()].T
+        if data.ndim != 2:
+            raise FormatError(f"{self.path}: /scans/{name}/clusters_summary/summary_data has "
+                              f"shape {ds.shape}, expected (K, T)")
         # fmristore's rule: ids when the count matches, else positions 1..K (§3.2 step 12).
         ids = self.cluster_ids if self.cluster_ids.size == data.shape[1] else (
             np.arange(1, data.shape[1] + 1))
@@ -537,15 +570,18 @@ class ParcellatedMultiScan(H5Reader):
         cids = self.cluster_map[idx]
         for cid in np.unique(cids):
             sel = np.flatnonzero(cids == cid)
-            ds = group[f"clusters/cluster_{int(cid)}"]
+            ds = self._cluster(group, name, cid)
             cols = rank[idx[sel]]
-            if ds.shape[0] != out.shape[0]:
-                raise ValueError(f"{ds.name} has {ds.shape[0]} time points, not {out.shape[0]}")
-            if cols.size * 2 >= ds.shape[1]:
-                out[:, sel] = ds[()][:, cols]
-            else:
-                uniq, inverse = np.unique(cols, return_inverse=True)
-                out[:, sel] = ds[:, uniq][:, inverse]
+            n_cols = self._sizes[int(cid)]
+            if ds.shape != (out.shape[0], n_cols):
+                raise FormatError(f"{self.path}: {ds.name} has shape {ds.shape}, expected "
+                                  f"({out.shape[0]}, {n_cols})")
+            with self._reading(ds.name):
+                if cols.size * 2 >= ds.shape[1]:
+                    out[:, sel] = ds[()][:, cols]
+                else:
+                    uniq, inverse = np.unique(cols, return_inverse=True)
+                    out[:, sel] = ds[:, uniq][:, inverse]
         return out
 
     def _within_cluster_rank(self) -> np.ndarray:

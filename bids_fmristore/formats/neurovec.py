@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from bids_fmristore.errors import FormatError
 from bids_fmristore.formats._h5 import H5Reader, str_attr
 from bids_fmristore.formats.atomic import atomic_path
 from bids_fmristore.formats.labeled import DTYPES
@@ -25,7 +26,11 @@ _GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 
 
 class _DenseImage(H5Reader):
-    """Shared opening logic: the ``rtype`` check and ``/space`` of both layouts."""
+    """Shared opening logic: the ``rtype`` check and ``/space`` of both layouts.
+
+    Errors (when opening, and from the data accessors) are
+    :class:`~bids_fmristore.errors.FormatError` naming the file.
+    """
 
     _RTYPE = ""
     _NDIM = 0
@@ -36,35 +41,30 @@ class _DenseImage(H5Reader):
         # fmristore never compares the two; a mismatch would silently scramble voxels.
         expected = tuple(reversed(self.shape))
         if self._ds.shape != expected:
-            raise ValueError(
-                f"{self.path.name}: /{self.dataset_name} has h5py shape {self._ds.shape}, "
+            raise FormatError(
+                f"{self.path}: /{self.dataset_name} has h5py shape {self._ds.shape}, "
                 f"expected {expected} for /space/dim {list(self.shape)}"
             )
 
     def _load_space(self) -> None:
-        f, name = self._f, self.path.name
-        if str_attr(f, "rtype") != self._RTYPE:  # fmristore's constructors demand it exactly
-            raise ValueError(f"{name}: root attribute rtype is not {self._RTYPE!r}")
-        for key in ("space/dim", "space/origin", "space/trans"):
-            if not isinstance(f.get(key), h5py.Dataset):
-                raise ValueError(f"{name}: no /{key} dataset")
-        dim = np.asarray(f["space/dim"][()]).ravel()
-        if dim.size != self._NDIM:
-            raise ValueError(f"{name}: /space/dim {dim.tolist()} must have {self._NDIM} values")
+        name = self.path
+        if str_attr(self._f, "rtype") != self._RTYPE:  # fmristore's constructors demand it
+            raise FormatError(f"{name}: root attribute rtype is not {self._RTYPE!r}")
+        dim, _, trans = (self._require(f"space/{key}") for key in ("dim", "origin", "trans"))
+        dim = np.asarray(dim[()]).ravel()
+        if dim.size != self._NDIM or dim.dtype.kind not in "iuf" or (dim < 1).any():
+            raise FormatError(f"{name}: /space/dim {dim.tolist()} must be {self._NDIM} sizes")
         self.shape: tuple[int, ...] = tuple(int(v) for v in dim)
-        trans = np.asarray(f["space/trans"][()], dtype=np.float64)
+        trans = np.asarray(trans[()], dtype=np.float64)
         if trans.shape != (4, 4):
-            raise ValueError(f"{name}: /space/trans has shape {trans.shape}, expected (4, 4)")
+            raise FormatError(f"{name}: /space/trans has shape {trans.shape}, expected (4, 4)")
         self.affine: np.ndarray = trans.T  # written transposed by hdf5r's dim reversal
         if not np.isfinite(self.affine).all() or abs(np.linalg.det(self.affine)) < 1e-12:
-            raise ValueError(f"{name}: /space/trans is not an invertible affine")
+            raise FormatError(f"{name}: /space/trans is not an invertible affine")
 
     def _find_data(self) -> h5py.Dataset:
-        node = self._f.get(DATA_PATH)
-        if not isinstance(node, h5py.Dataset):
-            raise ValueError(f"{self.path.name}: no /{DATA_PATH} dataset")
         self.dataset_name = DATA_PATH
-        return node
+        return self._require(DATA_PATH)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path.name}: shape {self.shape}>"
@@ -76,7 +76,8 @@ class _DenseImage(H5Reader):
 
     def data(self) -> np.ndarray:
         """The whole image, shape (X, Y, Z) or (X, Y, Z, T)."""
-        return self._ds[()].T
+        with self._reading(f"/{self.dataset_name}"):
+            return self._ds[()].T
 
 
 class H5NeuroVol(_DenseImage):
@@ -92,6 +93,7 @@ class H5NeuroVol(_DenseImage):
 
     _RTYPE = "DenseNeuroVol"
     _NDIM = 3
+    _LAYOUT = "an H5NeuroVol"
 
 
 class H5NeuroVec(_DenseImage):
@@ -114,6 +116,7 @@ class H5NeuroVec(_DenseImage):
 
     _RTYPE = "DenseNeuroVec"
     _NDIM = 4
+    _LAYOUT = "an H5NeuroVec"
 
     def __init__(self, path: str | Path, dataset_name: str | None = None) -> None:
         self._requested = dataset_name
@@ -129,7 +132,7 @@ class H5NeuroVec(_DenseImage):
             if isinstance(node, h5py.Dataset):
                 self.dataset_name = key
                 return node
-        raise ValueError(f"{self.path.name}: no 4-D dataset at {['/' + c for c in candidates]}")
+        raise FormatError(f"{self.path}: no 4-D dataset at {['/' + c for c in candidates]}")
 
     @property
     def n_time(self) -> int:
@@ -141,14 +144,16 @@ class H5NeuroVec(_DenseImage):
         t = int(t)
         if not -self.n_time <= t < self.n_time:
             raise IndexError(f"volume {t} out of range for {self.n_time} volumes")
-        return self._ds[t % self.n_time].T
+        with self._reading(f"/{self.dataset_name}"):
+            return self._ds[t % self.n_time].T
 
     def series(self, i: int, j: int, k: int) -> np.ndarray:
         """Time series of voxel ``[i, j, k]`` (0-based), shape (T,)."""
         for index, size in zip((i, j, k), self.shape[:3], strict=True):
             if not 0 <= int(index) < size:
                 raise IndexError(f"voxel {(i, j, k)} outside grid {self.shape[:3]}")
-        return self._ds[:, int(k), int(j), int(i)]
+        with self._reading(f"/{self.dataset_name}"):
+            return self._ds[:, int(k), int(j), int(i)]
 
 
 def write_neurovol(
