@@ -101,7 +101,7 @@ def plan_jobs(
     for run in runs:
         session = run.entities.get("session") if per_session else None
         try:
-            info = read_info(run.path)
+            info = read_info(run.path, want_4d=True)
         except RUN_READ_ERRORS as err:
             reason = str(err) if isinstance(err, RunError) else (
                 f"{run.path}: cannot read NIfTI header ({err})")
