@@ -211,7 +211,9 @@ def test_bad_sidecar_fails_only_its_run(tmp_path):
 def test_bad_json_outside_the_inheritance_chain_is_ignored(tmp_path):
     fmriprep, bolds = subjects(tmp_path)
     func = bolds[0].parent
-    (func / "sub-01_task-rest_run-01_desc-confounds_timeseries.json").write_text("")
+    confounds = func / "sub-01_task-rest_run-01_desc-confounds_timeseries"
+    confounds.with_suffix(".tsv").write_text("a\n1\n")
+    confounds.with_suffix(".json").write_text("")  # left by an interrupted job
     (fmriprep / "task-motor_bold.json").write_text("{")  # another task
     (fmriprep / "sub-01" / "sub-01_task-rest_run-02_bold.json").write_text("{")  # another run
     (func / ".sub-01_task-rest_bold.json").write_text("{")  # hidden
