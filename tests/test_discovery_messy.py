@@ -311,6 +311,27 @@ def test_bad_headers(tmp_path):
     assert found.problems[3].startswith(f"{bolds[4]}: cannot read NIfTI header (")
 
 
+def test_several_files_for_one_run(tmp_path):
+    bids, fmriprep, other = make_raw(tmp_path / "bids"), tmp_path / "fmriprep", tmp_path / "other"
+    kept = fmriprep_run(fmriprep, run=2)
+    bold = fmriprep_run(fmriprep)
+    img = nib.load(bold)
+    nib.save(img, bold.with_suffix(""))  # the same run as .nii and .nii.gz
+    fmriprep_run(other, run=2, sub="01")  # the same run in a second dataset
+    found = discover(bids, derivatives={"fmriprep": fmriprep})
+    assert [r.path for r in found.runs] == [kept]
+    assert found.problems == [
+        f"{bold.with_suffix('')}: 2 BOLD files for one run (bids:fmriprep:{FUNC}/{BOLD[:-3]}, "
+        f"bids:fmriprep:{FUNC}/{BOLD}); none is used: remove all but one, or select one with "
+        "--bids-filter-file"]
+    found = discover(bids, derivatives={"fmriprep": fmriprep, "other": other},
+                     filters={"bold": {"extension": ".nii.gz"}})
+    assert [r.path for r in found.runs] == [bold]
+    (line,) = found.problems
+    assert line.startswith(f"{kept}: 2 BOLD files for one run (bids:fmriprep:")
+    assert f"bids:other:{FUNC}/{kept.name})" in line
+
+
 # -- --bids-filter-file -----------------------------------------------------------------------
 
 
