@@ -233,8 +233,9 @@ def discover(
     """Collect the BOLD runs to parcellate.
 
     A run that cannot be used (unreadable header, not 4-D, invalid RepetitionTime, a bad JSON
-    sidecar in its inheritance chain, an absent annexed file) is left out with one line in
-    :attr:`DiscoveryResult.problems`; the other runs are found normally.
+    sidecar in its inheritance chain, an absent annexed file, several files for the one run)
+    is left out with one line in :attr:`DiscoveryResult.problems`; the other runs are found
+    normally.
 
     Raw BIDS runs are native space (:attr:`BoldRun.space` None) and never have a brain mask:
     one WARNING per raw dataset gives their count. A derivative run without a brain mask gets
