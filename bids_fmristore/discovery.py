@@ -233,8 +233,9 @@ def discover(
     """Collect the BOLD runs to parcellate.
 
     A run that cannot be used (unreadable header, not 4-D, invalid RepetitionTime, a bad JSON
-    sidecar in its inheritance chain, an absent annexed file) is left out with one line in
-    :attr:`DiscoveryResult.problems`; the other runs are found normally.
+    sidecar in its inheritance chain, an absent annexed file, several files for the one run)
+    is left out with one line in :attr:`DiscoveryResult.problems`; the other runs are found
+    normally.
 
     Raw BIDS runs are native space (:attr:`BoldRun.space` None) and never have a brain mask:
     one WARNING per raw dataset gives their count. A derivative run without a brain mask gets
@@ -327,6 +328,7 @@ def discover(
         if found and not ds.is_derivative:
             log.warning("%s: %d raw BOLD run(s) have no brain mask (raw BIDS input); every "
                         "voxel inside the atlas is used", ds.root, found)
+    _drop_duplicates(result)
     if not result.runs and not result.problems:
         shown = {k: v for k, v in query.items() if k not in ("suffix", "datatype", "extension")}
         where = ", ".join(str(ds.root) for ds in sources)
@@ -334,6 +336,29 @@ def discover(
         raise InputError(f"no BOLD run matches ({what}, filters {shown or 'none'}) in {where}")
     result.runs.sort(key=lambda r: (r.subject, sorted(r.entities.items())))
     return result
+
+
+def _drop_duplicates(result: DiscoveryResult) -> None:
+    """Several files for one run (``.nii`` and ``.nii.gz``, two ``desc``, two datasets) would
+    be one scan written twice: none is used, one problem line names them all."""
+    groups: dict[tuple, list[BoldRun]] = defaultdict(list)
+    for run in result.runs:
+        key = []
+        for name in (*ENTITY_KEYS, "space", "res"):
+            value = run.entities.get(name)
+            if value is not None:
+                key.append((name, str(int(value)) if name in ("run", "echo")
+                            and value.isdigit() else value))
+        groups[tuple(key)].append(run)
+    result.runs = []
+    for runs in groups.values():
+        if len(runs) == 1:
+            result.runs.extend(runs)
+            continue
+        result.problems.append(
+            f"{runs[0].path}: {len(runs)} BOLD files for one run "
+            f"({', '.join(run.uri() for run in runs)}); none is used: remove all but one, or "
+            "select one with --bids-filter-file")
 
 
 def _make_run(ds: Dataset, bold, masks: _Masks | None, sidecars: SidecarReader) -> BoldRun:

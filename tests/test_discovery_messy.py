@@ -211,7 +211,9 @@ def test_bad_sidecar_fails_only_its_run(tmp_path):
 def test_bad_json_outside_the_inheritance_chain_is_ignored(tmp_path):
     fmriprep, bolds = subjects(tmp_path)
     func = bolds[0].parent
-    (func / "sub-01_task-rest_run-01_desc-confounds_timeseries.json").write_text("")
+    confounds = func / "sub-01_task-rest_run-01_desc-confounds_timeseries"
+    confounds.with_suffix(".tsv").write_text("a\n1\n")
+    confounds.with_suffix(".json").write_text("")  # left by an interrupted job
     (fmriprep / "task-motor_bold.json").write_text("{")  # another task
     (fmriprep / "sub-01" / "sub-01_task-rest_run-02_bold.json").write_text("{")  # another run
     (func / ".sub-01_task-rest_bold.json").write_text("{")  # hidden
@@ -307,6 +309,27 @@ def test_bad_headers(tmp_path):
         f"{bolds[3]}: is 3-D; expected a 4-D BOLD series",
     ]
     assert found.problems[3].startswith(f"{bolds[4]}: cannot read NIfTI header (")
+
+
+def test_several_files_for_one_run(tmp_path):
+    bids, fmriprep, other = make_raw(tmp_path / "bids"), tmp_path / "fmriprep", tmp_path / "other"
+    kept = fmriprep_run(fmriprep, run=2)
+    bold = fmriprep_run(fmriprep)
+    img = nib.load(bold)
+    nib.save(img, bold.with_suffix(""))  # the same run as .nii and .nii.gz
+    fmriprep_run(other, run=2, sub="01")  # the same run in a second dataset
+    found = discover(bids, derivatives={"fmriprep": fmriprep})
+    assert [r.path for r in found.runs] == [kept]
+    assert found.problems == [
+        f"{bold.with_suffix('')}: 2 BOLD files for one run (bids:fmriprep:{FUNC}/{BOLD[:-3]}, "
+        f"bids:fmriprep:{FUNC}/{BOLD}); none is used: remove all but one, or select one with "
+        "--bids-filter-file"]
+    found = discover(bids, derivatives={"fmriprep": fmriprep, "other": other},
+                     filters={"bold": {"extension": ".nii.gz"}})
+    assert [r.path for r in found.runs] == [bold]
+    (line,) = found.problems
+    assert line.startswith(f"{kept}: 2 BOLD files for one run (bids:fmriprep:")
+    assert f"bids:other:{FUNC}/{kept.name})" in line
 
 
 # -- --bids-filter-file -----------------------------------------------------------------------
@@ -406,13 +429,14 @@ def test_exclude_output_inside_a_dataset(tmp_path):
     bold = fmriprep_run(fmriprep)
     out = fmriprep / "parcellated"
     fake = fake_output(out, bold, BOLD)
-    assert fake in [r.path for r in discover(fmriprep).runs]  # why it matters
+    (line,) = discover(fmriprep).problems  # why it matters: the output is seen as input
+    assert f"bids:raw:parcellated/{FUNC}/{BOLD}" in line and fake.exists()
     (run,) = discover(fmriprep, exclude=[out]).runs
     assert run.path == bold
     unnormalized = fmriprep / "sub-01" / ".." / "parcellated"
     (run,) = discover(fmriprep, exclude=[tmp_path / "elsewhere", unnormalized]).runs
     assert run.path == bold
-    assert len(discover(fmriprep, exclude=[fmriprep]).runs) == 2  # never the whole dataset
+    assert discover(fmriprep, exclude=[fmriprep]).problems == [line]  # never the whole dataset
 
 
 def test_database_is_per_dataset_root(tmp_path):
