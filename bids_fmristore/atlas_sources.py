@@ -444,6 +444,19 @@ class AtlasCatalog:
         ]
         self._loaded: dict[tuple[str, Path], Atlas] = {}
 
+    def check_native(self, n_runs: int, allow: bool) -> None:
+        """BOLD runs in native space (no ``space-`` entity, e.g. raw BIDS) with an atlas of a
+        template: an :class:`AtlasError`, or with ``allow`` a warning."""
+        for request, candidates in self._found:
+            if candidates.template is None:
+                continue
+            what = (f"atlas {request.name} is in template {candidates.template} but {n_runs} "
+                    "BOLD run(s) are in native space (no space- entity; raw BIDS without -d?)")
+            if not allow:
+                raise AtlasError(f"{what}: give preprocessed runs in {candidates.template} with "
+                                 f"-d, or use {ALLOW_MISMATCH_FLAG} to apply it anyway")
+            log.warning("%s; using it anyway (%s)", what, ALLOW_MISMATCH_FLAG)
+
     def for_grid(self, zooms: Sequence[float]) -> list[Atlas]:
         """The atlases to use on a grid of voxel size ``zooms`` (mm), in request order."""
         atlases = []

@@ -284,7 +284,9 @@ def discover(
             db = Path(database_dir) / ds.name
         layouts[ds.name] = load_layout(ds.root, derivative=ds.is_derivative,
                                        validate=validate, database=db, exclude=exclude)
-    sources = datasets[1:] or [raw]
+    # BOLD comes from the -d datasets that have subjects (an atlas dataset has none), else
+    # from BIDS_DIR itself.
+    sources = [ds for ds in datasets[1:] if layouts[ds.name].get_subjects()] or [raw]
     bold_filters = pybids_filters(filters.get("bold", {}))
     mask_filters = pybids_filters(filters.get("mask", {}))
 
