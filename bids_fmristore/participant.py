@@ -29,6 +29,7 @@ from bids_fmristore.discovery import BoldRun
 from bids_fmristore.errors import InputError, UserError
 from bids_fmristore.formats.header import Geometry, mask_order
 from bids_fmristore.formats.multiscan import ClusterLayout, MultiScanWriter
+from bids_fmristore.interrupt import init_worker
 from bids_fmristore.nifti_stream import NiftiInfo, read_info
 from bids_fmristore.parcellate import Parcels, parcellate_run
 from bids_fmristore.tables import write_run_tables
@@ -424,7 +425,8 @@ def run_jobs(jobs: list[Job], opts: Options = Options(), *, nprocs: int = 1,
     results = []
     ctx = multiprocessing.get_context("spawn")  # no fork of pybids' or HDF5's state
     with tempfile.TemporaryDirectory(dir=scratch, prefix=".bids_fmristore-work-") as tmp, \
-            ProcessPoolExecutor(max_workers=nprocs, mp_context=ctx) as pool:
+            ProcessPoolExecutor(max_workers=nprocs, mp_context=ctx,
+                                initializer=init_worker) as pool:
         planned = []
         for j, job in enumerate(jobs):
             prep = _guarded(prepare_targets, job, opts)
