@@ -120,6 +120,7 @@ def parcellate_run(
     *,
     moments: VoxelMoments | None = None,
     per_chunk: int = VOLUMES_PER_CHUNK,
+    progress: Callable[[int], None] | None = None,
 ) -> list[np.ndarray]:
     """Read a run once and compute every target's parcel means (and voxel blocks).
 
@@ -135,6 +136,8 @@ def parcellate_run(
         The block is reused afterwards: copy what must outlive the call.
     moments : VoxelMoments, optional
         Also accumulates voxel-wise temporal statistics in the same pass.
+    progress : callable, optional
+        Called with the number of volumes done after each block (see ``bids_fmristore.progress``).
 
     Returns
     -------
@@ -159,6 +162,8 @@ def parcellate_run(
                     values *= slope
                     values += inter
                 sink(t0, values)
+        if progress is not None:
+            progress(t1)
     for p, out in zip(parcels, means, strict=True):
         out /= p.counts
         if info.scaled:
