@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import logging
+import os
 import sys
-import traceback
+import tempfile
 from pathlib import Path
 
 from bids_fmristore.errors import (
@@ -18,33 +19,34 @@ from bids_fmristore.errors import (
     UsageError,
     UserError,
 )
+from bids_fmristore.interrupt import Terminated, handle_signals
 
 __all__ = ["main", "run_command"]
 
 log = logging.getLogger("bids_fmristore")
 
-
-@contextlib.contextmanager
-def _logging(verbose: int, debug: bool):
-    """Log to stderr while the command runs; restore the logger afterwards (in-process use)."""
-    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("bids_fmristore: %(levelname)s: %(message)s"))
-    saved = (log.handlers[:], log.level, log.propagate)
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
-    try:
-        yield
-    finally:
-        log.handlers[:], log.level, log.propagate = saved
+#: errno values of an OSError that is the user's environment, not a bug, even without a file
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit code (documented in ``--help``)."""
+    """Run the command line; return the exit code (documented in ``--help``).
+
+    SIGTERM and SIGINT are handled while it runs (exit 143 / 130, temporaries removed); the
+    previous handlers are restored on return, for in-process callers.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with handle_signals():
+        try:
+            return _main(argv)
+        except Terminated as stop:  # outside run_command (e.g. while parsing): no file yet
+            print(f"bids_fmristore: ERROR: interrupted by {stop.name}", file=sys.stderr)
+            return stop.exit_code
+
+
+def _main(argv: list[str]) -> int:
     from bids_fmristore.cli.parser import build_parser
 
-    argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "export":
         from bids_fmristore.cli.export import export_main
 
@@ -53,44 +55,113 @@ def main(argv: list[str] | None = None) -> int:
         opts = build_parser().parse_args(argv)
     except SystemExit as stop:  # argparse: --help, --version, usage errors
         return int(stop.code or 0)
+    opts.argv = argv
     level = participant if opts.analysis_level == "participant" else group
-    return run_command(lambda: level(opts), verbose=opts.verbose, debug=opts.debug)
+    return run_command(lambda: level(opts), verbose=opts.verbose, quiet=opts.quiet,
+                       debug=opts.debug)
 
 
-def run_command(func, *, verbose: int = 0, debug: bool = False) -> int:
+def run_command(func, *, verbose: int = 0, quiet: bool = False, debug: bool = False) -> int:
     """Run ``func() -> exit code`` with stderr logging; map errors to exit codes.
 
-    User errors print one line and return their code; bugs keep their traceback (exit 1).
+    User errors print one line and return their code; so does an OSError naming a file
+    (exit 3: disk full, permission denied) and an interruption (130 / 143). Other errors are
+    bugs and keep their traceback (exit 1).
     """
+    from bids_fmristore.cli.logs import configure
     from bids_fmristore.formats.atomic import write_once
 
-    with _logging(verbose, debug), write_once():
+    with configure(verbose=verbose, quiet=quiet, debug=debug), write_once():
         return _mapped(func)
 
 
 def _mapped(func) -> int:
+    from bids_fmristore.formats.atomic import remove_own_temporaries
+
     try:
         return func()
     except UserError as err:
+        log.debug("user error", exc_info=True)
         log.error("%s", err)
         return err.exit_code
-    except KeyboardInterrupt:
-        log.error("interrupted; no partial file was kept")
-        return EXIT_INTERRUPTED
-    except Exception:  # a bug: keep the traceback
-        traceback.print_exc()
-        log.error("unexpected internal error; please report it with the traceback above")
-        return EXIT_BUG
+    except (Terminated, KeyboardInterrupt) as stop:
+        # unwinding removed the temporaries on the stack; these are the ones it could not reach
+        remove_own_temporaries()
+        name, code = ((stop.name, stop.exit_code) if isinstance(stop, Terminated)
+                      else ("SIGINT", EXIT_INTERRUPTED))
+        log.error("interrupted by %s; partial files removed", name)
+        return code
+    except OSError as err:
+        if err.filename is None and err.errno not in _ENVIRONMENT_ERRNOS:
+            return _bug()
+        log.debug("OSError", exc_info=True)
+        where = err.filename if err.filename is not None else "cannot write output"
+        log.error("%s: %s", where, err.strerror or err)
+        return EXIT_INPUT
+    except Exception:
+        return _bug()
+
+
+def _bug() -> int:
+    log.error("unexpected internal error (a bug); please report it with this traceback:",
+              exc_info=True, extra={"traceback": True})
+    return EXIT_BUG
 
 
 def _check_dirs(bids_dir: Path, output_dir: Path) -> tuple[Path, Path]:
+    """BIDS_DIR exists; OUTPUT_DIR is neither BIDS_DIR nor inside it, except under
+    ``BIDS_DIR/derivatives/<name>``. Nothing is created."""
     if not bids_dir.is_dir():
         raise InputError(f"BIDS_DIR {bids_dir} does not exist or is not a folder")
     bids_dir, output_dir = bids_dir.resolve(), output_dir.resolve()
-    if output_dir == bids_dir or bids_dir in output_dir.parents:
-        raise UsageError(f"OUTPUT_DIR {output_dir} must not be BIDS_DIR or inside it "
-                         "(use e.g. BIDS_DIR/../derivatives/bids_fmristore)")
+    inside = output_dir == bids_dir or bids_dir in output_dir.parents
+    parts = output_dir.relative_to(bids_dir).parts if inside else ()
+    if inside and not (len(parts) >= 2 and parts[0] == "derivatives"):
+        raise UsageError(f"OUTPUT_DIR {output_dir} must not be BIDS_DIR or inside it, except "
+                         "under BIDS_DIR/derivatives/ (e.g. BIDS_DIR/derivatives/bids_fmristore)")
     return bids_dir, output_dir
+
+
+def prepare_dir(path: Path, what: str) -> Path:
+    """Create ``path`` if needed and check that a file can be written in it (root ignores
+    permission bits, so only trying tells). Returns the resolved path.
+
+    Raises
+    ------
+    UsageError
+        One line naming the folder: a file is in the way, it cannot be created, or it is not
+        writable.
+    """
+    path = Path(path).resolve()
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UsageError(f"{what} {path}: {blocker} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"{what} {path} cannot be created ({err.strerror or err})") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".bids_fmristore-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UsageError(f"{what} {path} is not writable ({err.strerror or err})") from None
+    return path
+
+
+def _start(opts, level: str, output_dir: Path) -> None:
+    """Check OUTPUT_DIR and -w (creating them), then open this invocation's log file."""
+    from bids_fmristore.cli.logs import LOGS_DIR, open_log_file
+
+    prepare_dir(output_dir, "OUTPUT_DIR")
+    if opts.work_dir is not None:
+        opts.work_dir = prepare_dir(opts.work_dir, "-w/--work-dir")
+    try:
+        path = open_log_file(output_dir, level, getattr(opts, "argv", None))
+    except OSError as err:
+        raise UsageError(f"cannot create a log file in {output_dir / LOGS_DIR} "
+                         f"({err.strerror or err})") from None
+    log.debug("log file: %s", path)
 
 
 def participant(opts) -> int:
@@ -107,6 +178,7 @@ def participant(opts) -> int:
     derivatives = dict(opts.derivatives)
     if "raw" in derivatives:
         raise UsageError("-d raw=... : the name 'raw' is reserved for BIDS_DIR")
+    _start(opts, "participant", output_dir)
     database = opts.bids_database_dir
     if database is None and opts.work_dir is not None:
         database = opts.work_dir / "bids_db"
@@ -143,7 +215,7 @@ def participant(opts) -> int:
             problems.append(line)
             log.error("%s", line)
         for path in result.written:
-            log.info("wrote %s", path)
+            log.debug("wrote %s", path)
         written += len(result.written)
         skipped += len(result.skipped)
     if problems:
@@ -157,6 +229,12 @@ def group(opts) -> int:
     from bids_fmristore.discovery import Dataset
 
     bids_dir, output_dir = _check_dirs(opts.bids_dir, opts.output_dir)
+    if opts.cohort_file is None and not output_dir.is_dir():
+        raise InputError(f"OUTPUT_DIR {output_dir} does not exist: run the participant "
+                         "level first")
+    if opts.cohort_file is None and opts.group_mask is not None:
+        raise UsageError("--group-mask goes with --cohort-file")
+    _start(opts, "group", output_dir)
     if opts.cohort_file is not None:
         from bids_fmristore.cohort import read_cohort, write_cohort_sets
 
@@ -165,13 +243,8 @@ def group(opts) -> int:
                                     mask_threshold=opts.group_mask_threshold,
                                     overwrite=opts.overwrite)
     else:
-        if opts.group_mask is not None:
-            raise UsageError("--group-mask goes with --cohort-file")
         from bids_fmristore.group import write_group
 
-        if not output_dir.is_dir():
-            raise InputError(f"OUTPUT_DIR {output_dir} does not exist: run the participant "
-                             "level first")
         written = write_group(output_dir, bids_dir, group_by=opts.group_by,
                               threshold=opts.group_mask_threshold,
                               participants=opts.participant_label, overwrite=opts.overwrite)
