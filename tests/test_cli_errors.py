@@ -226,10 +226,20 @@ def test_unknown_flag(tmp_path, rng, capsys):
 def test_help(capsys):
     assert main(["--help"]) == EXIT_OK
     out = capsys.readouterr().out
-    assert out.startswith("usage: bids_fmristore")
+    usage = out.split("\n\n")[0]
+    assert usage.startswith("usage: bids_fmristore BIDS_DIR OUTPUT_DIR {participant,group}")
+    assert "bids_fmristore export FILE OUT_DIR" in usage
     for text in ("BIDS_DIR", "OUTPUT_DIR", "--participant-label", "--atlas", "exit codes",
-                 "130"):
+                 "130", "143", "SIGTERM", "-q, --quiet", "OUTPUT_DIR/logs/"):
         assert text in out
+    # the analysis level is explained
+    level = out.split("{participant,group}", 2)[2].split("options:")[0]
+    assert "participant:" in level and "group:" in level
+    flat = " ".join(out.split())
+    for default in ("(default: both)", "(default: 0.5, as XCP-D)", "(default: subject)",
+                    "(default: 1)", "(default: MNI152NLin2009cAsym", "(default: 1.0 = all)"):
+        assert default in flat, default
+    assert "(default: None)" not in flat and "(default: False)" not in flat
 
 
 def test_version(capsys):

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import errno
+import io
+import logging
 import re
 import signal
+import sys
 
 import pytest
 from test_cli_errors import args, build, error_lines, out_file
 
 import bids_fmristore
-import bids_fmristore.cli.run
+from bids_fmristore import progress
+from bids_fmristore.cli.logs import configure
 from bids_fmristore.cli.run import main
 from bids_fmristore.errors import EXIT_BUG, EXIT_INPUT, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
 from bids_fmristore.formats.atomic import PARTIAL_MARK
@@ -119,6 +123,22 @@ def test_oserror_naming_a_file_is_one_line(tmp_path, rng, capsys, monkeypatch):
                                 "No space left on device"]
 
 
+def test_hdf5_disk_full_is_one_line(tmp_path, rng, capsys, monkeypatch):
+    ds = build(tmp_path, rng)
+    message = ("Unable to synchronously write file (file write failed: time = Tue Dec  1, "
+               "filename = 'x.h5', file descriptor = 5, errno = 28, error message = 'No space "
+               "left on device', buf = 0x1, total write size = 8, bytes this sub-write = 8)")
+
+    def disk_full(*a, **kw):
+        raise OSError(message)  # what h5py raises: no errno, no filename
+
+    monkeypatch.setattr("bids_fmristore.participant.run_jobs", disk_full)
+    assert main(args(ds)) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert error_lines(err) == [f"bids_fmristore: ERROR: cannot write output: {message}"]
+
+
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), OSError("no file, no errno")],
                          ids=["RuntimeError", "bare-OSError"])
 def test_a_bug_keeps_its_traceback(tmp_path, rng, capsys, monkeypatch, exc):
@@ -134,6 +154,31 @@ def test_a_bug_keeps_its_traceback(tmp_path, rng, capsys, monkeypatch, exc):
     assert "Traceback" in err and str(exc) in err
     (log,) = logs(ds["out"])
     assert "Traceback" in log.read_text()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_bars_only_on_a_terminal_and_not_quiet(monkeypatch, quiet):
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    saved = progress.bars_enabled()
+    with configure(quiet=quiet):
+        assert progress.bars_enabled() is not quiet
+        with progress.Progress("sub-01: run 1/1", 10) as bar:
+            bar(5)
+            logging.getLogger("bids_fmristore").warning("while a bar is shown")
+    assert progress.bars_enabled() is saved
+    text = sys.stderr.getvalue()
+    assert "bids_fmristore: WARNING: while a bar is shown\n" in text
+    assert ("5/10" in text) is not quiet
+
+
+def test_no_bar_without_a_terminal(capsys):
+    with configure():
+        assert not progress.bars_enabled()
 
 
 def test_main_restores_signal_handlers(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -92,7 +93,7 @@ def _mapped(func) -> int:
         log.error("interrupted by %s; partial files removed", name)
         return code
     except OSError as err:
-        if err.filename is None and err.errno not in _ENVIRONMENT_ERRNOS:
+        if err.filename is None and _errno(err) not in _ENVIRONMENT_ERRNOS:
             return _bug()
         log.debug("OSError", exc_info=True)
         where = err.filename if err.filename is not None else "cannot write output"
@@ -100,6 +101,14 @@ def _mapped(func) -> int:
         return EXIT_INPUT
     except Exception:
         return _bug()
+
+
+def _errno(err: OSError) -> int | None:
+    """The errno, also from HDF5's messages (h5py leaves ``errno`` unset: "errno = 28")."""
+    if err.errno is not None:
+        return err.errno
+    found = re.search(r"errno = (\d+)", str(err))
+    return int(found.group(1)) if found else None
 
 
 def _bug() -> int:
