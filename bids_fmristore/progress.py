@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
-__all__ = ["Progress", "bars_enabled", "enable_bars", "INTERVAL"]
+__all__ = ["Progress", "bars_enabled", "enable_bars", "run_label", "INTERVAL"]
 
 log = logging.getLogger("bids_fmristore.progress")
 
@@ -35,6 +35,13 @@ def bars_enabled() -> bool:
     return _bars
 
 
+def run_label(job: str, index: int, total: int, scan: str) -> str:
+    """``sub-01: run 2/4 (task-rest_run-02)`` for the 0-based ``index`` of ``total`` runs of
+    ``job`` (``Job.label``), ``scan`` its scan name (the job label prefix is dropped)."""
+    short = scan[len(job) + 1:] if scan.startswith(job + "_") else scan
+    return f"{job}: run {index + 1}/{total} ({short})"
+
+
 class Progress:
     """Progress of one run, called with the number of volumes done so far.
 
@@ -51,7 +58,7 @@ class Progress:
     total : int
         Volumes in the run.
     interval : float
-        Minimum seconds between two INFO lines (no bar).
+        Minimum seconds between two lines: INFO without a bar, DEBUG (the log file) with one.
     clock : callable
         Seconds, monotonic (tests pass a fake one).
     bar : bool, optional
@@ -74,14 +81,13 @@ class Progress:
         """``done`` volumes of the run have been processed."""
         if self._bar is not None:
             self._bar.update(done - self.done)
-            self.done = done
-            return
         self.done = done
         now = self.clock()
         if now - self._last >= self.interval:
             self._last = now
-            log.info("%s: %d/%d volumes, %.0f s", self.label, done, self.total,
-                     now - self.start)
+            # with a bar the line is for the log file (and -v) only
+            log.log(logging.DEBUG if self._bar is not None else logging.INFO,
+                    "%s: %d/%d volumes, %.0f s", self.label, done, self.total, now - self.start)
 
     def close(self) -> None:
         """Remove the bar (idempotent)."""

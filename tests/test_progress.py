@@ -11,7 +11,7 @@ import numpy as np
 from bids_fmristore import progress
 from bids_fmristore.nifti_stream import read_info
 from bids_fmristore.parcellate import Parcels, parcellate_run
-from bids_fmristore.progress import Progress
+from bids_fmristore.progress import Progress, run_label
 
 
 class FakeClock:
@@ -49,15 +49,20 @@ def test_a_short_run_logs_nothing(caplog):
     assert caplog.records == []
 
 
-def test_bar_counts_volumes(monkeypatch):
+def test_bar_counts_volumes_lines_go_to_debug(monkeypatch, caplog):
     stream = io.StringIO()
     monkeypatch.setattr("sys.stderr", stream)
-    with Progress("sub-01: run 1/1", 20, bar=True) as p:
+    caplog.set_level(logging.DEBUG, logger="bids_fmristore.progress")
+    clock = FakeClock()
+    with Progress("sub-01: run 1/1", 20, bar=True, clock=clock) as p:
         for done in (8, 16, 20):
+            clock.now += 20
             p(done)
         assert p._bar.n == 20 and p._bar.total == 20
     assert p._bar is None
     assert "sub-01: run 1/1" in stream.getvalue()
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.DEBUG, "sub-01: run 1/1: 16/20 volumes, 40 s")]
 
 
 def test_bars_follow_the_setting():
@@ -80,3 +85,9 @@ def test_parcellate_run_reports_volumes_done(tmp_path):
                               progress=seen.append)
     assert seen == [8, 16, 19]
     assert means.shape == (19, 3)
+
+
+def test_run_label():
+    assert run_label("sub-01", 1, 4, "sub-01_task-rest_run-02") == \
+        "sub-01: run 2/4 (task-rest_run-02)"
+    assert run_label("sub-01_ses-a", 0, 1, "other") == "sub-01_ses-a: run 1/1 (other)"

@@ -124,3 +124,26 @@ def test_without_flock_the_owner_pid_decides(tmp_path, monkeypatch, alive):
     elsewhere.with_name(elsewhere.name + LOCK_SUFFIX).write_text("")
     assert remove_stale([tmp_path]) == ([] if alive else [tmp])
     assert elsewhere.exists()  # another host's pid says nothing here
+
+
+def test_a_rerun_removes_the_selected_subjects_leftovers(tmp_path, rng, capsys):
+    from test_cli_errors import args, build, out_file
+
+    from bids_fmristore.cli.run import main
+
+    ds = build(tmp_path, rng)
+    _, mine = writer(out_file(ds, "01"), "die")
+    _, top = writer(ds["out"] / "dataset_description.json", "die")
+    _, other = writer(out_file(ds, "02"), "die")  # not selected: not this job's business
+    live, busy = writer(out_file(ds, "01").with_name("busy.h5"), "live")
+    try:
+        assert main(args(ds, "--participant-label", "01")) == 0
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+    err = capsys.readouterr().err
+    assert f"bids_fmristore: INFO: removed {mine}, a temporary file" in err
+    assert f"removed {top}," in err
+    assert not mine.exists() and not top.exists()
+    assert other.exists() and busy.exists()
+    assert out_file(ds, "01").is_file()

@@ -143,6 +143,8 @@ def prepare_dir(path: Path, what: str) -> Path:
     """
     path = Path(path).resolve()
     blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker == path and not path.is_dir():
+        raise UsageError(f"{what} {path} is a file, not a folder")
     if blocker is not None and not blocker.is_dir():
         raise UsageError(f"{what} {path}: {blocker} is a file, not a folder")
     try:
@@ -170,6 +172,7 @@ def _start(opts, level: str, output_dir: Path) -> None:
     except OSError as err:
         raise UsageError(f"cannot create a log file in {output_dir / LOGS_DIR} "
                          f"({err.strerror or err})") from None
+    opts.log_file = path
     log.debug("log file: %s", path)
 
 
@@ -179,6 +182,7 @@ def participant(opts) -> int:
     from bids_fmristore.derivatives import write_dataset_description
     from bids_fmristore.discovery import discover
     from bids_fmristore.participant import Options, plan_jobs, run_jobs
+    from bids_fmristore.stale import remove_stale
 
     bids_dir, output_dir = _check_dirs(opts.bids_dir, opts.output_dir)
     if not opts.atlas:
@@ -188,6 +192,9 @@ def participant(opts) -> int:
     if "raw" in derivatives:
         raise UsageError("-d raw=... : the name 'raw' is reserved for BIDS_DIR")
     _start(opts, "participant", output_dir)
+    # leftovers of killed jobs: only folders this job may write, so cost does not grow with N
+    remove_stale([output_dir])
+    remove_stale([output_dir / ATLASES_DIR], recursive=True)
     database = opts.bids_database_dir
     if database is None and opts.work_dir is not None:
         database = opts.work_dir / "bids_db"
@@ -206,6 +213,8 @@ def participant(opts) -> int:
     jobs, problems = plan_jobs(found.runs, catalog.for_grid, output_dir,
                                per_session=bool(opts.session_label))
     problems = found.problems + problems
+    remove_stale([output_dir / f"sub-{s}" for s in sorted({job.subject for job in jobs})],
+                 recursive=True)
     for line in problems:
         log.error("%s", line)
     if not jobs:
@@ -236,14 +245,16 @@ def group(opts) -> int:
     """Group level: LabeledVolumeSets of the participants' maps, or of a cohort file."""
     from bids_fmristore.derivatives import write_dataset_description
     from bids_fmristore.discovery import Dataset
+    from bids_fmristore.stale import remove_stale
 
     bids_dir, output_dir = _check_dirs(opts.bids_dir, opts.output_dir)
+    if opts.cohort_file is None and opts.group_mask is not None:
+        raise UsageError("--group-mask goes with --cohort-file")
     if opts.cohort_file is None and not output_dir.is_dir():
         raise InputError(f"OUTPUT_DIR {output_dir} does not exist: run the participant "
                          "level first")
-    if opts.cohort_file is None and opts.group_mask is not None:
-        raise UsageError("--group-mask goes with --cohort-file")
     _start(opts, "group", output_dir)
+    remove_stale([output_dir, output_dir / "group"])
     if opts.cohort_file is not None:
         from bids_fmristore.cohort import read_cohort, write_cohort_sets
 
