@@ -9,9 +9,11 @@ and go on with the next task), so they unlink their live temporaries and exit at
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -85,3 +87,11 @@ def init_worker() -> None:
     its temporaries and exits (the parent then sees a broken pool and stops the others)."""
     for sig in SIGNALS:
         signal.signal(sig, _worker_signal)
+    # a spawned worker has no logging set-up: its warnings would come out without the prefix
+    logger = logging.getLogger("bids_fmristore")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("bids_fmristore: %(levelname)s: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+        logger.propagate = False

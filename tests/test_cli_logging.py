@@ -185,3 +185,17 @@ def test_main_restores_signal_handlers(tmp_path):
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     main([str(tmp_path / "missing"), str(tmp_path / "out"), "participant", "--atlas", "A=x"])
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_worker_warnings_keep_the_prefix(tmp_path, rng, capfd):
+    """A spawned worker logs like the main process (its warnings were bare lines)."""
+    import numpy as np
+    from conftest import make_fmriprep_run
+
+    ds = build(tmp_path, rng, runs={"01": (1,)})
+    one = rng.normal(100, 5, size=(6, 7, 5, 1)).astype(np.float32)
+    bold = make_fmriprep_run(ds["fmriprep"], one, np.eye(4) * [2, 2, 2, 1],
+                             np.ones((6, 7, 5), bool), sub="01", run=2)
+    assert main(args(ds, "--nprocs", "2")) == EXIT_OK
+    err = capfd.readouterr().err
+    assert f"bids_fmristore: WARNING: {bold} has one volume" in err, err

@@ -82,7 +82,7 @@ def _mapped(func) -> int:
     try:
         return func()
     except UserError as err:
-        log.debug("user error", exc_info=True)
+        log.debug("%s raised:", type(err).__name__, exc_info=True)
         log.error("%s", err)
         return err.exit_code
     except (Terminated, KeyboardInterrupt) as stop:
