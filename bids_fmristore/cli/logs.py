@@ -75,7 +75,8 @@ def configure(*, verbose: int = 0, quiet: bool = False, debug: bool = False) -> 
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG)  # the log file gets everything; stderr filters
     log.propagate = False
-    bars = progress.enable_bars(sys.stderr.isatty() and not quiet)
+    terminal = getattr(sys.stderr, "isatty", lambda: False)()
+    bars = progress.enable_bars(terminal and not quiet)
     try:
         yield
     finally:
@@ -110,26 +111,14 @@ def open_log_file(output_dir: Path, level: str, argv: list[str] | None) -> Path:
         break
     else:  # pragma: no cover - a thousand invocations in one second in one process
         raise FileExistsError(folder / (stem + ".log"))
-    handler = logging.StreamHandler(os.fdopen(fd, "w", encoding="utf-8"))
+    os.close(fd)  # the name is ours now (O_EXCL); FileHandler appends to it
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.close = _closing(handler)
     log.addHandler(handler)
     for line in _header(argv):
         log.debug("%s", line)
     return path
-
-
-def _closing(handler: logging.StreamHandler):
-    close = handler.close
-
-    def close_stream() -> None:
-        with contextlib.suppress(OSError, ValueError):
-            handler.flush()
-            handler.stream.close()
-        close()
-
-    return close_stream
 
 
 def _header(argv: list[str] | None) -> list[str]:
