@@ -199,3 +199,51 @@ def test_worker_warnings_keep_the_prefix(tmp_path, rng, capfd):
     assert main(args(ds, "--nprocs", "2")) == EXIT_OK
     err = capfd.readouterr().err
     assert f"bids_fmristore: WARNING: {bold} has one volume" in err, err
+
+
+def test_any_error_after_a_signal_is_the_interruption(tmp_path, rng, capsys, monkeypatch):
+    """C code (h5py callbacks) may turn the handler's exception into another error."""
+    ds = build(tmp_path, rng)
+
+    def converted(*a, **kw):
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except BaseException as exc:
+            raise RuntimeError("Can't write data") from exc
+
+    monkeypatch.setattr("bids_fmristore.participant.run_jobs", converted)
+    assert main(args(ds)) == 143
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert error_lines(err) == ["bids_fmristore: ERROR: interrupted by SIGTERM; "
+                                "partial files removed"]
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_a_swallowed_interruption_is_raised_again(tmp_path, rng, capsys, monkeypatch):
+    ds = build(tmp_path, rng)
+    monkeypatch.setattr("bids_fmristore.interrupt.RETRY", 0.05)
+
+    def swallowing(*a, **kw):
+        import gc
+        import time
+        import weakref
+
+        class Thing:
+            pass
+
+        thing = Thing()
+        # raised in a weakref callback, the exception is "ignored" (sys.unraisablehook)
+        ref = weakref.ref(thing, lambda ref: signal.raise_signal(signal.SIGINT))
+        del thing
+        gc.collect()
+        assert ref() is None
+
+        time.sleep(30)
+
+    monkeypatch.setattr("bids_fmristore.participant.run_jobs", swallowing)
+    assert main(args(ds)) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception ignored" not in err
+    assert error_lines(err) == [
+        "bids_fmristore: ERROR: interrupted by SIGINT; partial files removed"]

@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -13,7 +14,6 @@ from pathlib import Path
 from bids_fmristore.errors import (
     EXIT_BUG,
     EXIT_INPUT,
-    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
     InputError,
@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     with handle_signals():
         try:
             return _main(argv)
-        except Terminated as stop:  # outside run_command (e.g. while parsing): no file yet
+        except Terminated as stop:  # outside run_command (e.g. while parsing)
+            from bids_fmristore.formats.atomic import remove_own_temporaries
+
+            remove_own_temporaries()
             print(f"bids_fmristore: ERROR: interrupted by {stop.name}", file=sys.stderr)
             return stop.exit_code
 
@@ -77,30 +80,44 @@ def run_command(func, *, verbose: int = 0, quiet: bool = False, debug: bool = Fa
 
 
 def _mapped(func) -> int:
-    from bids_fmristore.formats.atomic import remove_own_temporaries
-
     try:
         return func()
-    except UserError as err:
-        log.debug("%s raised:", type(err).__name__, exc_info=True)
-        log.error("%s", err)
-        return err.exit_code
-    except (Terminated, KeyboardInterrupt) as stop:
-        # unwinding removed the temporaries on the stack; these are the ones it could not reach
-        remove_own_temporaries()
-        name, code = ((stop.name, stop.exit_code) if isinstance(stop, Terminated)
-                      else ("SIGINT", EXIT_INTERRUPTED))
-        log.error("interrupted by %s; partial files removed", name)
-        return code
-    except OSError as err:
-        if err.filename is None and _errno(err) not in _ENVIRONMENT_ERRNOS:
+    except BaseException as exc:  # noqa: B036 - sorted out below, the rest re-raised
+        stopped = _interruption(exc)
+        if stopped is not None:
+            return stopped
+        if isinstance(exc, UserError):
+            log.debug("%s raised:", type(exc).__name__, exc_info=True)
+            log.error("%s", exc)
+            return exc.exit_code
+        if isinstance(exc, OSError) and (exc.filename is not None
+                                         or _errno(exc) in _ENVIRONMENT_ERRNOS):
+            log.debug("OSError", exc_info=True)
+            where = exc.filename if exc.filename is not None else "cannot write output"
+            log.error("%s: %s", where, exc.strerror or exc)
+            return EXIT_INPUT
+        if isinstance(exc, Exception):
             return _bug()
-        log.debug("OSError", exc_info=True)
-        where = err.filename if err.filename is not None else "cannot write output"
-        log.error("%s: %s", where, err.strerror or err)
-        return EXIT_INPUT
-    except Exception:
-        return _bug()
+        raise
+
+
+def _interruption(exc: BaseException) -> int | None:
+    """Exit code if ``exc`` comes from a signal (whatever its type: the exception raised by
+    the handler may have been turned into another one by C code on the way), else None."""
+    from bids_fmristore import interrupt
+    from bids_fmristore.formats.atomic import remove_own_temporaries
+
+    signum = interrupt.received()
+    if signum is None and isinstance(exc, KeyboardInterrupt):
+        signum = signal.SIGINT
+    if signum is None:
+        return None
+    interrupt.acknowledge()
+    # unwinding removed the temporaries on the stack; these are the ones it could not reach
+    remove_own_temporaries()
+    log.debug("interrupted here:", exc_info=True)
+    log.error("interrupted by %s; partial files removed", signal.Signals(signum).name)
+    return interrupt.exit_code(signum)
 
 
 def _errno(err: OSError) -> int | None:

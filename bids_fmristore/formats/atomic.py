@@ -189,12 +189,12 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
-        _live.pop(tmp_path, None)
         _release(lock, fd)
+        _live.pop(tmp_path, None)  # last: if interrupted before, remove_own_temporaries() can
         _remove_folders(created)
         raise
-    _live.pop(tmp_path, None)
     _release(lock, fd)
+    _live.pop(tmp_path, None)
 
 
 def _remove_folders(created: list[Path]) -> None:
