@@ -5,7 +5,9 @@ names contain ``PARTIAL_MARK`` and an owner token), and only when their writer i
 writer holds an exclusive ``flock`` on the temporary's lock file, so a cleaner that can take
 that lock without blocking knows the owner has gone. Several jobs may share OUTPUT_DIR, on
 several nodes, so this is the only safe test. Where the file system does not support flock,
-a temporary is removed only if its token names this host and a pid that is not alive.
+a temporary is removed only if its token names this host and a pid that is not alive. Some
+network mounts take flocks locally only (NFS ``local_lock``), where another node's lock looks
+free: another host's temporary must also be untouched for :data:`OTHER_HOST_AGE` seconds.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,6 +29,9 @@ except ImportError:  # pragma: no cover - not POSIX
 __all__ = ["remove_stale"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds without modification after which another host's unlocked temporary is stale.
+OTHER_HOST_AGE = 600.0
 
 
 def remove_stale(folders: Iterable[Path], *, recursive: bool = False) -> list[Path]:
@@ -83,7 +89,7 @@ def _remove_if_dead(tmp: Path) -> bool:
     except OSError:
         return False
     try:
-        dead = _owner_dead(fd, tmp.name)
+        dead = _owner_dead(fd, tmp.name) and _quiet_long_enough(tmp)
         if dead:
             # unlink while holding the lock: a writer that races for this name sees it go
             return _unlink(tmp, lock)
@@ -103,6 +109,16 @@ def _owner_dead(fd: int, name: str) -> bool:
             pass
     owner = parse_token(name)
     return owner is not None and owner[0] == _host() and not _pid_alive(owner[1])
+
+
+def _quiet_long_enough(tmp: Path) -> bool:
+    owner = parse_token(tmp.name)
+    if owner is None or owner[0] == _host():
+        return True
+    try:
+        return time.time() - tmp.stat().st_mtime > OTHER_HOST_AGE
+    except FileNotFoundError:
+        return True
 
 
 def _host() -> str:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,16 @@ def test_a_rerun_removes_the_selected_subjects_leftovers(tmp_path, rng, capsys):
     assert not mine.exists() and not top.exists()
     assert other.exists() and busy.exists()
     assert out_file(ds, "01").is_file()
+
+
+def test_another_hosts_temporary_must_also_be_old(tmp_path):
+    """Its lock may be local to that node (NFS local_lock): only an old one is stale."""
+    names = {age: tmp_path / f".{age}.h5{PARTIAL_MARK}othernode.1234.aaaaaa.abcd1234.h5"
+             for age in ("recent", "old")}
+    for path in names.values():
+        path.write_text("x")
+        path.with_name(path.name + LOCK_SUFFIX).write_text("")
+    old = time.time() - stale.OTHER_HOST_AGE - 60
+    os.utime(names["old"], (old, old))
+    assert remove_stale([tmp_path]) == [names["old"]]
+    assert names["recent"].exists()
