@@ -9,11 +9,15 @@ Exit codes (also listed in the README and ``bids_fmristore --help``):
 ====  ==========================================================================
 0     success
 1     unexpected internal error (a bug; the traceback is printed)
-2     command-line usage error (bad flag or value, OUTPUT_DIR inside BIDS_DIR)
-3     input dataset problem (missing BIDS_DIR, unknown participant, no BOLD run matches)
+2     command-line usage error (bad flag or value; OUTPUT_DIR inside BIDS_DIR but not under
+      BIDS_DIR/derivatives/; OUTPUT_DIR or -w is a file, cannot be created, is not writable;
+      the log file cannot be created)
+3     input dataset problem (missing BIDS_DIR, unknown participant, no BOLD run matches), or
+      an output cannot be written (disk full, permission denied: the line names the file)
 4     atlas problem (missing file, non-integer labels, bad label table)
 5     some runs or subjects failed, the others were written
-130   interrupted (Ctrl-C / SIGINT)
+130   interrupted (Ctrl-C / SIGINT); partial files removed
+143   terminated (SIGTERM, e.g. the SLURM time limit); partial files removed
 ====  ==========================================================================
 """
 
@@ -27,6 +31,7 @@ __all__ = [
     "EXIT_ATLAS",
     "EXIT_PARTIAL",
     "EXIT_INTERRUPTED",
+    "EXIT_TERMINATED",
     "UserError",
     "UsageError",
     "InputError",
@@ -42,6 +47,7 @@ EXIT_INPUT = 3
 EXIT_ATLAS = 4
 EXIT_PARTIAL = 5
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class UserError(Exception):

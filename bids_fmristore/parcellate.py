@@ -183,6 +183,7 @@ def parcellate_run(
     *,
     moments: VoxelMoments | None = None,
     per_chunk: int = VOLUMES_PER_CHUNK,
+    progress: Callable[[int], None] | None = None,
 ) -> RunMeans:
     """Read a run once and compute every target's parcel means (and voxel blocks).
 
@@ -198,6 +199,8 @@ def parcellate_run(
         The block is reused afterwards: copy what must outlive the call.
     moments : VoxelMoments, optional
         Also accumulates voxel-wise temporal statistics in the same pass.
+    progress : callable, optional
+        Called with the number of volumes done after each block (see ``bids_fmristore.progress``).
 
     Returns
     -------
@@ -233,6 +236,8 @@ def parcellate_run(
                     values *= slope
                     values += inter
                 sink(t0, values)
+        if progress is not None:
+            progress(t1)
     if finite is not None:
         means.nonfinite_voxels = finite.count(moments)
         if finite.all_bad(moments):

@@ -66,9 +66,10 @@ def assert_nothing_partial(out: Path) -> None:
 
 
 def assert_no_output(out: Path, *, upfront: bool = True) -> None:
-    """No .h5, no partial file; for errors found before any work, no OUTPUT_DIR at all."""
-    if upfront:
-        assert not out.exists()
+    """No .h5, no partial file; for errors found before any work, nothing but the log."""
+    if upfront and out.exists():
+        assert [p.relative_to(out).parts[0] for p in out.rglob("*")
+                if p.is_file()] in ([], ["logs"])
     if out.exists():
         assert list(out.rglob("*.h5")) == []
     assert_nothing_partial(out)
@@ -191,14 +192,16 @@ def test_atlas_problems(tmp_path, rng, capsys, damage):
 # -- usage errors (exit 2) --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["same", "inside"])
+@pytest.mark.parametrize("where", ["same", "inside", "derivatives"])
 def test_output_dir_in_bids_dir(tmp_path, rng, capsys, where):
+    """Only BIDS_DIR/derivatives/<name> (and below) may hold OUTPUT_DIR."""
     ds = build(tmp_path, rng)
-    ds["out"] = ds["bids"] if where == "same" else ds["bids"] / "derivatives" / "out"
+    ds["out"] = {"same": ds["bids"], "inside": ds["bids"] / "code" / "out",
+                 "derivatives": ds["bids"] / "derivatives"}[where]
     code = main(args(ds))
     check_error(capsys, code, EXIT_USAGE, "OUTPUT_DIR", "BIDS_DIR", str(ds["out"].resolve()))
     assert list(ds["bids"].rglob("*.h5")) == []
-    assert not (ds["bids"] / "derivatives").exists()
+    assert not (ds["bids"] / "derivatives").exists() and not (ds["bids"] / "code").exists()
     assert json.loads((ds["bids"] / "dataset_description.json").read_text())["DatasetType"] \
         == "raw"
 
@@ -223,10 +226,20 @@ def test_unknown_flag(tmp_path, rng, capsys):
 def test_help(capsys):
     assert main(["--help"]) == EXIT_OK
     out = capsys.readouterr().out
-    assert out.startswith("usage: bids_fmristore")
+    usage = out.split("\n\n")[0]
+    assert usage.startswith("usage: bids_fmristore BIDS_DIR OUTPUT_DIR {participant,group}")
+    assert "bids_fmristore export FILE OUT_DIR" in usage
     for text in ("BIDS_DIR", "OUTPUT_DIR", "--participant-label", "--atlas", "exit codes",
-                 "130"):
+                 "130", "143", "SIGTERM", "-q, --quiet", "OUTPUT_DIR/logs/"):
         assert text in out
+    # the analysis level is explained
+    level = out.split("{participant,group}", 2)[2].split("options:")[0]
+    assert "participant:" in level and "group:" in level
+    flat = " ".join(out.split())
+    for default in ("(default: both)", "(default: 0.5, as XCP-D)", "(default: subject)",
+                    "(default: 1)", "(default: MNI152NLin2009cAsym", "(default: 1.0 = all)"):
+        assert default in flat, default
+    assert "(default: None)" not in flat and "(default: False)" not in flat
 
 
 def test_version(capsys):

@@ -13,19 +13,44 @@ from bids_fmristore import __version__
 
 __all__ = ["build_parser", "parse_name_path", "strip_prefix"]
 
+USAGE = """\
+bids_fmristore BIDS_DIR OUTPUT_DIR {participant,group} [options]
+       bids_fmristore export FILE OUT_DIR [options]   (see bids_fmristore export --help)"""
+
 EPILOG = """\
 other commands:
   bids_fmristore export FILE.h5 OUT_DIR   write an fmristore file's volumes as NIfTI
 
+logging:
+  stderr shows INFO by default (progress, one line per subject, warnings such as kept files,
+  errors, a summary); -q only warnings and errors; -v also DEBUG detail (each file written);
+  --debug also tracebacks. Every invocation also writes a DEBUG log with timestamps to
+  OUTPUT_DIR/logs/bids_fmristore_<level>_<YYYYmmdd-HHMMSS>_<pid>.log.
+
 exit codes:
   0    success
   1    unexpected internal error (a bug: please report it with the traceback)
-  2    command-line usage error
-  3    input dataset problem (missing BIDS_DIR, unknown participant, no BOLD run matches)
+  2    command-line usage error; OUTPUT_DIR inside BIDS_DIR (only BIDS_DIR/derivatives/<name>
+       is allowed); OUTPUT_DIR or -w is a file, cannot be created or is not writable
+  3    input dataset problem (missing BIDS_DIR, unknown participant, no BOLD run matches),
+       or an output cannot be written (disk full, permission denied)
   4    atlas problem (missing file, non-integer labels, bad label table)
   5    some runs or subjects failed; the others were written
-  130  interrupted
+  130  interrupted (Ctrl-C, SIGINT); partial files removed
+  143  terminated (SIGTERM, e.g. the SLURM time limit); partial files removed
 """
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Raw epilog, and ``(default: X)`` after every option that has a meaningful default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default in (None, False, [], argparse.SUPPRESS)
+                or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
+
 
 
 def strip_prefix(prefix: str):
@@ -113,14 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bids_fmristore",
         description="Parcellate BIDS/fMRIPrep BOLD runs into fmristore HDF5 files.",
+        usage=USAGE,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("bids_dir", type=Path, metavar="BIDS_DIR",
                    help="raw BIDS dataset, or an fMRIPrep derivatives folder")
     p.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR",
-                   help="where outputs go (must not be inside BIDS_DIR)")
-    p.add_argument("analysis_level", choices=["participant", "group"])
+                   help="where outputs go, created if needed (not inside BIDS_DIR, except "
+                   "under BIDS_DIR/derivatives/)")
+    p.add_argument("analysis_level", choices=["participant", "group"],
+                   help="participant: one file per subject, atlas and BOLD grid (plus the "
+                   "subject's voxel-wise maps), for the selected subjects (run it once per "
+                   "subject in parallel jobs if you like); group: once all participants are "
+                   "done, LabeledVolumeSets of their maps, or of a --cohort-file")
     p.add_argument("--version", action="version", version=f"bids_fmristore {__version__}")
 
     g = p.add_argument_group("selecting data")
@@ -140,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preprocessed derivatives (e.g. fmriprep=/data/derivatives/fmriprep)")
     g.add_argument("--space", type=_space, default=("MNI152NLin2009cAsym", None),
                    metavar="SPACE[:res-N]",
-                   help="template space of the BOLD runs (default: MNI152NLin2009cAsym)")
+                   help="template space of the BOLD runs (default: MNI152NLin2009cAsym, any res)")
     g.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
                    dest="skip_bids_validation", help="do not validate BIDS_DIR file names")
     g.add_argument("--bids-database-dir", type=Path, metavar="DIR",
@@ -155,11 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-atlas-space-mismatch", action="store_true",
                    help="use an atlas whose template differs from --space (warns)")
     g.add_argument("--store", choices=["summary", "full", "both"], default="both",
-                   help="parcel means, every voxel's series, or both (default)")
+                   help="parcel means, every voxel's series, or both")
     g.add_argument("--min-coverage", "--min_coverage", type=_fraction, default=0.5,
                    dest="min_coverage", metavar="F",
                    help="parcels with less than this fraction of their voxels inside the brain "
-                   "mask get NaN summaries (default 0.5, as XCP-D)")
+                   "mask get NaN summaries (default: %(default)s, as XCP-D)")
     g.add_argument("--tsv", action="store_true",
                    help="also write XCP-D-style per-run tables: stat-mean_timeseries, "
                    "stat-coverage_bold and stat-pearsoncorrelation_relmat (.tsv)")
@@ -171,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one volume per subject (its average over runs) or per run")
     g.add_argument("--group-mask-threshold", type=_fraction, default=1.0, metavar="F",
                    help="group mask: voxels inside at least this fraction of the masks "
-                   "(default 1.0 = all)")
+                   "(default: %(default)s = all)")
     g.add_argument("--cohort-file", type=Path, metavar="CSV",
                    help="ModelArrayIO-style cohort (scalar_name, source_file, "
                    "source_mask_file, covariates): one LabeledVolumeSet per scalar")
@@ -182,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
                    help="scratch folder (holds the pybids database unless --bids-database-dir)")
     g.add_argument("--nprocs", "--nthreads", "--n_cpus", type=_positive_int, default=1,
-                   dest="nprocs", metavar="N", help="output files built in parallel")
-    g.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    g.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
+                   dest="nprocs", metavar="N", help="runs parcellated in parallel processes")
+    g.add_argument("-v", "--verbose", action="count", default=0,
+                   help="DEBUG detail on stderr (each file written), no tracebacks")
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="only warnings and errors on stderr (the log file keeps everything)")
+    g.add_argument("--debug", action="store_true", help="DEBUG detail and tracebacks")
     return p

@@ -2,49 +2,56 @@
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import logging
+import os
+import re
+import signal
 import sys
-import traceback
+import tempfile
+import time
 from pathlib import Path
 
 from bids_fmristore.errors import (
     EXIT_BUG,
     EXIT_INPUT,
-    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
     InputError,
     UsageError,
     UserError,
 )
+from bids_fmristore.interrupt import Terminated, handle_signals
 
 __all__ = ["main", "run_command"]
 
 log = logging.getLogger("bids_fmristore")
 
-
-@contextlib.contextmanager
-def _logging(verbose: int, debug: bool):
-    """Log to stderr while the command runs; restore the logger afterwards (in-process use)."""
-    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("bids_fmristore: %(levelname)s: %(message)s"))
-    saved = (log.handlers[:], log.level, log.propagate)
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
-    try:
-        yield
-    finally:
-        log.handlers[:], log.level, log.propagate = saved
+#: errno values of an OSError that is the user's environment, not a bug, even without a file
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit code (documented in ``--help``)."""
+    """Run the command line; return the exit code (documented in ``--help``).
+
+    SIGTERM and SIGINT are handled while it runs (exit 143 / 130, temporaries removed); the
+    previous handlers are restored on return, for in-process callers.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with handle_signals():
+        try:
+            return _main(argv)
+        except Terminated as stop:  # outside run_command (e.g. while parsing)
+            from bids_fmristore.formats.atomic import remove_own_temporaries
+
+            remove_own_temporaries()
+            print(f"bids_fmristore: ERROR: interrupted by {stop.name}", file=sys.stderr)
+            return stop.exit_code
+
+
+def _main(argv: list[str]) -> int:
     from bids_fmristore.cli.parser import build_parser
 
-    argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "export":
         from bids_fmristore.cli.export import export_main
 
@@ -53,44 +60,138 @@ def main(argv: list[str] | None = None) -> int:
         opts = build_parser().parse_args(argv)
     except SystemExit as stop:  # argparse: --help, --version, usage errors
         return int(stop.code or 0)
+    opts.argv = argv
     level = participant if opts.analysis_level == "participant" else group
-    return run_command(lambda: level(opts), verbose=opts.verbose, debug=opts.debug)
+    return run_command(lambda: level(opts), verbose=opts.verbose, quiet=opts.quiet,
+                       debug=opts.debug)
 
 
-def run_command(func, *, verbose: int = 0, debug: bool = False) -> int:
+def run_command(func, *, verbose: int = 0, quiet: bool = False, debug: bool = False) -> int:
     """Run ``func() -> exit code`` with stderr logging; map errors to exit codes.
 
-    User errors print one line and return their code; bugs keep their traceback (exit 1).
+    User errors print one line and return their code; so does an OSError naming a file
+    (exit 3: disk full, permission denied) and an interruption (130 / 143). Other errors are
+    bugs and keep their traceback (exit 1).
     """
+    from bids_fmristore.cli.logs import configure
     from bids_fmristore.formats.atomic import write_once
 
-    with _logging(verbose, debug), write_once():
+    with configure(verbose=verbose, quiet=quiet, debug=debug), write_once():
         return _mapped(func)
 
 
 def _mapped(func) -> int:
     try:
         return func()
-    except UserError as err:
-        log.error("%s", err)
-        return err.exit_code
-    except KeyboardInterrupt:
-        log.error("interrupted; no partial file was kept")
-        return EXIT_INTERRUPTED
-    except Exception:  # a bug: keep the traceback
-        traceback.print_exc()
-        log.error("unexpected internal error; please report it with the traceback above")
-        return EXIT_BUG
+    except BaseException as exc:  # noqa: B036 - sorted out below, the rest re-raised
+        stopped = _interruption(exc)
+        if stopped is not None:
+            return stopped
+        if isinstance(exc, UserError):
+            log.debug("%s raised:", type(exc).__name__, exc_info=True)
+            log.error("%s", exc)
+            return exc.exit_code
+        if isinstance(exc, OSError) and (exc.filename is not None
+                                         or _errno(exc) in _ENVIRONMENT_ERRNOS):
+            log.debug("OSError", exc_info=True)
+            where = exc.filename if exc.filename is not None else "cannot write output"
+            log.error("%s: %s", where, exc.strerror or exc)
+            return EXIT_INPUT
+        if isinstance(exc, Exception):
+            return _bug()
+        raise
+
+
+def _interruption(exc: BaseException) -> int | None:
+    """Exit code if ``exc`` comes from a signal (whatever its type: the exception raised by
+    the handler may have been turned into another one by C code on the way), else None."""
+    from bids_fmristore import interrupt
+    from bids_fmristore.formats.atomic import remove_own_temporaries
+
+    signum = interrupt.received()
+    if signum is None and isinstance(exc, KeyboardInterrupt):
+        signum = signal.SIGINT
+    if signum is None:
+        return None
+    interrupt.acknowledge()
+    # unwinding removed the temporaries on the stack; these are the ones it could not reach
+    remove_own_temporaries()
+    log.debug("interrupted here:", exc_info=True)
+    log.error("interrupted by %s; partial files removed", signal.Signals(signum).name)
+    return interrupt.exit_code(signum)
+
+
+def _errno(err: OSError) -> int | None:
+    """The errno, also from HDF5's messages (h5py leaves ``errno`` unset: "errno = 28")."""
+    if err.errno is not None:
+        return err.errno
+    found = re.search(r"errno = (\d+)", str(err))
+    return int(found.group(1)) if found else None
+
+
+def _bug() -> int:
+    log.error("unexpected internal error (a bug); please report it with this traceback:",
+              exc_info=True, extra={"traceback": True})
+    return EXIT_BUG
 
 
 def _check_dirs(bids_dir: Path, output_dir: Path) -> tuple[Path, Path]:
+    """BIDS_DIR exists; OUTPUT_DIR is neither BIDS_DIR nor inside it, except under
+    ``BIDS_DIR/derivatives/<name>``. Nothing is created."""
     if not bids_dir.is_dir():
         raise InputError(f"BIDS_DIR {bids_dir} does not exist or is not a folder")
     bids_dir, output_dir = bids_dir.resolve(), output_dir.resolve()
-    if output_dir == bids_dir or bids_dir in output_dir.parents:
-        raise UsageError(f"OUTPUT_DIR {output_dir} must not be BIDS_DIR or inside it "
-                         "(use e.g. BIDS_DIR/../derivatives/bids_fmristore)")
+    inside = output_dir == bids_dir or bids_dir in output_dir.parents
+    parts = output_dir.relative_to(bids_dir).parts if inside else ()
+    if inside and not (len(parts) >= 2 and parts[0] == "derivatives"):
+        raise UsageError(f"OUTPUT_DIR {output_dir} must not be BIDS_DIR or inside it, except "
+                         "under BIDS_DIR/derivatives/ (e.g. BIDS_DIR/derivatives/bids_fmristore)")
     return bids_dir, output_dir
+
+
+def prepare_dir(path: Path, what: str) -> Path:
+    """Create ``path`` if needed and check that a file can be written in it (root ignores
+    permission bits, so only trying tells). Returns the resolved path.
+
+    Raises
+    ------
+    UsageError
+        One line naming the folder: a file is in the way, it cannot be created, or it is not
+        writable.
+    """
+    path = Path(path).resolve()
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker == path and not path.is_dir():
+        raise UsageError(f"{what} {path} is a file, not a folder")
+    if blocker is not None and not blocker.is_dir():
+        raise UsageError(f"{what} {path}: {blocker} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"{what} {path} cannot be created ({err.strerror or err})") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".bids_fmristore-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UsageError(f"{what} {path} is not writable ({err.strerror or err})") from None
+    return path
+
+
+def _start(opts, level: str, output_dir: Path) -> None:
+    """Check OUTPUT_DIR and -w (creating them), then open this invocation's log file."""
+    from bids_fmristore.cli.logs import LOGS_DIR, open_log_file
+
+    prepare_dir(output_dir, "OUTPUT_DIR")
+    if opts.work_dir is not None:
+        opts.work_dir = prepare_dir(opts.work_dir, "-w/--work-dir")
+    try:
+        path = open_log_file(output_dir, level, getattr(opts, "argv", None))
+    except OSError as err:
+        raise UsageError(f"cannot create a log file in {output_dir / LOGS_DIR} "
+                         f"({err.strerror or err})") from None
+    opts.log_file = path
+    log.debug("log file: %s", path)
 
 
 def participant(opts) -> int:
@@ -99,6 +200,7 @@ def participant(opts) -> int:
     from bids_fmristore.derivatives import write_dataset_description
     from bids_fmristore.discovery import discover
     from bids_fmristore.participant import Options, plan_jobs, run_jobs
+    from bids_fmristore.stale import remove_stale
 
     bids_dir, output_dir = _check_dirs(opts.bids_dir, opts.output_dir)
     if not opts.atlas:
@@ -107,6 +209,11 @@ def participant(opts) -> int:
     derivatives = dict(opts.derivatives)
     if "raw" in derivatives:
         raise UsageError("-d raw=... : the name 'raw' is reserved for BIDS_DIR")
+    started = time.monotonic()
+    _start(opts, "participant", output_dir)
+    # leftovers of killed jobs: only folders this job may write, so cost does not grow with N
+    remove_stale([output_dir])
+    remove_stale([output_dir / ATLASES_DIR], recursive=True)
     database = opts.bids_database_dir
     if database is None and opts.work_dir is not None:
         database = opts.work_dir / "bids_db"
@@ -121,10 +228,16 @@ def participant(opts) -> int:
         sessions=opts.session_label, tasks=opts.task_id, space=space, res=res,
         filters=opts.bids_filters, validate=not opts.skip_bids_validation,
         database_dir=database,
+        exclude=[output_dir] + ([opts.work_dir] if opts.work_dir is not None else []),
     )
+    native = sum(run.space is None for run in found.runs)
+    if native:
+        catalog.check_native(native, opts.allow_atlas_space_mismatch)
     jobs, problems = plan_jobs(found.runs, catalog.for_grid, output_dir,
                                per_session=bool(opts.session_label))
     problems = found.problems + problems
+    remove_stale([output_dir / f"sub-{s}" for s in sorted({job.subject for job in jobs})],
+                 recursive=True)
     for line in problems:
         log.error("%s", line)
     if not jobs:
@@ -143,9 +256,14 @@ def participant(opts) -> int:
             problems.append(line)
             log.error("%s", line)
         for path in result.written:
-            log.info("wrote %s", path)
+            log.debug("wrote %s", path)
         written += len(result.written)
         skipped += len(result.skipped)
+    subjects = len({job.subject for job in jobs})
+    log.log(logging.WARNING if problems else logging.INFO,
+            "finished in %.0f s: %d subject(s), %d file(s) written, %d kept, %d problem(s)%s",
+            time.monotonic() - started, subjects, written, skipped, len(problems),
+            f"; details in {opts.log_file}" if getattr(opts, "log_file", None) else "")
     if problems:
         return EXIT_PARTIAL if written or skipped else EXIT_INPUT
     return EXIT_OK
@@ -155,8 +273,17 @@ def group(opts) -> int:
     """Group level: LabeledVolumeSets of the participants' maps, or of a cohort file."""
     from bids_fmristore.derivatives import write_dataset_description
     from bids_fmristore.discovery import Dataset
+    from bids_fmristore.stale import remove_stale
 
     bids_dir, output_dir = _check_dirs(opts.bids_dir, opts.output_dir)
+    if opts.cohort_file is None and opts.group_mask is not None:
+        raise UsageError("--group-mask goes with --cohort-file")
+    if opts.cohort_file is None and not output_dir.is_dir():
+        raise InputError(f"OUTPUT_DIR {output_dir} does not exist: run the participant "
+                         "level first")
+    started = time.monotonic()
+    _start(opts, "group", output_dir)
+    remove_stale([output_dir, output_dir / "group"])
     if opts.cohort_file is not None:
         from bids_fmristore.cohort import read_cohort, write_cohort_sets
 
@@ -165,17 +292,14 @@ def group(opts) -> int:
                                     mask_threshold=opts.group_mask_threshold,
                                     overwrite=opts.overwrite)
     else:
-        if opts.group_mask is not None:
-            raise UsageError("--group-mask goes with --cohort-file")
         from bids_fmristore.group import write_group
 
-        if not output_dir.is_dir():
-            raise InputError(f"OUTPUT_DIR {output_dir} does not exist: run the participant "
-                             "level first")
         written = write_group(output_dir, bids_dir, group_by=opts.group_by,
                               threshold=opts.group_mask_threshold,
                               participants=opts.participant_label, overwrite=opts.overwrite)
     write_dataset_description(output_dir, [Dataset("raw", bids_dir, False)])
     for path in written:
         log.info("wrote %s", path)
+    log.info("finished in %.0f s: %d group file(s) written", time.monotonic() - started,
+             len(written))
     return EXIT_OK

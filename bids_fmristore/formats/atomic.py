@@ -3,23 +3,42 @@
 fmristore's readers cannot tell a truncated file from a complete one, so nothing is ever written
 in place. The temporary file lives in the destination folder so that :func:`os.replace` is a
 rename within one file system (atomic on POSIX).
+
+Temporary names embed the writer's owner token (host, pid, random) and each temporary has a
+sibling lock file (``<temporary>.lock``) that the writer holds an exclusive :func:`fcntl.flock`
+on for the temporary's whole life. Several jobs (a SLURM array, possibly on several nodes)
+share OUTPUT_DIR, so :mod:`bids_fmristore.stale` removes a leftover only when it can take that
+lock, i.e. when its writer is dead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import re
+import secrets
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text", "PARTIAL_MARK", "write_once", "WrittenTwice"]
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
+__all__ = ["atomic_path", "atomic_write_text", "PARTIAL_MARK", "LOCK_SUFFIX", "owner_token",
+           "parse_token", "remove_own_temporaries", "write_once", "WrittenTwice"]
 
 #: Substring of every temporary name, so that leftovers of a killed process are recognisable.
 PARTIAL_MARK = ".partial-"
+#: Suffix of a temporary's lock file (``<temporary name>.lock``).
+LOCK_SUFFIX = ".lock"
 
 #: Final paths claimed in the current invocation (None: no invocation is being checked).
 _claimed: set[Path] | None = None
+#: This process's live temporaries → their lock files, for signal handlers that cannot unwind.
+_live: dict[Path, Path] = {}
+_token: tuple[int, str] | None = None
 
 
 class WrittenTwice(RuntimeError):
@@ -50,12 +69,100 @@ def _claim(final: Path) -> None:
     _claimed.add(key)
 
 
+def owner_token() -> str:
+    """``<host>.<pid>.<random>`` of this process (recomputed in a forked child)."""
+    global _token
+    if _token is None or _token[0] != os.getpid():
+        host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+        _token = (os.getpid(), f"{host}.{os.getpid()}.{secrets.token_hex(3)}")
+    return _token[1]
+
+
+def parse_token(name: str) -> tuple[str, int] | None:
+    """(host, pid) of the writer of a temporary (or lock) file name; None if not ours."""
+    _, mark, rest = name.rpartition(PARTIAL_MARK)
+    parts = rest.split(".")
+    if not mark or len(parts) < 4 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
+
+
+def _lock(fd: int) -> bool:
+    """Take the exclusive lock; False where the file system does not support flock."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise
+    except OSError:  # e.g. ENOLCK on some network file systems: owner pid check instead
+        return False
+    return True
+
+
+def _create_temp(final: Path) -> tuple[Path, Path, int]:
+    """Create lock file (locked) then temporary; return (temporary, lock, lock fd)."""
+    for _ in range(100):
+        name = f".{final.name}{PARTIAL_MARK}{owner_token()}.{secrets.token_hex(4)}{final.suffix}"
+        tmp = final.parent / name
+        lock = final.parent / (name + LOCK_SUFFIX)
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            try:
+                _lock(fd)
+            except BlockingIOError:  # a cleaner holds it: it is about to remove the lock file
+                _release(lock, fd, unlink=False)
+                continue
+            # a cleaner may have removed our lock file between its creation and the flock
+            if os.fstat(fd).st_ino != os.stat(lock).st_ino:
+                raise FileNotFoundError(lock)
+            _live[tmp] = lock
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except (FileExistsError, FileNotFoundError):
+            _live.pop(tmp, None)
+            _release(lock, fd)
+            continue
+        except BaseException:
+            _live.pop(tmp, None)
+            _release(lock, fd)
+            raise
+        return tmp, lock, fd
+    raise FileExistsError(f"cannot create a temporary file next to {final}")
+
+
+def _release(lock: Path, fd: int, *, unlink: bool = True) -> None:
+    if unlink:  # before closing: once unlocked, a cleaner could take a stale-looking lock
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def remove_own_temporaries() -> list[Path]:
+    """Unlink this process's live temporaries and their lock files; return the temporaries.
+
+    For signal handlers of worker processes, which exit at once instead of unwinding (the
+    files may still be open: unlinking them is fine on POSIX).
+    """
+    removed = []
+    for tmp, lock in list(_live.items()):
+        for path in (tmp, lock):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        _live.pop(tmp, None)
+        removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; on success rename it to ``final``.
 
-    If the body raises (including ``KeyboardInterrupt``), the temporary file is removed and
-    ``final`` is left untouched.
+    If the body raises (including ``KeyboardInterrupt`` and other ``BaseException``), the
+    temporary file is removed and ``final`` is left untouched.
 
     Raises
     ------
@@ -68,11 +175,11 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator
     _claim(final)
     created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{final.name}{PARTIAL_MARK}", suffix=final.suffix, dir=final.parent
-    )
-    os.close(fd)
-    tmp_path = Path(tmp)
+    try:
+        tmp_path, lock, fd = _create_temp(final)
+    except BaseException:
+        _remove_folders(created)
+        raise
     try:
         yield tmp_path
         if not overwrite and final.exists():
@@ -82,10 +189,18 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
-        for folder in created:  # innermost first; leave no empty folders behind either
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        _release(lock, fd)
+        _live.pop(tmp_path, None)  # last: if interrupted before, remove_own_temporaries() can
+        _remove_folders(created)
         raise
+    _release(lock, fd)
+    _live.pop(tmp_path, None)
+
+
+def _remove_folders(created: list[Path]) -> None:
+    for folder in created:  # innermost first; leave no empty folders behind either
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def atomic_write_text(final: str | os.PathLike, text: str) -> None:

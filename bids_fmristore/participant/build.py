@@ -26,6 +26,7 @@ from bids_fmristore.formats.multiscan import ClusterLayout, MultiScanWriter
 from bids_fmristore.nifti_stream import NiftiInfo
 from bids_fmristore.parcellate import Parcels, parcellate_run
 from bids_fmristore.participant.plan import RUN_READ_ERRORS, Job, Options
+from bids_fmristore.progress import Progress, run_label
 from bids_fmristore.resume import inputs_record, sidecar_of, why_rebuild
 from bids_fmristore.tables import run_table_paths, write_run_tables
 from bids_fmristore.voxelmaps import STATS, MapsTarget, make_maps_target, run_maps, write_maps
@@ -263,8 +264,11 @@ def write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prep
     sinks = [(lambda t0, block, s=s: s.write_grouped(block)) if s.wants_voxels else None
              for s in scans]
     moments = prep.maps.moments() if prep.maps is not None else None
+    label = run_label(prep.job.label, index, len(prep.job.runs), name)
     try:
-        means = parcellate_run(info, [t.parcels for t in targets], sinks, moments=moments)
+        with Progress(label, info.shape[3]) as progress:
+            means = parcellate_run(info, [t.parcels for t in targets], sinks, moments=moments,
+                                   progress=progress)
         for scan, values, target in zip(scans, means, targets, strict=True):
             values[:, target.low_coverage] = np.nan  # too little of the parcel was imaged
             scan.write_summary(values)

@@ -16,6 +16,7 @@ from pathlib import Path
 from bids_fmristore.derivatives import scan_names
 from bids_fmristore.discovery import BoldRun
 from bids_fmristore.errors import InputError, UserError
+from bids_fmristore.interrupt import init_worker
 from bids_fmristore.nifti_stream import NiftiInfo
 from bids_fmristore.participant.build import (
     JobResult,
@@ -92,7 +93,8 @@ def run_jobs(jobs: list[Job], opts: Options | None = None, *, nprocs: int = 1,
     results = []
     ctx = multiprocessing.get_context("spawn")  # no fork of pybids' or HDF5's state
     with tempfile.TemporaryDirectory(dir=scratch, prefix=".bids_fmristore-work-") as tmp, \
-            ProcessPoolExecutor(max_workers=nprocs, mp_context=ctx) as pool:
+            ProcessPoolExecutor(max_workers=nprocs, mp_context=ctx,
+                                initializer=init_worker) as pool:
         planned = []
         for j, job in enumerate(jobs):
             subjects.start(job)
