@@ -318,7 +318,7 @@ def discover(
         else:
             q["space"] = Query.NONE
         q.update(bold_filters)
-        found = 0
+        found = []
         for bold in layout.get(return_type="object", invalid_filters="allow", **q):
             try:
                 run = _make_run(ds, bold, masks, sidecars)
@@ -326,10 +326,12 @@ def discover(
                 result.problems.append(str(err).splitlines()[0])
                 continue
             result.runs.append(run)
-            found += 1
+            found.append(run.path.name)
         if found and not ds.is_derivative:
-            log.warning("%s: %d raw BOLD run(s) have no brain mask (raw BIDS input); every "
-                        "voxel inside the atlas is used", ds.root, found)
+            shown = ", ".join(sorted(found)[:3]) + (
+                f" and {len(found) - 3} more" if len(found) > 3 else "")
+            log.warning("%s: %d raw BOLD run(s) have no brain mask (raw BIDS input: %s); every "
+                        "voxel inside the atlas is used", ds.root, len(found), shown)
     _drop_duplicates(result)
     if not result.runs and not result.problems:
         shown = {k: v for k, v in query.items() if k not in ("suffix", "datatype", "extension")}

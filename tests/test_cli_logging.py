@@ -23,7 +23,10 @@ LOG_NAME = re.compile(r"bids_fmristore_(participant|group)_\d{8}-\d{6}_\d+(-\d+)
 
 
 def logs(out):
-    return sorted((out / "logs").iterdir()) if (out / "logs").exists() else []
+    """The log files in the order they were written (``…_<pid>-2.log`` sorts first by name)."""
+    if not (out / "logs").exists():
+        return []
+    return sorted((out / "logs").iterdir(), key=lambda p: p.stat().st_mtime_ns)
 
 
 def test_default_level_is_info_without_debug(tmp_path, rng, capsys):

@@ -394,8 +394,10 @@ def test_raw_runs_native_space_one_warning(tmp_path, caplog):
     assert all(r.space is None and r.mask is None and "space" not in r.entities for r in runs)
     warnings = [r.getMessage() for r in caplog.records
                 if r.levelno == logging.WARNING and "mask" in r.getMessage()]
-    assert warnings == [f"{bids}: 4 raw BOLD run(s) have no brain mask (raw BIDS input); "
-                        "every voxel inside the atlas is used"]
+    assert warnings == [f"{bids}: 4 raw BOLD run(s) have no brain mask (raw BIDS input: "
+                        "sub-01_task-rest_run-01_bold.nii.gz, sub-01_task-rest_run-02_bold.nii.gz, "
+                        "sub-02_task-rest_run-01_bold.nii.gz and 1 more); every voxel inside the "
+                        "atlas is used"]
 
 
 # -- what is not indexed ----------------------------------------------------------------------

@@ -48,4 +48,6 @@ def export_main(argv: list[str] | None = None) -> int:
             print(target)
         return 0
 
-    return run_command(export, verbose=opts.verbose, debug=opts.debug)
+    # Quiet unless asked: the written paths on stdout are the output (scripts read them).
+    return run_command(export, verbose=opts.verbose, debug=opts.debug,
+                       quiet=not (opts.verbose or opts.debug))

@@ -23,7 +23,7 @@ from bids_fmristore.discovery import BoldRun
 from bids_fmristore.errors import InputError, RunError
 from bids_fmristore.formats.header import Geometry, mask_order
 from bids_fmristore.formats.multiscan import ClusterLayout, MultiScanWriter
-from bids_fmristore.nifti_stream import NiftiInfo
+from bids_fmristore.nifti_stream import NiftiInfo, read_info
 from bids_fmristore.parcellate import Parcels, parcellate_run
 from bids_fmristore.participant.plan import RUN_READ_ERRORS, Job, Options
 from bids_fmristore.progress import Progress, run_label
@@ -76,6 +76,7 @@ def _brain_mask(run: BoldRun, info: NiftiInfo) -> np.ndarray:
     shape = info.shape[:3]
     if run.mask is None:
         return np.ones(shape, dtype=bool)
+    read_info(run.mask)  # a header that lies about its size fails here, before any allocation
     img = nib.load(run.mask)
     data = np.asanyarray(img.dataobj)
     if not same_grid(data.shape, img.affine, shape, info.affine):
@@ -172,7 +173,8 @@ def _readable_masks(job: Job) -> tuple[Job, list[np.ndarray]]:
             masks.append(_brain_mask(run, info))
             keep.append((run, info))
         except RUN_READ_ERRORS as err:
-            failed.append((run, f"{run.mask}: cannot read the brain mask ({err})"))
+            failed.append((run, str(err) if isinstance(err, RunError) else
+                           f"{run.mask}: cannot read the brain mask ({err})"))
     if len(keep) == len(job.runs):
         return job, masks
     return replace(job, runs=tuple(r for r, _ in keep), infos=tuple(i for _, i in keep),

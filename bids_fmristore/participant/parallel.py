@@ -11,6 +11,7 @@ import logging
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from bids_fmristore.derivatives import scan_names
@@ -141,7 +142,10 @@ def _assemble(prep: Prepared, names: list[str], futures, opts: Options) -> JobRe
     job, result = prep.job, prep.result
     done, pieces, failed = {}, {}, []
     for run, info, name, future in zip(job.runs, job.infos, names, futures, strict=True):
-        outcome = future.result()
+        try:
+            outcome = future.result()
+        except BrokenProcessPool:  # the worker was killed (out of memory?); the others go on
+            outcome = f"{run.path}: the worker process reading it died (killed, out of memory?)"
         if isinstance(outcome, str):
             failed.append((run, outcome))
         else:

@@ -103,6 +103,7 @@ def plan_jobs(
         try:
             info = read_info(run.path, want_4d=True)
         except RUN_READ_ERRORS as err:
+            log.debug("%s", run.path, exc_info=True)
             reason = str(err) if isinstance(err, RunError) else (
                 f"{run.path}: cannot read NIfTI header ({err})")
             problems.append(reason)
