@@ -144,7 +144,8 @@ def _assemble(prep: Prepared, names: list[str], futures, opts: Options) -> JobRe
     for run, info, name, future in zip(job.runs, job.infos, names, futures, strict=True):
         try:
             outcome = future.result()
-        except BrokenProcessPool:  # the worker was killed (out of memory?); the others go on
+        except BrokenProcessPool:  # a worker was killed (out of memory?): the pool is broken,
+            # so this and the later runs fail, each named; a rerun repairs them
             outcome = f"{run.path}: the worker process reading it died (killed, out of memory?)"
         if isinstance(outcome, str):
             failed.append((run, outcome))
