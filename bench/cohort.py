@@ -112,7 +112,7 @@ def generate(n_sub: int, data_dir: Path, group_path: Path) -> None:
 # -- measured work (run in a child process) --------------------------------------------------
 def work(mode: str, cohort_csv: Path, group_mask: Path, out_dir: Path) -> None:
     if mode in ("ours", "ours-auto"):
-        from bids_fmristore.cohort import read_cohort, write_cohort_sets
+        from bids_fmristore.group.cohort import read_cohort, write_cohort_sets
 
         cohort = read_cohort(cohort_csv)
         if mode == "ours":
@@ -133,7 +133,7 @@ def child_main(args: list[str]) -> None:
     import pandas  # noqa: F401
 
     if mode.startswith("ours"):
-        import bids_fmristore.cohort  # noqa: F401
+        import bids_fmristore.group.cohort  # noqa: F401
     else:
         import logging
 
@@ -163,8 +163,8 @@ def compare(out: Path, group_mask: Path, n_check: int = 5) -> str:
     import h5py
     import nibabel as nib
 
-    from bids_fmristore.cohort import output_paths
     from bids_fmristore.formats.labeled import LabeledVolumeSet
+    from bids_fmristore.group.cohort import output_paths
 
     group = np.asanyarray(nib.load(group_mask).dataobj) > 0
     ijk = np.nonzero(group)  # ModelArrayIO's voxel order (C order of i, j, k)

@@ -140,10 +140,10 @@ def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
         import nibabel as nib
 
         from bids_fmristore.atlas import load_atlas
+        from bids_fmristore.compute.parcellate import Parcels, parcellate_run
         from bids_fmristore.formats.header import Geometry, mask_order
         from bids_fmristore.formats.multiscan import ClusterLayout, MultiScanWriter
-        from bids_fmristore.nifti_stream import read_info
-        from bids_fmristore.parcellate import Parcels, parcellate_run
+        from bids_fmristore.inputs.nifti_stream import read_info
 
         info = read_info(bold)
         labels = load_atlas("B", atlas).labels
@@ -178,8 +178,8 @@ def import_modules(mode: str) -> None:
         import pandas  # noqa: F401
 
         import bids_fmristore.atlas  # noqa: F401
+        import bids_fmristore.compute.parcellate  # noqa: F401
         import bids_fmristore.formats.multiscan  # noqa: F401
-        import bids_fmristore.parcellate  # noqa: F401
     else:
         import nilearn.maskers  # noqa: F401
 

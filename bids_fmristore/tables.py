@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bids_fmristore.discovery import ENTITY_KEYS, BoldRun
 from bids_fmristore.formats.atomic import atomic_path
+from bids_fmristore.inputs.discovery import ENTITY_KEYS, BoldRun
 
 __all__ = ["CONFIG_PATH", "run_table_paths", "build_tables", "tsv_text", "write_run_tables"]
 
@@ -54,8 +54,8 @@ def run_table_paths(
     output_dir : Path
         OUTPUT_DIR of the app.
     run : BoldRun
-        Its entities (BIDS order of :data:`~bids_fmristore.discovery.ENTITY_KEYS`, run label as
-        written in the source name) start the names; its ``res`` follows ``space-``.
+        Its entities (BIDS order of :data:`~bids_fmristore.inputs.discovery.ENTITY_KEYS`, run
+        label as written in the source name) start the names; its ``res`` follows ``space-``.
     atlas : str
         ``atlas-`` label.
     space : str or None, optional

@@ -1,7 +1,7 @@
 """Voxel-wise temporal maps of a subject's runs (mean, standard deviation, tSNR).
 
 They are accumulated in the same streaming pass as the parcellation
-(:class:`~bids_fmristore.parcellate.VoxelMoments`) and stored per subject and grid as one
+(:class:`~bids_fmristore.compute.parcellate.VoxelMoments`) and stored per subject and grid as one
 fmristore LabeledVolumeSet, with one volume per run and statistic (``<scan>_stat-<stat>``)
 plus the subject's average over runs (``sub-<label>[_ses-<label>]_stat-<stat>``). The group
 level collects these volumes.
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from bids_fmristore import __version__
+from bids_fmristore.compute.parcellate import VoxelMoments
 from bids_fmristore.formats.header import Geometry, mask_order
 from bids_fmristore.formats.labeled import write_labeled
-from bids_fmristore.parcellate import VoxelMoments
 
 __all__ = ["STATS", "MapsTarget", "make_maps_target", "run_maps", "write_maps", "MAPS_DESC"]
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import SPACE, write_json
 
 from bids_fmristore.atlas import load_atlas, table_path_for
-from bids_fmristore.atlas_sources import (
+from bids_fmristore.atlas.sources import (
     ALLOW_MISMATCH_FLAG,
     AtlasRequest,
     find_atlas,
@@ -396,8 +396,8 @@ def test_dataset_description_pybids_cannot_read(tmp_path, masters, content, read
 
 
 def test_templateflow_cache_indexes_only_what_is_asked(tmp_path, masters, monkeypatch):
-    from bids_fmristore import atlas_index
-    from bids_fmristore.atlas_sources import AtlasCatalog, AtlasIndex
+    from bids_fmristore.atlas import index as atlas_index
+    from bids_fmristore.atlas.sources import AtlasCatalog, AtlasIndex
 
     home = _tf_layout(tmp_path / "tf", masters)
     place(masters[1], home / f"tpl-{SPACE}" / f"tpl-{SPACE}_res-01_atlas-Two_dseg.nii.gz")

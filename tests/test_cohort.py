@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from conftest import OBLIQUE_AFFINE
 
-from bids_fmristore.cohort import output_paths, read_cohort, write_cohort_sets
 from bids_fmristore.errors import InputError, UsageError
 from bids_fmristore.formats.labeled import LabeledVolumeSet
+from bids_fmristore.group.cohort import output_paths, read_cohort, write_cohort_sets
 
 SHAPE = (7, 6, 5)
 N_SUB = 4

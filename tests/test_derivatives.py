@@ -11,7 +11,7 @@ from conftest import SPACE, make_atlas, make_fmriprep_run, make_raw, random_labe
 
 from bids_fmristore.cli.run import main
 from bids_fmristore.derivatives import write_dataset_description
-from bids_fmristore.discovery import Dataset
+from bids_fmristore.inputs.discovery import Dataset
 
 
 def build(tmp_path, rng, subjects=("01", "02")):

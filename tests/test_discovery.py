@@ -12,8 +12,8 @@ import pytest
 from conftest import SPACE, make_atlas, make_fmriprep_run, make_raw, random_labels, write_json
 
 from bids_fmristore.cli.run import main
-from bids_fmristore.discovery import discover
 from bids_fmristore.formats.multiscan import ParcellatedMultiScan
+from bids_fmristore.inputs.discovery import discover
 
 SHAPE = (6, 7, 5)
 N_T = 5

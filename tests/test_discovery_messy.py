@@ -14,8 +14,8 @@ import pytest
 from conftest import SPACE, make_atlas, make_fmriprep_run, make_raw, random_labels, write_json
 
 from bids_fmristore.cli.run import main
-from bids_fmristore.discovery import discover
 from bids_fmristore.errors import EXIT_OK, EXIT_USAGE, InputError, UsageError
+from bids_fmristore.inputs.discovery import discover
 
 SHAPE = (3, 4, 3)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])

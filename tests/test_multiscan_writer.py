@@ -9,7 +9,7 @@ import pytest
 from bids_fmristore.errors import RunError
 from bids_fmristore.formats.header import Geometry
 from bids_fmristore.formats.multiscan import ClusterLayout, MultiScanWriter, ParcellatedMultiScan
-from bids_fmristore.nifti_stream import iter_volumes, read_info
+from bids_fmristore.inputs.nifti_stream import iter_volumes, read_info
 
 
 @pytest.mark.parametrize("n_time", [1, 130, 256])

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from nibabel.testing import data_path as NIBABEL_DATA
 
+from bids_fmristore.compute.parcellate import Parcels, parcellate_run
 from bids_fmristore.errors import RunError
-from bids_fmristore.nifti_stream import iter_volumes, read_info
-from bids_fmristore.parcellate import Parcels, parcellate_run
+from bids_fmristore.inputs.nifti_stream import iter_volumes, read_info
 
 
 def _rows(img) -> np.ndarray:
@@ -120,7 +120,7 @@ def test_scaled_int16_means_match_scaling_first(tmp_path, rng):
 
 @pytest.mark.parametrize("scaled", [False, True])
 def test_voxel_moments_equal_numpy(tmp_path, rng, scaled):
-    from bids_fmristore.parcellate import VoxelMoments
+    from bids_fmristore.compute.parcellate import VoxelMoments
 
     shape, n_t = (5, 4, 3), 23
     if scaled:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from bids_fmristore import tables
-from bids_fmristore.discovery import BoldRun, Dataset
+from bids_fmristore.inputs.discovery import BoldRun, Dataset
 from bids_fmristore.tables import CONFIG_PATH, build_tables, run_table_paths, write_run_tables
 
 SPACE = "MNI152NLin2009cAsym"

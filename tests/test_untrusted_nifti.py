@@ -10,9 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from bids_fmristore.compute.parcellate import Parcels, VoxelMoments, parcellate_run
 from bids_fmristore.errors import InputError, RunError
-from bids_fmristore.nifti_stream import iter_volumes, read_info
-from bids_fmristore.parcellate import Parcels, VoxelMoments, parcellate_run
+from bids_fmristore.inputs.nifti_stream import iter_volumes, read_info
 
 
 def _save(path, data, **kw):

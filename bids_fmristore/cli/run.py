@@ -196,9 +196,9 @@ def _start(opts, level: str, output_dir: Path) -> None:
 
 def participant(opts) -> int:
     """Participant level: discover runs, plan one file per subject × atlas × grid, write them."""
-    from bids_fmristore.atlas_sources import ATLASES_DIR, AtlasCatalog, default_templateflow_home
+    from bids_fmristore.atlas.sources import ATLASES_DIR, AtlasCatalog, default_templateflow_home
     from bids_fmristore.derivatives import write_dataset_description
-    from bids_fmristore.discovery import discover
+    from bids_fmristore.inputs.discovery import discover
     from bids_fmristore.participant import Options, plan_jobs, run_jobs
     from bids_fmristore.stale import remove_stale
 
@@ -272,7 +272,7 @@ def participant(opts) -> int:
 def group(opts) -> int:
     """Group level: LabeledVolumeSets of the participants' maps, or of a cohort file."""
     from bids_fmristore.derivatives import write_dataset_description
-    from bids_fmristore.discovery import Dataset
+    from bids_fmristore.inputs.discovery import Dataset
     from bids_fmristore.stale import remove_stale
 
     bids_dir, output_dir = _check_dirs(opts.bids_dir, opts.output_dir)
@@ -285,7 +285,7 @@ def group(opts) -> int:
     _start(opts, "group", output_dir)
     remove_stale([output_dir, output_dir / "group"])
     if opts.cohort_file is not None:
-        from bids_fmristore.cohort import read_cohort, write_cohort_sets
+        from bids_fmristore.group.cohort import read_cohort, write_cohort_sets
 
         cohort = read_cohort(opts.cohort_file)
         written = write_cohort_sets(cohort, output_dir, group_mask=opts.group_mask,

@@ -18,13 +18,13 @@ import numpy as np
 
 from bids_fmristore import __version__
 from bids_fmristore.atlas import Atlas, labels_on_grid, resample_nearest, same_grid
+from bids_fmristore.compute.parcellate import Parcels, parcellate_run
 from bids_fmristore.derivatives import scan_names, write_json
-from bids_fmristore.discovery import BoldRun
 from bids_fmristore.errors import InputError, RunError
 from bids_fmristore.formats.header import Geometry, mask_order
 from bids_fmristore.formats.multiscan import ClusterLayout, MultiScanWriter
-from bids_fmristore.nifti_stream import NiftiInfo, read_info
-from bids_fmristore.parcellate import Parcels, parcellate_run
+from bids_fmristore.inputs.discovery import BoldRun
+from bids_fmristore.inputs.nifti_stream import NiftiInfo, read_info
 from bids_fmristore.participant.plan import RUN_READ_ERRORS, Job, Options
 from bids_fmristore.progress import Progress, run_label
 from bids_fmristore.resume import inputs_record, sidecar_of, why_rebuild

@@ -15,10 +15,10 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from bids_fmristore.derivatives import scan_names
-from bids_fmristore.discovery import BoldRun
 from bids_fmristore.errors import InputError, UserError
+from bids_fmristore.inputs.discovery import BoldRun
+from bids_fmristore.inputs.nifti_stream import NiftiInfo
 from bids_fmristore.interrupt import init_worker
-from bids_fmristore.nifti_stream import NiftiInfo
 from bids_fmristore.participant.build import (
     JobResult,
     Prepared,

@@ -19,10 +19,10 @@ import numpy as np
 
 from bids_fmristore.atlas import Atlas
 from bids_fmristore.derivatives import output_path
-from bids_fmristore.discovery import BoldRun
 from bids_fmristore.errors import RunError
 from bids_fmristore.grids import Grid, grid_labels
-from bids_fmristore.nifti_stream import NiftiInfo, read_info
+from bids_fmristore.inputs.discovery import BoldRun
+from bids_fmristore.inputs.nifti_stream import NiftiInfo, read_info
 from bids_fmristore.voxelmaps import MAPS_DESC
 
 __all__ = ["Job", "Options", "plan_jobs", "RUN_READ_ERRORS"]

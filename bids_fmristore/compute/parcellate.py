@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bids_fmristore.errors import RunError
-from bids_fmristore.nifti_stream import NiftiInfo, iter_volumes
+from bids_fmristore.inputs.nifti_stream import NiftiInfo, iter_volumes
 
 __all__ = ["Parcels", "RunMeans", "VoxelMoments", "parcellate_run", "VOLUMES_PER_CHUNK"]
 
@@ -190,7 +190,7 @@ def parcellate_run(
     Parameters
     ----------
     info : NiftiInfo
-        The run (from :func:`bids_fmristore.nifti_stream.read_info`).
+        The run (from :func:`bids_fmristore.inputs.nifti_stream.read_info`).
     parcels : sequence of Parcels
         One per output; all must index volumes of ``info``'s grid.
     voxel_sinks : sequence of callables or None, optional
@@ -212,7 +212,7 @@ def parcellate_run(
     Raises
     ------
     RunError
-        If the data are unreadable (see :func:`~bids_fmristore.nifti_stream.iter_volumes`)
+        If the data are unreadable (see :func:`~bids_fmristore.inputs.nifti_stream.iter_volumes`)
         or every value read is NaN or Inf.
     """
     sinks = list(voxel_sinks or [None] * len(parcels))

@@ -1,6 +1,6 @@
 """pybids indexes of atlas sources: BIDS atlas datasets (``-d``) and a TemplateFlow cache.
 
-Every BIDS name read by :mod:`bids_fmristore.atlas_sources` is interpreted by pybids with
+Every BIDS name read by :mod:`bids_fmristore.atlas.sources` is interpreted by pybids with
 ``data/atlas_config.json`` (entities ``tpl``, ``cohort``, ``space``, ``atlas``, ``roi``, ``seg``,
 ``scale``, ``res``, ``den``, ``label``, ``hemi``, ``desc``, then ``suffix`` and ``extension``), as
 TemplateFlow's own client does with its configuration. Its patterns only look at the file name,
@@ -35,7 +35,7 @@ from bids_fmristore.errors import AtlasError
 __all__ = ["CONFIG_PATH", "AtlasIndex", "parse_name", "nearest_table"]
 
 #: pybids configuration of the atlas entities.
-CONFIG_PATH: Path = Path(__file__).parent / "data" / "atlas_config.json"
+CONFIG_PATH: Path = Path(__file__).parent.parent / "data" / "atlas_config.json"
 _NIFTI = (".nii.gz", ".nii")
 _IMAGES = tuple(f"_dseg{ext}" for ext in _NIFTI)
 #: Folder levels indexed below a ``tpl-*`` folder (BEP038: ``[cohort-<label>/][<datatype>/]``).

@@ -10,7 +10,7 @@
     The ``atlas-LABEL`` files of an atlas dataset given with ``-d NAME=PATH`` (BIDS 1.11 atlas
     layout, ``tpl-<tpl>/[cohort-<c>/][<folder>/]tpl-<tpl>[_res-<r>][_desc-<d>]_atlas-<label>_dseg
     .nii.gz``, entities in any order), else of a local TemplateFlow cache. Nothing is ever
-    downloaded. Both are indexed with pybids (:mod:`bids_fmristore.atlas_index`).
+    downloaded. Both are indexed with pybids (:mod:`bids_fmristore.atlas.index`).
 
 :func:`find_atlas` searches the file, then each ``-d`` dataset in order, then the TemplateFlow
 cache, and prefers a source whose template is the BOLD space. :meth:`AtlasCandidates.pick`
@@ -38,7 +38,7 @@ import numpy as np
 
 from bids_fmristore import __version__
 from bids_fmristore.atlas import Atlas, load_atlas, table_path_for
-from bids_fmristore.atlas_index import AtlasIndex, folder_tables, nearest_table, parse_name
+from bids_fmristore.atlas.index import AtlasIndex, folder_tables, nearest_table, parse_name
 from bids_fmristore.errors import AtlasError
 from bids_fmristore.formats.atomic import atomic_path
 

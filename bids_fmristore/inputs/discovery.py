@@ -23,15 +23,15 @@ from pathlib import Path
 
 import nibabel as nib
 
-from bids_fmristore.bids_filters import check_filters, pybids_filters
-from bids_fmristore.bids_metadata import (
+from bids_fmristore.errors import InputError, RunError
+from bids_fmristore.inputs.bids_filters import check_filters, pybids_filters
+from bids_fmristore.inputs.bids_metadata import (
     SidecarReader,
     check_readable,
     filename_entities,
     inherits,
     repetition_time,
 )
-from bids_fmristore.errors import InputError, RunError
 
 __all__ = ["BoldRun", "Dataset", "DiscoveryResult", "discover", "load_layout", "ENTITY_KEYS"]
 
@@ -147,7 +147,7 @@ def _indexer(root: Path, exclude: Sequence[Path], validate: bool):
     pybids 0.22 matches entity patterns against absolute paths (pybids #1270, fixed upstream
     after 0.22 by parsing the root-relative path): a dataset under ``/x/perf/bids`` had every
     file indexed with ``datatype=perf``, so no BOLD was found. Metadata is not indexed (see
-    :mod:`bids_fmristore.bids_metadata`).
+    :mod:`bids_fmristore.inputs.bids_metadata`).
     """
     from bids.layout.index import BIDSLayoutIndexer
     from bids.layout.models import _create_tag_dict
