@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from bids_fmristore import __version__
-from bids_fmristore.formats.atomic import atomic_write_text
+from bids_fmristore.atomic import atomic_write_text
 from bids_fmristore.inputs.discovery import ENTITY_KEYS, BoldRun, Dataset
 
 __all__ = [

@@ -49,9 +49,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from bids_fmristore.atomic import atomic_path
 from bids_fmristore.errors import InputError, UsageError
 from bids_fmristore.formats import detect
-from bids_fmristore.formats.atomic import atomic_path
 
 try:  # isal's deflate is several times faster than zlib's at the same ratio
     from isal import igzip as _gzip

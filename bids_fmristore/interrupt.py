@@ -129,7 +129,7 @@ def _quiet(hook):
 
 
 def _worker_signal(signum, frame) -> None:
-    from bids_fmristore.formats.atomic import remove_own_temporaries
+    from bids_fmristore.atomic import remove_own_temporaries
 
     remove_own_temporaries()
     os._exit(exit_code(signum))

@@ -1,6 +1,6 @@
 """Removal of temporaries left by killed writers (SIGKILL, node failure, out of memory).
 
-Only files written by :func:`bids_fmristore.formats.atomic.atomic_path` are considered (their
+Only files written by :func:`bids_fmristore.atomic.atomic_path` are considered (their
 names contain ``PARTIAL_MARK`` and an owner token), and only when their writer is dead: a live
 writer holds an exclusive ``flock`` on the temporary's lock file, so a cleaner that can take
 that lock without blocking knows the owner has gone. Several jobs may share OUTPUT_DIR, on
@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from bids_fmristore.formats.atomic import LOCK_SUFFIX, PARTIAL_MARK, owner_token, parse_token
+from bids_fmristore.atomic import LOCK_SUFFIX, PARTIAL_MARK, owner_token, parse_token
 
 try:
     import fcntl

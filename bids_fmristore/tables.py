@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bids_fmristore.formats.atomic import atomic_path
+from bids_fmristore.atomic import atomic_path
 from bids_fmristore.inputs.discovery import ENTITY_KEYS, BoldRun
 
 __all__ = ["CONFIG_PATH", "run_table_paths", "build_tables", "tsv_text", "write_run_tables"]

@@ -14,8 +14,8 @@ from conftest import SPACE, make_atlas, make_fmriprep_run, make_raw, random_labe
 from nilearn.maskers import NiftiLabelsMasker
 
 import bids_fmristore
+from bids_fmristore.atomic import PARTIAL_MARK
 from bids_fmristore.cli.run import main
-from bids_fmristore.formats.atomic import PARTIAL_MARK
 
 #: Grid A: the common field of view (2 mm, non-cubic shape).
 SHAPE_A = (10, 12, 9)

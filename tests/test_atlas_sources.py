@@ -21,8 +21,8 @@ from bids_fmristore.atlas.sources import (
     parse_atlas_arg,
     publish_atlas,
 )
+from bids_fmristore.atomic import PARTIAL_MARK
 from bids_fmristore.errors import AtlasError
-from bids_fmristore.formats.atomic import PARTIAL_MARK
 
 NILEARN_GM = Path(__import__("nilearn").__file__).parent / "datasets" / "data" / (
     "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")

@@ -16,6 +16,7 @@ from conftest import SPACE, make_atlas, make_fmriprep_run, make_raw, random_labe
 
 import bids_fmristore
 import bids_fmristore.participant
+from bids_fmristore.atomic import PARTIAL_MARK
 from bids_fmristore.cli.run import main
 from bids_fmristore.errors import (
     EXIT_ATLAS,
@@ -25,7 +26,6 @@ from bids_fmristore.errors import (
     EXIT_PARTIAL,
     EXIT_USAGE,
 )
-from bids_fmristore.formats.atomic import PARTIAL_MARK
 from bids_fmristore.formats.multiscan import ParcellatedMultiScan
 
 SHAPE = (6, 7, 5)

@@ -14,10 +14,10 @@ from test_cli_errors import args, build, error_lines, out_file
 
 import bids_fmristore
 from bids_fmristore import progress
+from bids_fmristore.atomic import PARTIAL_MARK
 from bids_fmristore.cli.logs import configure
 from bids_fmristore.cli.run import main
 from bids_fmristore.errors import EXIT_BUG, EXIT_INPUT, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
-from bids_fmristore.formats.atomic import PARTIAL_MARK
 
 LOG_NAME = re.compile(r"bids_fmristore_(participant|group)_\d{8}-\d{6}_\d+(-\d+)?\.log")
 

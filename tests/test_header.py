@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bids_fmristore.formats.atomic import atomic_path
+from bids_fmristore.atomic import atomic_path
 from bids_fmristore.formats.header import (
     Geometry,
     affine_to_qform,

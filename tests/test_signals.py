@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from conftest import make_atlas, make_fmriprep_run, make_raw, random_labels
 
+from bids_fmristore.atomic import PARTIAL_MARK
 from bids_fmristore.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
-from bids_fmristore.formats.atomic import PARTIAL_MARK
 
 SHAPE = (64, 64, 48)
 N_T = 160  # ~125 MB of incompressible float32: seconds of work once writing has begun

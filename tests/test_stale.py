@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from bids_fmristore import stale
-from bids_fmristore.formats.atomic import LOCK_SUFFIX, PARTIAL_MARK, atomic_path, owner_token
+from bids_fmristore.atomic import LOCK_SUFFIX, PARTIAL_MARK, atomic_path, owner_token
 from bids_fmristore.stale import remove_stale
 
 WRITER = textwrap.dedent("""
     import os, signal, sys, time
-    from bids_fmristore.formats.atomic import atomic_path
+    from bids_fmristore.atomic import atomic_path
     with atomic_path(sys.argv[1]) as tmp:
         tmp.write_bytes(b"half")
         print(tmp, flush=True)

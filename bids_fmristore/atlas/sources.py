@@ -39,8 +39,8 @@ import numpy as np
 from bids_fmristore import __version__
 from bids_fmristore.atlas import Atlas, load_atlas, table_path_for
 from bids_fmristore.atlas.index import AtlasIndex, folder_tables, nearest_table, parse_name
+from bids_fmristore.atomic import atomic_path
 from bids_fmristore.errors import AtlasError
-from bids_fmristore.formats.atomic import atomic_path
 
 __all__ = ["AtlasCatalog", "AtlasRequest", "AtlasFile", "AtlasCandidates", "AtlasIndex",
            "parse_atlas_arg", "find_atlas",

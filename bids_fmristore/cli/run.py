@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _main(argv)
         except Terminated as stop:  # outside run_command (e.g. while parsing)
-            from bids_fmristore.formats.atomic import remove_own_temporaries
+            from bids_fmristore.atomic import remove_own_temporaries
 
             remove_own_temporaries()
             print(f"bids_fmristore: ERROR: interrupted by {stop.name}", file=sys.stderr)
@@ -73,8 +73,8 @@ def run_command(func, *, verbose: int = 0, quiet: bool = False, debug: bool = Fa
     (exit 3: disk full, permission denied) and an interruption (130 / 143). Other errors are
     bugs and keep their traceback (exit 1).
     """
+    from bids_fmristore.atomic import write_once
     from bids_fmristore.cli.logs import configure
-    from bids_fmristore.formats.atomic import write_once
 
     with configure(verbose=verbose, quiet=quiet, debug=debug), write_once():
         return _mapped(func)
@@ -106,7 +106,7 @@ def _interruption(exc: BaseException) -> int | None:
     """Exit code if ``exc`` comes from a signal (whatever its type: the exception raised by
     the handler may have been turned into another one by C code on the way), else None."""
     from bids_fmristore import interrupt
-    from bids_fmristore.formats.atomic import remove_own_temporaries
+    from bids_fmristore.atomic import remove_own_temporaries
 
     signum = interrupt.received()
     if signum is None and isinstance(exc, KeyboardInterrupt):

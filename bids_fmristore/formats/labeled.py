@@ -18,9 +18,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from bids_fmristore.atomic import atomic_path
 from bids_fmristore.errors import FormatError
 from bids_fmristore.formats._h5 import H5Reader
-from bids_fmristore.formats.atomic import atomic_path
 from bids_fmristore.formats.header import (
     Geometry,
     mask_from_disk,

@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from bids_fmristore.atomic import atomic_path
 from bids_fmristore.errors import FormatError
 from bids_fmristore.formats._h5 import (
     H5Reader,
@@ -32,7 +33,6 @@ from bids_fmristore.formats._h5 import (
     str_attr,
     write_metadata_value,
 )
-from bids_fmristore.formats.atomic import atomic_path
 from bids_fmristore.formats.header import (
     Geometry,
     mask_coords,

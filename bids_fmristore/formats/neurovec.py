@@ -14,9 +14,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from bids_fmristore.atomic import atomic_path
 from bids_fmristore.errors import FormatError
 from bids_fmristore.formats._h5 import H5Reader, str_attr
-from bids_fmristore.formats.atomic import atomic_path
 from bids_fmristore.formats.labeled import DTYPES
 
 __all__ = ["H5NeuroVol", "H5NeuroVec", "write_neurovol", "write_neurovec"]

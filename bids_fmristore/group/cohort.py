@@ -36,8 +36,8 @@ import pandas as pd
 
 from bids_fmristore import __version__
 from bids_fmristore.atlas import same_grid
+from bids_fmristore.atomic import PARTIAL_MARK
 from bids_fmristore.errors import InputError, RunError, UsageError
-from bids_fmristore.formats.atomic import PARTIAL_MARK
 from bids_fmristore.formats.labeled import sanitize_label, write_labeled
 from bids_fmristore.inputs.nifti_stream import NiftiInfo, iter_volumes, read_info
 

@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 
 from bids_fmristore.atlas import same_grid
+from bids_fmristore.atomic import atomic_write_text
 from bids_fmristore.derivatives import write_json
 from bids_fmristore.errors import InputError
-from bids_fmristore.formats.atomic import atomic_write_text
 from bids_fmristore.formats.labeled import LabeledVolumeSet, write_labeled
 from bids_fmristore.grids import Grid, grid_labels
 from bids_fmristore.resume import inputs_record, sidecar_of, why_rebuild
