@@ -21,6 +21,8 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from bids_fmristore import interrupt
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX
@@ -182,6 +184,11 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator
         raise
     try:
         yield tmp_path
+        signum = interrupt.received()
+        if signum is not None:
+            # The signal's exception may have been swallowed inside C code (h5py) while the
+            # file was written: after a signal, nothing is published under a final name.
+            raise interrupt.Terminated(signum)
         if not overwrite and final.exists():
             raise FileExistsError(final)
         os.chmod(tmp_path, 0o666 & ~_umask())
