@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -98,6 +99,15 @@ def random_labels(shape, n_labels, rng, background=0.3) -> np.ndarray:
     labels = rng.integers(1, n_labels + 1, size=shape)
     labels[rng.random(shape) < background] = 0
     return labels
+
+
+@pytest.fixture
+def package_logs_reach_caplog(monkeypatch):
+    """main() makes the ``bids_fmristore`` logger stop propagating; undo that for caplog."""
+    logger = logging.getLogger("bids_fmristore")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "propagate", True)
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
 
 
 @pytest.fixture

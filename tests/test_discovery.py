@@ -20,13 +20,7 @@ N_T = 5
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 
 
-@pytest.fixture(autouse=True)
-def _package_logs_reach_caplog(monkeypatch):
-    """main() makes the ``bids_fmristore`` logger stop propagating; undo that for caplog."""
-    logger = logging.getLogger("bids_fmristore")
-    monkeypatch.setattr(logger, "handlers", [])
-    monkeypatch.setattr(logger, "propagate", True)
-    monkeypatch.setattr(logger, "level", logging.NOTSET)
+pytestmark = pytest.mark.usefixtures("package_logs_reach_caplog")
 
 
 def bold_data(rng, value: float | None = None, n_t: int = N_T) -> np.ndarray:

@@ -25,13 +25,7 @@ BOLD = f"{STEM}_desc-preproc_bold.nii.gz"
 MASK = f"{STEM}_desc-brain_mask.nii.gz"
 
 
-@pytest.fixture(autouse=True)
-def _package_logs_reach_caplog(monkeypatch):
-    """main() makes the ``bids_fmristore`` logger stop propagating; undo that for caplog."""
-    logger = logging.getLogger("bids_fmristore")
-    monkeypatch.setattr(logger, "handlers", [])
-    monkeypatch.setattr(logger, "propagate", True)
-    monkeypatch.setattr(logger, "level", logging.NOTSET)
+pytestmark = pytest.mark.usefixtures("package_logs_reach_caplog")
 
 
 def fmriprep_run(root: Path, **kwargs) -> Path:
