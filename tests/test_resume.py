@@ -134,3 +134,22 @@ def test_a_path_written_twice_is_a_bug(tmp_path, rng, capsys, monkeypatch):
     assert main(argv(ds)) == 1
     err = capsys.readouterr().err
     assert "would be written twice in one invocation" in err
+
+
+def test_run_failed_in_discovery_is_listed_too(tmp_path, rng, capsys):
+    ds = dataset(tmp_path, rng)
+    bold = ds["bolds"]["01", 2]
+    sidecar_json = bold.with_name(bold.name.replace(".nii.gz", ".json"))
+    good = sidecar_json.read_text()
+    sidecar_json.write_text("{not json")
+    assert main(argv(ds)) == 5
+    target = ds["out"] / "sub-01/func/sub-01_space-MNI152NLin2009cAsym_res-2_atlas-Demo_bold.h5"
+    failed = json.loads(target.with_suffix(".json").read_text())["FailedRuns"]
+    assert [Path(f["Source"]).name for f in failed] == [bold.name]
+    assert sidecar_json.name in failed[0]["Reason"]
+    sidecar_json.write_text(good)
+    capsys.readouterr()
+    assert main(argv(ds)) == 0
+    assert "rebuilding" in capsys.readouterr().err
+    with bids_fmristore.open(target) as f:
+        assert f.scan_names == ["sub-01_task-rest_run-01", "sub-01_task-rest_run-02"]

@@ -234,7 +234,7 @@ def participant(opts) -> int:
     if native:
         catalog.check_native(native, opts.allow_atlas_space_mismatch)
     jobs, problems = plan_jobs(found.runs, catalog.for_grid, output_dir,
-                               per_session=bool(opts.session_label))
+                               per_session=bool(opts.session_label), failed_runs=found.failed)
     problems = found.problems + problems
     remove_stale([output_dir / f"sub-{s}" for s in sorted({job.subject for job in jobs})],
                  recursive=True)

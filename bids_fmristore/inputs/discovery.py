@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from collections import defaultdict
@@ -107,6 +108,8 @@ class DiscoveryResult:
     datasets: list[Dataset]
     #: one line per run that could not be used (the run is skipped, others go on)
     problems: list[str] = field(default_factory=list)
+    #: the runs found but unusable, with their problem line (their TR is NaN)
+    failed: list[tuple[BoldRun, str]] = field(default_factory=list)
 
 
 def _relative(path: Path, root: Path) -> str | None:
@@ -324,6 +327,9 @@ def discover(
                 run = _make_run(ds, bold, masks, sidecars)
             except InputError as err:
                 result.problems.append(str(err).splitlines()[0])
+                # its subject's files will say that it is missing (FailedRuns)
+                result.failed.append((BoldRun(Path(bold.path), ds, _entities(bold), math.nan),
+                                      result.problems[-1]))
                 continue
             result.runs.append(run)
             found.append(run.path.name)
@@ -365,12 +371,17 @@ def _drop_duplicates(result: DiscoveryResult) -> None:
             "select one with --bids-filter-file")
 
 
-def _make_run(ds: Dataset, bold, masks: _Masks | None, sidecars: SidecarReader) -> BoldRun:
-    path = Path(bold.path)
+def _entities(bold) -> dict[str, str]:
     entities = {k: str(v) for k, v in bold.get_entities().items()
                 if k not in ("suffix", "extension", "datatype")}
     if "run" in entities:  # pybids' PaddedInt keeps the file's zero padding in str()
         entities["run"] = str(bold.get_entities()["run"])
+    return entities
+
+
+def _make_run(ds: Dataset, bold, masks: _Masks | None, sidecars: SidecarReader) -> BoldRun:
+    path = Path(bold.path)
+    entities = _entities(bold)
     check_readable(path)
     try:
         header = nib.load(path).header

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,15 +89,21 @@ def plan_jobs(
     output_dir: Path,
     *,
     per_session: bool = False,
+    failed_runs: Iterable[tuple[BoldRun, str]] = (),
 ) -> tuple[list[Job], list[str]]:
     """Group runs by subject (and session with ``per_session``) and grid.
 
     ``atlases`` is a list, or a function of a grid's voxel size (mm) returning the atlases to
-    use on that grid. Returns the jobs and one line per run whose header cannot be read.
+    use on that grid. ``failed_runs`` are runs found but already known to be unusable (with
+    their problem line): their subject's files list them. Returns the jobs and one line per
+    run whose header cannot be read.
     """
     problems: list[str] = []
     groups: dict[tuple, list[tuple[BoldRun, NiftiInfo]]] = defaultdict(list)
     failed: dict[tuple, list[tuple[BoldRun, str]]] = defaultdict(list)
+    for run, reason in failed_runs:
+        failed[(run.subject, run.entities.get("session") if per_session else None)].append(
+            (run, reason))
     for run in runs:
         session = run.entities.get("session") if per_session else None
         try:
