@@ -142,7 +142,8 @@ def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
         from bids_fmristore.atlas import load_atlas
         from bids_fmristore.compute.parcellate import Parcels, parcellate_run
         from bids_fmristore.formats.header import Geometry, mask_order
-        from bids_fmristore.formats.multiscan import ClusterLayout, MultiScanWriter
+        from bids_fmristore.formats.multiscan import ClusterLayout
+        from bids_fmristore.formats.multiscan_writer import MultiScanWriter
         from bids_fmristore.inputs.nifti_stream import read_info
 
         info = read_info(bold)

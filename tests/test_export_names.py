@@ -16,7 +16,8 @@ from bids_fmristore.errors import EXIT_INPUT, EXIT_OK
 from bids_fmristore.export import export_file, image_names
 from bids_fmristore.formats.header import Geometry
 from bids_fmristore.formats.labeled import write_labeled
-from bids_fmristore.formats.multiscan import ClusterLayout, MultiScanWriter
+from bids_fmristore.formats.multiscan import ClusterLayout
+from bids_fmristore.formats.multiscan_writer import MultiScanWriter
 
 SHAPE = (4, 3, 2)
 FIXTURES = Path(__file__).parent / "data" / "fmristore-written"

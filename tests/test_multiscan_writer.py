@@ -8,7 +8,8 @@ import pytest
 
 from bids_fmristore.errors import RunError
 from bids_fmristore.formats.header import Geometry
-from bids_fmristore.formats.multiscan import ClusterLayout, MultiScanWriter, ParcellatedMultiScan
+from bids_fmristore.formats.multiscan import ClusterLayout, ParcellatedMultiScan
+from bids_fmristore.formats.multiscan_writer import MultiScanWriter
 from bids_fmristore.inputs.nifti_stream import iter_volumes, read_info
 
 

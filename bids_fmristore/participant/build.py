@@ -22,7 +22,8 @@ from bids_fmristore.compute.parcellate import Parcels, parcellate_run
 from bids_fmristore.derivatives import scan_names, write_json
 from bids_fmristore.errors import InputError, RunError
 from bids_fmristore.formats.header import Geometry, mask_order
-from bids_fmristore.formats.multiscan import ClusterLayout, MultiScanWriter
+from bids_fmristore.formats.multiscan import ClusterLayout
+from bids_fmristore.formats.multiscan_writer import MultiScanWriter
 from bids_fmristore.inputs.discovery import BoldRun
 from bids_fmristore.inputs.nifti_stream import NiftiInfo, read_info
 from bids_fmristore.participant.plan import RUN_READ_ERRORS, Job, Options

@@ -1,0 +1,327 @@
+"""Writing H5ParcellatedMultiScan files (layout: :mod:`bids_fmristore.formats.multiscan`).
+
+:class:`MultiScanWriter` streams scans into a temporary file that becomes the final file only
+when everything was written; voxel blocks are buffered to whole chunks, shuffled and deflated
+in a thread pool and stored with ``write_direct_chunk``.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from bids_fmristore.atomic import atomic_path
+from bids_fmristore.formats._h5 import (
+    write_metadata_value,
+)
+from bids_fmristore.formats.header import (
+    Geometry,
+    mask_coords,
+    mask_to_disk,
+    write_header,
+)
+
+try:
+    from isal.isal_zlib import compress as _deflate
+except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same format
+    _deflate = zlib.compress
+from bids_fmristore.formats.multiscan import (
+    FMRISTORE_CLASS,
+    SCAN_FULL,
+    SCAN_SUMMARY,
+    STORE_MODES,
+    ClusterLayout,
+    Store,
+)
+
+__all__ = ["MultiScanWriter", "ScanWriter", "TIME_CHUNK", "VOXEL_CHUNK"]
+
+#: HDF5 chunk of a voxel block: 128 time points x 1024 voxels, as fmristore's writer.
+TIME_CHUNK = 128
+VOXEL_CHUNK = 1024
+_GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+#: Deflate level of direct chunks: isal's level 1 compresses like zlib's 4, ~10x faster.
+_DIRECT_LEVEL = 1
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _encoder_pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                   thread_name_prefix="bids_fmristore-deflate")
+    return _POOL
+
+
+def _encode_chunk(block: np.ndarray, chunk: tuple[int, int]) -> bytes:
+    """HDF5 shuffle then deflate (zlib format) of one float32 chunk, zero-padded at the edges.
+
+    The shuffle filter stores byte ``j`` of every element, in C order, as plane ``j``; the
+    planes are filled in one strided copy straight from the (possibly non-contiguous) block.
+    """
+    rows, width = block.shape
+    planes = np.zeros((4, *chunk), dtype=np.uint8)
+    planes[:, :rows, :width] = block.view(np.uint8).reshape(rows, width, 4).transpose(2, 0, 1)
+    return _deflate(planes, _DIRECT_LEVEL)
+
+
+class MultiScanWriter:
+    """Write an H5ParcellatedMultiScan file scan by scan, atomically.
+
+    Use as a context manager; the file appears under ``path`` only if the block exits without
+    an exception. Data are given in mask order; this class groups them by cluster.
+
+    Parameters
+    ----------
+    path : path-like
+        Final file name.
+    geometry : Geometry
+        Grid of the mask (the BOLD grid).
+    layout : ClusterLayout
+    store : {"summary", "full", "both"}
+        Which parts every scan holds (§3.4 of the spec decides the ``class`` attributes).
+    cluster_meta : dict of str to array, optional
+        Extra ``/clusters/cluster_meta`` columns, each shape (K,) in ascending id order.
+    label_table : (index, name) arrays, optional
+        The whole atlas table, clusters or not, stored under ``/label_table`` so readers can
+        re-index summaries onto every atlas label.
+    attrs : dict, optional
+        Extra root attributes (ignored by fmristore).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        geometry: Geometry,
+        layout: ClusterLayout,
+        store: Store = "both",
+        cluster_meta: dict[str, np.ndarray] | None = None,
+        label_table: tuple[np.ndarray, np.ndarray] | None = None,
+        attrs: dict[str, str] | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        if store not in STORE_MODES:
+            raise ValueError(f"store must be one of {STORE_MODES}, not {store!r}")
+        if tuple(geometry.shape) != tuple(layout.mask.shape):
+            raise ValueError(f"mask shape {layout.mask.shape} != grid {geometry.shape}")
+        self.path = Path(path)
+        self.geometry, self.layout, self.store = geometry, layout, store
+        self._meta = dict(cluster_meta or {})
+        self._label_table = label_table
+        self._attrs = dict(attrs or {})
+        self._overwrite = overwrite
+        self._trs: list[float] = []
+        self._file: h5py.File | None = None
+
+    def __enter__(self) -> MultiScanWriter:
+        self._atomic = atomic_path(self.path, overwrite=self._overwrite)
+        tmp = self._atomic.__enter__()
+        try:
+            self._file = h5py.File(tmp, "w")
+            self._write_static()
+        except BaseException as exc:
+            self._abort(exc)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self._abort(exc)
+            return
+        try:
+            self._finish()
+            self._file.close()
+        except BaseException as err:
+            self._abort(err)
+            raise
+        self._atomic.__exit__(None, None, None)
+
+    def _abort(self, exc: BaseException) -> None:
+        if self._file is not None and self._file.id.valid:
+            self._file.close()
+        self._atomic.__exit__(type(exc), exc, exc.__traceback__)
+
+    def _write_static(self) -> None:
+        f, lay = self._file, self.layout
+        f.attrs["fmristore_class"] = FMRISTORE_CLASS
+        for key, value in self._attrs.items():
+            f.attrs[key] = value
+        write_header(f.create_group("header"), self.geometry, 0)
+        f.create_dataset("mask", data=mask_to_disk(lay.mask))
+        f.create_dataset("cluster_map", data=lay.cluster_map.astype(np.int32))
+        coords = mask_coords(lay.mask).T + 1  # R's which(arr.ind=TRUE) is 1-based
+        f.create_dataset("voxel_coords", data=coords.astype(np.int32))
+        clusters = f.create_group("clusters")
+        clusters.create_dataset("cluster_ids", data=lay.cluster_ids.astype(np.int32))
+        meta = clusters.create_group("cluster_meta")
+        meta.create_dataset("cluster_id", data=lay.cluster_ids.astype(np.int32))
+        for key, values in self._meta.items():
+            values = np.asarray(values)
+            if values.shape != lay.cluster_ids.shape:
+                raise ValueError(f"cluster_meta[{key!r}] has shape {values.shape}")
+            write_metadata_value(meta, key, values)
+        if self._label_table is not None:
+            index, names = self._label_table
+            table = f.create_group("label_table")
+            table.create_dataset("index", data=np.asarray(index, dtype=np.int32))
+            table.create_dataset("name", data=np.asarray(names, dtype=object),
+                                 dtype=h5py.string_dtype())
+        scans = f.create_group("scans")
+        scans.attrs["summary_only"] = np.bool_(self.store == "summary")
+
+    def _finish(self) -> None:
+        n_scans = len(self._file["scans"])
+        self._file["header/dim"][4] = n_scans
+        if self._trs and np.allclose(self._trs, self._trs[0]):
+            self._file["header/pixdim"][4] = self._trs[0]
+
+    def add_scan(self, name: str, n_time: int, metadata: dict | None = None) -> ScanWriter:
+        """Create ``/scans/<name>`` for a scan of ``n_time`` volumes and return its writer.
+
+        ``metadata`` values (str, int, float, bool or 1-D arrays) go to ``metadata/<key>``;
+        ``n_time`` is always written as an int32 there and as a scan attribute (pitfall 13).
+        """
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"invalid scan name {name!r}")
+        if n_time < 1:
+            raise ValueError(f"scan {name!r} has no volumes")
+        group = self._file["scans"].create_group(name)
+        group.attrs["n_time"] = np.int32(n_time)
+        if self.store != "both":  # §3.4: without `class`, R users may pick either part
+            group.attrs["class"] = SCAN_SUMMARY if self.store == "summary" else SCAN_FULL
+        meta = group.create_group("metadata")
+        meta.create_dataset("n_time", data=np.int32(n_time))
+        for key, value in (metadata or {}).items():
+            if key.startswith("n_time"):
+                raise ValueError(f"metadata key {key!r} would shadow n_time in R")
+            if value is not None:
+                write_metadata_value(meta, key, value)
+        tr = (metadata or {}).get("TR")
+        if tr:
+            self._trs.append(float(tr))
+        return ScanWriter(group, self.layout, int(n_time), self.store)
+
+    def copy_scan(self, source: str | Path, name: str) -> None:
+        """Copy ``/scans/<name>`` from another file written with the same layout.
+
+        HDF5 copies the compressed chunks as they are (no decompression), so assembling a file
+        from per-run pieces costs little more than the bytes moved.
+        """
+        with h5py.File(source, "r") as src:
+            if not np.array_equal(src["cluster_map"][()], self.layout.cluster_map):
+                raise ValueError(f"{source}: cluster map differs from {self.path.name}")
+            src.copy(src["scans"][name], self._file["scans"], name)
+        tr = self._file["scans"][name].get("metadata/TR")
+        if tr is not None:
+            self._trs.append(float(tr[()]))
+
+    def discard_scan(self, name: str) -> None:
+        """Remove a scan whose data could not be completed (its TR no longer counts)."""
+        group = self._file["scans"][name]
+        tr = group.get("metadata/TR")
+        if tr is not None and float(tr[()]) in self._trs:
+            self._trs.remove(float(tr[()]))
+        del self._file["scans"][name]
+
+
+class ScanWriter:
+    """Receives one scan's data in time order; created by :meth:`MultiScanWriter.add_scan`.
+
+    Voxel data are buffered to whole HDF5 time chunks, shuffled and deflated in a thread pool
+    (zlib and isal release the GIL), and stored with ``write_direct_chunk``. The datasets
+    declare the standard shuffle+deflate filters, so every HDF5 reader (R included) decodes
+    them; h5py's own single-threaded deflate would be the bottleneck otherwise.
+    """
+
+    def __init__(self, group: h5py.Group, layout: ClusterLayout, n_time: int, store: Store):
+        self.layout, self.n_time = layout, n_time
+        self._written = 0
+        self._datasets: list[h5py.Dataset] = []
+        self._group = group
+        self._chunk_t = min(n_time, TIME_CHUNK)
+        if store in ("full", "both"):
+            clusters = group.create_group("clusters")
+            for cid, n in zip(layout.cluster_ids, layout.counts, strict=True):
+                self._datasets.append(
+                    clusters.create_dataset(
+                        f"cluster_{int(cid)}", shape=(n_time, int(n)), dtype=np.float32,
+                        chunks=(self._chunk_t, int(min(n, VOXEL_CHUNK))), **_GZIP,
+                    )
+                )
+        self.wants_voxels = bool(self._datasets)
+        self.wants_summary = store in ("summary", "both")
+        self._summary_written = False
+        self._buffer: np.ndarray | None = None
+        self._filled = 0
+
+    def write_voxels(self, block: np.ndarray) -> None:
+        """Append time points: ``block`` shape (k, N), mask order, the next k volumes."""
+        if self.wants_voxels:
+            self.write_grouped(np.asarray(block)[:, self.layout.by_cluster])
+
+    def write_grouped(self, block: np.ndarray) -> None:
+        """Like :meth:`write_voxels` with columns already grouped by cluster (ascending id,
+        mask order within a cluster): the clusters' datasets laid end to end."""
+        if not self.wants_voxels:
+            return
+        block = np.asarray(block)
+        n_vox = self.layout.by_cluster.size
+        if self._written + self._filled + block.shape[0] > self.n_time or block.shape[1] != n_vox:
+            raise ValueError(f"voxel block {block.shape} does not fit at "
+                             f"t={self._written + self._filled}")
+        if self._buffer is None:
+            self._buffer = np.empty((self._chunk_t, n_vox), dtype=np.float32)
+        start = 0
+        while start < block.shape[0]:
+            take = min(block.shape[0] - start, self._chunk_t - self._filled)
+            self._buffer[self._filled : self._filled + take] = block[start : start + take]
+            self._filled += take
+            start += take
+            if self._filled == self._chunk_t or self._written + self._filled == self.n_time:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Encode the buffered time chunk of every cluster and store it as direct chunks."""
+        rows, t0 = self._filled, self._written
+        grouped = self._buffer[:rows]
+        bounds = self.layout.bounds
+        jobs = []
+        for k, ds in enumerate(self._datasets):
+            block = grouped[:, bounds[k] : bounds[k + 1]]
+            width = ds.chunks[1]
+            for c0 in range(0, block.shape[1], width):
+                jobs.append((ds, (t0, c0), block[:, c0 : c0 + width], (self._chunk_t, width)))
+        encoded = _encoder_pool().map(lambda job: _encode_chunk(job[2], job[3]), jobs)
+        for (ds, offset, _, _), payload in zip(jobs, encoded, strict=True):
+            ds.id.write_direct_chunk(offset, payload)
+        self._written += rows
+        self._filled = 0
+
+    def write_summary(self, summary: np.ndarray) -> None:
+        """Store the (T, K) summary, columns in ascending cluster id order."""
+        if not self.wants_summary:
+            return
+        summary = np.asarray(summary, dtype=np.float32)
+        k = self.layout.cluster_ids.size
+        if summary.shape != (self.n_time, k):
+            raise ValueError(f"summary shape {summary.shape} != {(self.n_time, k)}")
+        grp = self._group.create_group("clusters_summary")
+        # No attributes on summary_data: fmristore's constructor fails on some (pitfall 6).
+        grp.create_dataset(
+            "summary_data", data=np.ascontiguousarray(summary.T),
+            chunks=(min(k, 256), min(self.n_time, TIME_CHUNK)), **_GZIP,
+        )
+        self._summary_written = True
+
+    def check_complete(self) -> None:
+        """Raise if fewer time points than announced were written."""
+        if self.wants_voxels and self._written + self._filled != self.n_time:
+            raise RuntimeError(f"{self._group.name}: {self._written} of {self.n_time} volumes")
+        if self.wants_summary and not self._summary_written:
+            raise RuntimeError(f"{self._group.name}: summary missing")
