@@ -194,7 +194,6 @@ def no_brain_mask(ds):
     return Defect(("sub-03_task-rest_run-01",))
 
 
-WARNED = {partly_nan, inf_voxel, tr_disagrees, no_brain_mask}
 
 
 # -- defects with no effect (exit 0) -----------------------------------------------------------
@@ -204,7 +203,10 @@ def mask_other_grid(ds):
     mask = mask_of(_bold(ds))
     nib.save(nib.Nifti1Image(brain_mask(SHAPE_B, np.random.default_rng(4)).astype(np.uint8),
                              AFFINE_B), mask)
-    return Defect(())
+    return Defect(_names(mask))
+
+
+WARNED = {partly_nan, inf_voxel, tr_disagrees, no_brain_mask, mask_other_grid}
 
 
 def unrelated_invalid_json(ds):

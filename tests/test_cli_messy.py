@@ -288,7 +288,10 @@ def test_group_level_of_the_quick_start(tmp_path, capsys):
     code, err = run_cli([paths.bids, out, "group"], capsys)
     assert code == EXIT_OK, err
     assert_clean_stderr(err)
-    names = [p.name for p in (out / "group").iterdir()]
-    assert any(n.endswith("_bold.h5") for n in names), names
-    for name in names:
-        assert "stat-" in name and "grid" not in name, name
+    names = {p.name for p in (out / "group").glob("*.h5")}
+    # the names the README gives for this example
+    assert names == {f"space-MNI152NLin2009cAsym_res-{res}_stat-{stat}_bold.h5"
+                     for res in ("4x4x8", "2x2x2p2") for stat in ("mean", "std", "tsnr")}
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "group/space-MNI152NLin2009cAsym_res-4x4x8_stat-mean_bold.h5" in readme
+    assert "group/space-MNI152NLin2009cAsym_res-2x2x2p2_stat-mean_bold.h5" in readme

@@ -269,7 +269,7 @@ def test_plain_rerun_repairs_the_failed_run_and_keeps_the_rest(tmp_path):
     assert_outputs_complete(ds["out"])
 
 
-def test_rerun_with_other_store_is_rebuilt_or_warned(tmp_path, rng, capsys):
+def test_rerun_with_other_store_is_rebuilt(tmp_path, rng, capsys):
     ds = good_dataset(tmp_path, rng, subjects=("01", "02"))
     code, err = run_cli(cli_args(ds), capsys)
     assert code == EXIT_OK, err
@@ -280,13 +280,31 @@ def test_rerun_with_other_store_is_rebuilt_or_warned(tmp_path, rng, capsys):
     after = file_state(ds["out"])
     warnings = lines_of(err, "WARNING")
     for h5 in parcellated_files(ds["out"]):
-        if after[h5] != before[h5]:  # rebuilt with the new options
-            with bids_fmristore.open(h5) as f:
-                assert all(f.has_summary(s) and not f.has_voxels(s) for s in f.scan_names)
-            assert sidecar(h5)["StoreMode"] == "summary"
-        else:  # kept: a warning naming the file and saying why
-            assert any(h5.name in line and "store" in line.lower() for line in warnings), (
-                h5.name, err)
+        assert after[h5] != before[h5]  # rebuilt with the new options, and said so
+        assert any(h5.name in line and "rebuilding" in line and "StoreMode" in line
+                   for line in warnings), (h5.name, err)
+        with bids_fmristore.open(h5) as f:
+            assert all(f.has_summary(s) and not f.has_voxels(s) for s in f.scan_names)
+        assert sidecar(h5)["StoreMode"] == "summary"
+
+
+def test_other_coverage_threshold_tables_or_overwrite_rebuild(tmp_path, rng, capsys):
+    ds = good_dataset(tmp_path, rng, subjects=("01",))
+    code, err = run_cli(cli_args(ds, "--min-coverage", "0"), capsys)
+    assert code == EXIT_OK, err
+    for extra, needle in ((("--min-coverage", "0.5"), "MinCoverage=0.0, now 0.5"),
+                          (("--min-coverage", "0.5", "--tsv"), "tables are missing"),
+                          (("--min-coverage", "0.5", "--tsv", "--overwrite"), None)):
+        before = file_state(ds["out"])
+        code, err = run_cli(cli_args(ds, *extra), capsys)
+        assert code == EXIT_OK, err
+        after = file_state(ds["out"])
+        for h5 in parcellated_files(ds["out"]):
+            assert after[h5] != before[h5], (extra, h5.name)
+            if needle:
+                assert any(h5.name in line and needle in line
+                           for line in lines_of(err, "WARNING")), (extra, err)
+        assert sidecar(h5)["MinCoverage"] == 0.5
 
 
 def test_h5_without_sidecar_is_rebuilt(tmp_path, rng, capsys):

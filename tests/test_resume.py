@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,13 @@ def test_rerun_keeps_complete_files_and_says_so(tmp_path, rng, capsys):
     assert outputs(ds["out"]) == before
     kept = [line for line in err.splitlines() if "WARNING: kept" in line]
     assert len(kept) == len([p for p in before if p.suffix == ".h5"]), err
-    assert "finished" in err
+    lines = err.splitlines()
+    assert "bids_fmristore: INFO: sub-02: started (2 run(s) on 2 grid(s), 1 atlas(es))" in lines
+    assert any(re.fullmatch(r"bids_fmristore: INFO: sub-02: finished in \d+\.\d s: "
+                            r"0 file\(s\) written, 4 kept, 0 failure\(s\)", line)
+               for line in lines), err
+    assert re.search(r"INFO: finished in \d+ s: 2 subject\(s\), 0 file\(s\) written, "
+                     r"6 kept, 0 problem\(s\)", err), err
 
 
 def test_other_options_or_a_lost_sidecar_rebuild(tmp_path, rng, capsys):

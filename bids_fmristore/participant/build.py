@@ -81,6 +81,8 @@ def _brain_mask(run: BoldRun, info: NiftiInfo) -> np.ndarray:
     img = nib.load(run.mask)
     data = np.asanyarray(img.dataobj)
     if not same_grid(data.shape, img.affine, shape, info.affine):
+        log.warning("%s is on another grid than its BOLD run; resampled onto the run's grid "
+                    "(nearest neighbour)", run.mask)
         data = resample_nearest(data, img.affine, shape, info.affine)
     return np.asarray(data) > 0
 
