@@ -15,7 +15,7 @@ from bids_fmristore.participant.build import (
     run_job,
 )
 from bids_fmristore.participant.parallel import run_jobs
-from bids_fmristore.participant.plan import RUN_READ_ERRORS, Job, Options, plan_jobs
+from bids_fmristore.participant.plan import Job, Options, plan_jobs
 
 __all__ = ["Job", "JobResult", "Options", "Prepared", "Target", "plan_jobs", "prepare_targets",
-           "run_job", "run_jobs", "coverage_of", "RUN_READ_ERRORS"]
+           "run_job", "run_jobs", "coverage_of"]

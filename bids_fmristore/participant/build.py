@@ -20,20 +20,20 @@ from bids_fmristore import __version__
 from bids_fmristore.atlas import Atlas, labels_on_grid, resample_nearest, same_grid
 from bids_fmristore.compute.parcellate import Parcels, parcellate_run
 from bids_fmristore.derivatives import scan_names, write_json
-from bids_fmristore.errors import InputError, RunError
+from bids_fmristore.errors import RunError
 from bids_fmristore.formats.header import Geometry, mask_order
 from bids_fmristore.formats.multiscan import ClusterLayout
 from bids_fmristore.formats.multiscan_writer import MultiScanWriter
 from bids_fmristore.inputs.discovery import BoldRun
 from bids_fmristore.inputs.nifti_stream import NiftiInfo, read_info
-from bids_fmristore.participant.plan import RUN_READ_ERRORS, Job, Options
+from bids_fmristore.participant.plan import Job, Options
 from bids_fmristore.progress import Progress, run_label
 from bids_fmristore.resume import inputs_record, sidecar_of, why_rebuild
 from bids_fmristore.tables import run_table_paths, write_run_tables
 from bids_fmristore.voxelmaps import STATS, MapsTarget, make_maps_target, run_maps, write_maps
 
 __all__ = ["JobResult", "Prepared", "Target", "prepare_targets", "run_job", "coverage_of",
-           "write_scans", "finish_job", "writer_for"]
+           "write_scans", "finish_job", "writer_for", "nothing_read"]
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,11 @@ def _brain_mask(run: BoldRun, info: NiftiInfo) -> np.ndarray:
     if run.mask is None:
         return np.ones(shape, dtype=bool)
     read_info(run.mask)  # a header that lies about its size fails here, before any allocation
-    img = nib.load(run.mask)
-    data = np.asanyarray(img.dataobj)
+    try:
+        img = nib.load(run.mask)
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # nibabel, zlib and numpy raise many types for a damaged file
+        raise RunError(f"{run.mask}: cannot read the brain mask ({err})") from None
     if not same_grid(data.shape, img.affine, shape, info.affine):
         log.warning("%s is on another grid than its BOLD run; resampled onto the run's grid "
                     "(nearest neighbour)", run.mask)
@@ -175,9 +178,8 @@ def _readable_masks(job: Job) -> tuple[Job, list[np.ndarray]]:
         try:
             masks.append(_brain_mask(run, info))
             keep.append((run, info))
-        except RUN_READ_ERRORS as err:
-            failed.append((run, str(err) if isinstance(err, RunError) else
-                           f"{run.mask}: cannot read the brain mask ({err})"))
+        except RunError as err:
+            failed.append((run, str(err)))
     if len(keep) == len(job.runs):
         return job, masks
     return replace(job, runs=tuple(r for r, _ in keep), infos=tuple(i for _, i in keep),
@@ -206,8 +208,8 @@ def prepare_targets(job: Job, opts: Options | None = None) -> Prepared:
     job, run_masks = _readable_masks(job)
     result.failures += [reason for _, reason in job.failed[planned_failures:]]
     if not job.runs:
-        raise InputError(f"{job.label}: none of the runs could be read: "
-                         + "; ".join(reason for _, reason in job.failed))
+        nothing_read(job)
+        return Prepared(job, [], None, result, records)
     infos = job.infos
     geometry = Geometry(infos[0].shape[:3], infos[0].affine)
     brain = np.logical_and.reduce(run_masks)
@@ -278,7 +280,7 @@ def write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prep
             values[:, target.low_coverage] = np.nan  # too little of the parcel was imaged
             scan.write_summary(values)
             scan.check_complete()
-    except RUN_READ_ERRORS:
+    except RunError:
         for w in writers:
             w.discard_scan(name)
         raise
@@ -294,11 +296,6 @@ def write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prep
     return run_maps(prep.maps, index, moments, info.slope, info.inter)
 
 
-def run_failure(run: BoldRun, err: BaseException) -> str:
-    """The one line that reports a run that could not be read."""
-    return str(err) if isinstance(err, RunError) else f"{run.path}: {err}"
-
-
 def _run_sources(run: BoldRun) -> list[str]:
     return [run.uri()] + ([run.uri(run.mask, run.mask_dataset)] if run.mask else [])
 
@@ -308,6 +305,15 @@ def _scan_info(run: BoldRun, info: NiftiInfo) -> dict:
     if run.mask:
         entry["Mask"] = run.uri(run.mask, run.mask_dataset)
     return entry
+
+
+class _NothingRead(Exception):
+    """No run of a job could be read: its files are discarded."""
+
+
+def nothing_read(job: Job) -> None:
+    """Say that a job wrote nothing (each run's own failure is reported separately)."""
+    log.warning("%s: no run on this grid could be read; its files are not written", job.label)
 
 
 def run_job(job: Job, opts: Options | None = None) -> JobResult:
@@ -323,20 +329,25 @@ def run_job(job: Job, opts: Options | None = None) -> JobResult:
     job, result = prep.job, prep.result
     names = scan_names(job.runs)
     failed = []
-    with contextlib.ExitStack() as stack:
-        writers = [stack.enter_context(writer_for(t, opts.store, t.output))
-                   for t in prep.targets]
-        done = {}
-        for i, (run, info, name) in enumerate(zip(job.runs, job.infos, names, strict=True)):
-            try:
-                done[name] = (run, info, write_scans(run, info, name, i, prep, writers, opts))
-            except RUN_READ_ERRORS as err:
-                log.debug("%s", run.path, exc_info=True)
-                failed.append((run, run_failure(run, err)))
-        result.failures += [reason for _, reason in failed]
-        if not done:
-            raise InputError(f"{job.label}: none of the runs could be read: "
-                             + "; ".join(reason for _, reason in failed))
+    try:
+        with contextlib.ExitStack() as stack:
+            writers = [stack.enter_context(writer_for(t, opts.store, t.output))
+                       for t in prep.targets]
+            done = {}
+            for i, (run, info, name) in enumerate(zip(job.runs, job.infos, names,
+                                                      strict=True)):
+                try:
+                    done[name] = (run, info, write_scans(run, info, name, i, prep, writers,
+                                                         opts))
+                except RunError as err:
+                    log.debug("%s", run.path, exc_info=True)
+                    failed.append((run, str(err)))
+            result.failures += [reason for _, reason in failed]
+            if not done:
+                raise _NothingRead  # leaving the block discards the files
+    except _NothingRead:
+        nothing_read(job)
+        return result
     # Sidecars after the renames: an .h5 without its sidecar is not done, so a kill between
     # the two makes the next run rebuild it (an old .h5 never meets a new sidecar).
     finish_job(prep, opts, done, failed)

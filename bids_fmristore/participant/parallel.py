@@ -15,7 +15,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from bids_fmristore.derivatives import scan_names
-from bids_fmristore.errors import InputError, UserError
+from bids_fmristore.errors import RunError, UserError
 from bids_fmristore.inputs.discovery import BoldRun
 from bids_fmristore.inputs.nifti_stream import NiftiInfo
 from bids_fmristore.interrupt import init_worker
@@ -23,13 +23,13 @@ from bids_fmristore.participant.build import (
     JobResult,
     Prepared,
     finish_job,
+    nothing_read,
     prepare_targets,
-    run_failure,
     run_job,
     write_scans,
     writer_for,
 )
-from bids_fmristore.participant.plan import RUN_READ_ERRORS, Job, Options
+from bids_fmristore.participant.plan import Job, Options
 
 __all__ = ["run_jobs"]
 
@@ -133,8 +133,8 @@ def _run_piece(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prepa
             writers = [stack.enter_context(writer_for(t, opts.store, p, full=False))
                        for t, p in zip(prep.targets, paths, strict=True)]
             maps = write_scans(run, info, name, index, prep, writers, opts)
-    except RUN_READ_ERRORS as err:
-        return run_failure(run, err)
+    except RunError as err:
+        return str(err)
     return paths, maps
 
 
@@ -154,8 +154,8 @@ def _assemble(prep: Prepared, names: list[str], futures, opts: Options) -> JobRe
             done[name] = (run, info, maps)
     result.failures += [reason for _, reason in failed]
     if not done:
-        raise InputError(f"{job.label}: none of the runs could be read: "
-                         + "; ".join(reason for _, reason in failed))
+        nothing_read(job)
+        return result
     for i, target in enumerate(prep.targets):
         with writer_for(target, opts.store, target.output) as writer:
             for name, paths in pieces.items():
@@ -168,7 +168,7 @@ def _guarded(func, *args, **kwargs):
     """Call ``func``; a user error or unreadable file becomes a failed JobResult."""
     try:
         return func(*args, **kwargs)
-    except (UserError, *RUN_READ_ERRORS) as err:
+    except UserError as err:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("failure", exc_info=True)
         result = JobResult()

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from bids_fmristore.atlas import Atlas
@@ -25,23 +24,9 @@ from bids_fmristore.inputs.discovery import BoldRun
 from bids_fmristore.inputs.nifti_stream import NiftiInfo, read_info
 from bids_fmristore.voxelmaps import MAPS_DESC
 
-__all__ = ["Job", "Options", "plan_jobs", "RUN_READ_ERRORS"]
+__all__ = ["Job", "Options", "plan_jobs"]
 
 log = logging.getLogger(__name__)
-
-#: What a damaged or truncated BOLD file raises while being read.
-RUN_READ_ERRORS: tuple[type[BaseException], ...] = (
-    RunError, OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError)
-try:
-    import zlib
-
-    RUN_READ_ERRORS += (zlib.error,)
-    from isal.isal_zlib import error as _isal_error
-
-    RUN_READ_ERRORS += (_isal_error,)
-except ImportError:  # pragma: no cover
-    pass
-
 
 @dataclass(frozen=True)
 class Options:
@@ -108,10 +93,9 @@ def plan_jobs(
         session = run.entities.get("session") if per_session else None
         try:
             info = read_info(run.path, want_4d=True)
-        except RUN_READ_ERRORS as err:
+        except RunError as err:
             log.debug("%s", run.path, exc_info=True)
-            reason = str(err) if isinstance(err, RunError) else (
-                f"{run.path}: cannot read NIfTI header ({err})")
+            reason = str(err)
             problems.append(reason)
             failed[(run.subject, session)].append((run, reason))
             continue
