@@ -29,8 +29,9 @@ _DECIMALS = 3
 class Grid:
     """A voxel grid: ``shape`` (X, Y, Z) and the 4×4 voxel-to-world ``affine`` (mm).
 
-    Two grids are equal when their shapes are and their affines agree to 1e-3 mm; a flipped
-    copy of a grid (same world coordinates, reversed axis) is another grid.
+    Two grids are equal when their shapes are and their affines are after rounding to 1e-3 mm
+    (so float noise from header round trips does not split a grid); a flipped copy of a grid
+    (same world coordinates, reversed axis) is another grid.
     """
 
     shape: tuple[int, int, int]

@@ -22,10 +22,12 @@ import sys
 import threading
 from collections.abc import Iterator
 
+from bids_fmristore.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
+
 __all__ = ["Terminated", "acknowledge", "handle_signals", "init_worker", "received", "SIGNALS"]
 
 #: Signals handled, and the exit code each one gives (128 + number, the shell convention).
-SIGNALS = {signal.SIGTERM: 143, signal.SIGINT: 130}
+SIGNALS = {signal.SIGTERM: EXIT_TERMINATED, signal.SIGINT: EXIT_INTERRUPTED}
 #: Seconds between two raises of :class:`Terminated` while the interruption is not handled.
 RETRY = 2.0
 

@@ -9,12 +9,16 @@ WARNING giving the reason; ``--overwrite`` rebuilds regardless.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-__all__ = ["file_stamp", "inputs_record", "why_rebuild", "sidecar_of"]
+log = logging.getLogger(__name__)
+
+__all__ = ["file_stamp", "inputs_record", "why_rebuild", "sidecar_of", "should_build"]
 
 
 def sidecar_of(output: Path) -> Path:
@@ -56,6 +60,29 @@ def why_rebuild(output: Path, expected: Mapping) -> str | None:
     if not isinstance(recorded, dict):
         return "its sidecar does not record its inputs (written by an older version)"
     return _difference(recorded, expected)
+
+
+def should_build(output: Path, expected: Mapping, *, overwrite: bool, kept: str,
+                 check: Callable[[], str | None] | None = None) -> bool:
+    """Whether to (re)build ``output``, saying so: a WARNING for each kept file (``kept``
+    tells what it holds, e.g. ``"3 run(s)"``) and for each rebuilt one, with the reason.
+
+    ``check`` may give one more reason to rebuild a file that is otherwise done. Before a
+    rebuild the old sidecar is removed, so that an interrupted rebuild never leaves a new
+    ``.h5`` beside an old sidecar.
+    """
+    reason = "--overwrite" if overwrite else why_rebuild(output, expected)
+    if reason is None and check is not None:
+        reason = check()
+    if reason is None:
+        log.warning("kept %s: complete and up to date (%s, same inputs and options); "
+                    "--overwrite rebuilds it", output, kept)
+        return False
+    if reason not in ("missing", "--overwrite"):
+        log.warning("rebuilding %s: %s", output, reason)
+    with contextlib.suppress(FileNotFoundError):
+        sidecar_of(output).unlink()
+    return True
 
 
 def _difference(recorded: Mapping, expected: Mapping) -> str | None:

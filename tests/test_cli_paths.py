@@ -107,3 +107,15 @@ def test_relative_work_dir_is_created(tmp_path, rng, capsys, monkeypatch):
         capsys.readouterr().err
     assert (tmp_path / "scratch" / "w" / "bids_db").is_dir()
     assert out_file(ds, "01").is_file()
+
+
+def test_output_dir_must_not_be_a_derivative_input(tmp_path, rng, capsys):
+    ds = build(tmp_path, rng)
+    for out in (ds["fmriprep"], ds["fmriprep"] / "bids_fmristore"):
+        argv = [str(ds["bids"]), str(out), "participant", "-d", f"fmriprep={ds['fmriprep']}",
+                "--atlas", f"Demo={ds['atlas']}"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "must not be the -d dataset fmriprep=" in err, err
+    assert not (ds["fmriprep"] / "bids_fmristore").exists()
+    assert not (ds["fmriprep"] / "logs").exists()

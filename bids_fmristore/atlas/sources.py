@@ -435,6 +435,7 @@ class AtlasCatalog:
             raise AtlasError(f"atlas names must be unique (they name the outputs): "
                              f"{', '.join(names)}")
         self.space, self.output_dir, self.overwrite = space, output_dir, overwrite
+        self.allow_space_mismatch = allow_space_mismatch
         # one index of each source for all requests: TemplateFlow caches are large
         index = AtlasIndex(r.name for r in requests if r.path is None)
         self._found = [
@@ -444,15 +445,15 @@ class AtlasCatalog:
         ]
         self._loaded: dict[tuple[str, Path], Atlas] = {}
 
-    def check_native(self, n_runs: int, allow: bool) -> None:
+    def check_native(self, n_runs: int) -> None:
         """BOLD runs in native space (no ``space-`` entity, e.g. raw BIDS) with an atlas of a
-        template: an :class:`AtlasError`, or with ``allow`` a warning."""
+        template: an :class:`AtlasError`, or with ``allow_space_mismatch`` a warning."""
         for request, candidates in self._found:
             if candidates.template is None:
                 continue
             what = (f"atlas {request.name} is in template {candidates.template} but {n_runs} "
                     "BOLD run(s) are in native space (no space- entity; raw BIDS without -d?)")
-            if not allow:
+            if not self.allow_space_mismatch:
                 raise AtlasError(f"{what}: give preprocessed runs in {candidates.template} with "
                                  f"-d, or use {ALLOW_MISMATCH_FLAG} to apply it anyway")
             log.warning("%s; using it anyway (%s)", what, ALLOW_MISMATCH_FLAG)

@@ -209,6 +209,11 @@ def participant(opts) -> int:
     derivatives = dict(opts.derivatives)
     if "raw" in derivatives:
         raise UsageError("-d raw=... : the name 'raw' is reserved for BIDS_DIR")
+    for name, root in derivatives.items():
+        root = Path(root).resolve()
+        if output_dir == root or root in output_dir.parents:
+            raise UsageError(f"OUTPUT_DIR {output_dir} must not be the -d dataset {name}={root} "
+                             "or inside it")
     started = time.monotonic()
     _start(opts, "participant", output_dir)
     # leftovers of killed jobs: only folders this job may write, so cost does not grow with N
@@ -232,7 +237,7 @@ def participant(opts) -> int:
     )
     native = sum(run.space is None for run in found.runs)
     if native:
-        catalog.check_native(native, opts.allow_atlas_space_mismatch)
+        catalog.check_native(native)
     jobs, problems = plan_jobs(found.runs, catalog.for_grid, output_dir,
                                per_session=bool(opts.session_label), failed_runs=found.failed)
     problems = found.problems + problems
@@ -299,7 +304,7 @@ def group(opts) -> int:
                               participants=opts.participant_label, overwrite=opts.overwrite)
     write_dataset_description(output_dir, [Dataset("raw", bids_dir, False)])
     for path in written:
-        log.info("wrote %s", path)
+        log.debug("wrote %s", path)
     log.info("finished in %.0f s: %d group file(s) written", time.monotonic() - started,
              len(written))
     return EXIT_OK

@@ -9,7 +9,6 @@ Memory holds one volume (and the voxel counts of the group mask) at a time.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 from collections import defaultdict
@@ -19,13 +18,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bids_fmristore.atlas import same_grid
 from bids_fmristore.atomic import atomic_write_text
 from bids_fmristore.derivatives import write_json
 from bids_fmristore.errors import InputError
 from bids_fmristore.formats.labeled import LabeledVolumeSet, write_labeled
 from bids_fmristore.grids import Grid, grid_labels
-from bids_fmristore.resume import inputs_record, sidecar_of, why_rebuild
+from bids_fmristore.resume import inputs_record, should_build
 from bids_fmristore.voxelmaps import MAPS_DESC, STATS
 
 __all__ = ["GroupItem", "collect_maps", "write_group"]
@@ -106,7 +104,7 @@ def _group_mask(items: list[GroupItem], threshold: float):
             if counts is None:
                 shape, affine = f.shape, f.affine
                 counts = np.zeros(shape, dtype=np.int32)
-            elif not same_grid(f.shape, f.affine, shape, affine):
+            elif Grid.of(f.shape, f.affine) != Grid.of(shape, affine):  # collect_maps' identity
                 raise InputError(f"{item.source}: grid differs from {items[0].source.name}")
             counts += ~np.isnan(f.volume(item.source_label))
     needed = max(1, int(np.ceil(threshold * len(items) - 1e-9)))
@@ -136,15 +134,9 @@ def write_group(output_dir: Path, bids_dir: Path | None, *, group_by: str = "sub
                  for item in items},
                 {"GroupBy": group_by, "MaskThreshold": threshold,
                  "Labels": [item.label for item in items]})
-            reason = "missing" if overwrite else why_rebuild(path, record)
-            if reason is None:
-                log.warning("kept %s: complete and up to date (%d %s(s)); --overwrite "
-                            "rebuilds it", path, len(items), group_by)
+            if not should_build(path, record, overwrite=overwrite,
+                                kept=f"{len(items)} {group_by}(s)"):
                 continue
-            if reason != "missing":
-                log.warning("rebuilding %s: %s", path, reason)
-                with contextlib.suppress(FileNotFoundError):
-                    sidecar_of(path).unlink()
             mask, affine = _group_mask(items, threshold)
             if not mask.any():
                 raise InputError(f"stat-{stat}: no voxel is inside {threshold:.0%} of the masks")

@@ -3,7 +3,7 @@ then one streaming pass per run feeding every atlas, then the JSON sidecars.
 
 A run that cannot be read is left out of its files, listed in their sidecars under
 ``FailedRuns`` and reported; the others are kept. Existing outputs are kept or rebuilt as
-:mod:`bids_fmristore.participant.resume` decides.
+:mod:`bids_fmristore.resume` decides.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from bids_fmristore.inputs.discovery import BoldRun
 from bids_fmristore.inputs.nifti_stream import NiftiInfo, read_info
 from bids_fmristore.participant.plan import Job, Options
 from bids_fmristore.progress import Progress, run_label
-from bids_fmristore.resume import inputs_record, sidecar_of, why_rebuild
+from bids_fmristore.resume import inputs_record, should_build, sidecar_of
 from bids_fmristore.tables import run_table_paths, write_run_tables
 from bids_fmristore.voxelmaps import STATS, MapsTarget, make_maps_target, run_maps, write_maps
 
@@ -64,7 +64,7 @@ class Target:
     @property
     def atlas_uri(self) -> str:
         """BIDS URI of the atlas image (the published copy when there is one)."""
-        return self.atlas.uri or f"bids:atlas-{self.atlas.name}:{self.atlas.path.name}"
+        return _atlas_uri(self.atlas)
 
     @property
     def cluster_coverage(self) -> np.ndarray:
@@ -119,14 +119,14 @@ def _run_files(runs) -> dict[str, Path]:
     return files
 
 
-def expected_inputs(job: Job, opts: Options, atlas: Atlas | None) -> dict:
-    """The ``Inputs`` an output of ``job`` records: its atlas's file, or None for the maps."""
-    files = _run_files(job.runs)
-    if atlas is None:
-        return inputs_record(files, {})
-    files[_atlas_uri(atlas)] = atlas.path
-    files[_atlas_table_uri(atlas)] = atlas.table_path
-    return inputs_record(files, {"StoreMode": opts.store, "MinCoverage": opts.min_coverage})
+def expected_inputs(job: Job, opts: Options, atlas: Atlas, runs: dict | None = None) -> dict:
+    """The ``Inputs`` that the file of ``atlas`` in ``job`` records; ``runs``: the record of
+    the job's runs alone (the maps file's), computed when not given."""
+    runs = runs or inputs_record(_run_files(job.runs), {})
+    atlas_files = inputs_record({_atlas_uri(atlas): atlas.path,
+                                 _atlas_table_uri(atlas): atlas.table_path}, {})
+    return {"Files": dict(sorted({**runs["Files"], **atlas_files["Files"]}.items())),
+            "Options": {"MinCoverage": opts.min_coverage, "StoreMode": opts.store}}
 
 
 @dataclass
@@ -149,26 +149,19 @@ class Prepared:
 
 def _wanted(job: Job, output: Path, opts: Options, record: dict, result: JobResult,
             atlas: Atlas | None = None) -> bool:
-    """Whether ``output`` is to be (re)built; kept files are reported with a WARNING."""
-    if opts.overwrite:
-        return True
-    reason = why_rebuild(output, record)
-    if reason is None and opts.tables_dir is not None and atlas is not None:
+    """Whether ``output`` is to be (re)built; kept files are counted in ``result.skipped``."""
+    def tables_missing() -> str | None:
+        if opts.tables_dir is None or atlas is None:
+            return None
         missing = [p for run in job.runs for p in run_table_paths(
             opts.tables_dir, run, atlas=atlas.name).values() if not p.exists()]
-        if missing:
-            reason = f"--tsv tables are missing ({missing[0].name} ...)"
-    if reason is None:
-        log.warning("kept %s: complete and up to date (%d run(s), same inputs and options); "
-                    "--overwrite rebuilds it", output, len(job.runs))
-        result.skipped.append(output)
-        return False
-    if reason != "missing":
-        log.warning("rebuilding %s: %s", output, reason)
-        # An interrupted rebuild must not leave the new .h5 beside the old sidecar.
-        with contextlib.suppress(FileNotFoundError):
-            sidecar_of(output).unlink()
-    return True
+        return f"--tsv tables are missing ({missing[0].name} ...)" if missing else None
+
+    if should_build(output, record, overwrite=opts.overwrite, kept=f"{len(job.runs)} run(s)",
+                    check=tables_missing):
+        return True
+    result.skipped.append(output)
+    return False
 
 
 def _readable_masks(job: Job) -> tuple[Job, list[np.ndarray]]:
@@ -194,10 +187,11 @@ def prepare_targets(job: Job, opts: Options | None = None) -> Prepared:
     """
     opts = opts or Options()
     result = JobResult()
-    records = {output: expected_inputs(job, opts, atlas)
+    runs = inputs_record(_run_files(job.runs), {})  # each input stat'ed once per job
+    records = {output: expected_inputs(job, opts, atlas, runs)
                for atlas, output in zip(job.atlases, job.outputs, strict=True)}
     if job.maps_output is not None:
-        records[job.maps_output] = expected_inputs(job, opts, None)
+        records[job.maps_output] = runs
     todo = [(atlas, output) for atlas, output in zip(job.atlases, job.outputs, strict=True)
             if _wanted(job, output, opts, records[output], result, atlas)]
     want_maps = job.maps_output is not None and _wanted(job, job.maps_output, opts,
@@ -399,7 +393,7 @@ def _sidecar(target: Target, opts: Options, scans: dict, space: str | None) -> d
         "Atlas": {
             "Name": atlas.name,
             "File": target.atlas_uri,
-            "Table": atlas.table_uri or f"bids:atlas-{atlas.name}:{atlas.table_path.name}",
+            "Table": _atlas_table_uri(atlas),
             "NumberOfLabels": int(len(atlas.table)),
             "LabelsWithoutVoxels": [
                 {"index": int(i), "name": str(n)}

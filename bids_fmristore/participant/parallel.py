@@ -10,6 +10,7 @@ import contextlib
 import logging
 import tempfile
 import time
+from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -40,11 +41,13 @@ class _Subjects:
     """The start and end lines of each subject, whose jobs come one after another."""
 
     def __init__(self, jobs: list[Job]) -> None:
-        self._left: dict[str, int] = {}
-        self._runs: dict[str, int] = {}
+        self._left: dict[str, int] = defaultdict(int)
+        self._runs: dict[str, set[Path]] = defaultdict(set)
+        self._grids: dict[str, set] = defaultdict(set)
         for job in jobs:
-            self._left[job.subject] = self._left.get(job.subject, 0) + 1
-            self._runs[job.subject] = self._runs.get(job.subject, 0) + len(job.runs)
+            self._left[job.subject] += 1
+            self._runs[job.subject] |= {r.path for r in job.runs} | {r.path for r, _ in job.failed}
+            self._grids[job.subject].add((job.space, job.res))
         self._started: dict[str, float] = {}
         self._results: dict[str, list[JobResult]] = {}
 
@@ -54,8 +57,7 @@ class _Subjects:
         self._started[job.subject] = time.monotonic()
         self._results[job.subject] = []
         log.info("sub-%s: started (%d run(s) on %d grid(s), %d atlas(es))", job.subject,
-                 self._runs[job.subject] + len(job.failed), self._left[job.subject],
-                 len(job.atlases))
+                 len(self._runs[job.subject]), len(self._grids[job.subject]), len(job.atlases))
 
     def end(self, job: Job, result: JobResult) -> None:
         self._results[job.subject].append(result)
