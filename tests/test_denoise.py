@@ -1,0 +1,170 @@
+"""Cleaning parcel means equals nilearn's NiftiLabelsMasker on real fMRIPrep confounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from confounds_data import N_REAL, TR, long_table, make_run, raw_means
+from nilearn.maskers import NiftiLabelsMasker
+from nilearn.signal import clean
+
+from bids_fmristore.compute.denoise import MIN_KEPT_VOLUMES, CleanOptions, clean_signals
+from bids_fmristore.inputs.confounds import ConfoundsSpec, load_run_confounds
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory):
+    """111 volumes: nilearn's table and three perturbed repeats (non-steady volumes 0-2)."""
+    folder = tmp_path_factory.mktemp("long")
+    return make_run(folder, long_table(3))
+
+
+@pytest.fixture(scope="module")
+def aroma_run(tmp_path_factory):
+    """nilearn's real 30-row table beside an ICA-AROMA BOLD."""
+    return make_run(tmp_path_factory.mktemp("aroma"), desc="smoothAROMAnonaggr")
+
+
+def _masker(bold, labels, mask, opts: CleanOptions, confounds, sample_mask):
+    masker = NiftiLabelsMasker(labels, mask_img=mask, standardize=opts.standardize,
+                               detrend=opts.detrend, low_pass=opts.low_pass,
+                               high_pass=opts.high_pass, t_r=opts.t_r, resampling_target="data")
+    return masker.fit_transform(bold, confounds=confounds, sample_mask=sample_mask)
+
+
+def _assert_same(ours, ref):
+    assert ours.shape == ref.shape
+    scale = max(np.abs(ref).max(), 1e-12)
+    assert np.abs(ours - ref).max() <= 1e-5 * scale
+
+
+OPTIONS = [
+    CleanOptions(t_r=TR),
+    CleanOptions(t_r=TR, detrend=True, standardize="zscore_sample"),
+    CleanOptions(t_r=TR, standardize="psc", high_pass=0.01),
+    CleanOptions(t_r=TR, detrend=True, low_pass=0.1, high_pass=0.01),
+    CleanOptions(t_r=TR, standardize="zscore_sample", low_pass=0.08),
+]
+SPECS = [
+    ConfoundsSpec("simple"),
+    ConfoundsSpec("scrubbing", fd_threshold=4.0, std_dvars_threshold=3.5),
+    ConfoundsSpec("compcor"),
+    ConfoundsSpec("simple", columns=("framewise_displacement", "global_signal")),
+    ConfoundsSpec(None, columns=("trans_x", "trans_y", "rot_z", "csf")),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label() + "+".join(s.columns))
+@pytest.mark.parametrize("opts", OPTIONS, ids=range(len(OPTIONS)))
+def test_equals_nilearn_masker(long_run, spec, opts):
+    bold, labels, mask = long_run
+    conf = load_run_confounds(bold, spec, 111)
+    ours = clean_signals(raw_means(bold, labels, mask), conf.table, conf.sample_mask, opts)
+    ref = _masker(bold, labels, mask, opts, conf.table, conf.sample_mask)
+    _assert_same(ours, ref)
+    n_kept = 111 if conf.sample_mask is None else len(conf.sample_mask)
+    assert ours.shape == (n_kept, 4)
+    # the regressors matter: the comparison would not notice them dropped otherwise
+    unregressed = clean_signals(raw_means(bold, labels, mask), None, conf.sample_mask, opts)
+    assert np.abs(ours - unregressed).max() > 1e-3 * np.abs(unregressed).max()
+
+
+@pytest.mark.parametrize("opts", OPTIONS[:3], ids=range(3))
+def test_ica_aroma_on_real_table(aroma_run, opts):
+    bold, labels, mask = aroma_run
+    conf = load_run_confounds(bold, ConfoundsSpec("ica_aroma"), N_REAL)
+    assert conf.columns == ("cosine00", "csf", "white_matter")
+    np.testing.assert_array_equal(conf.sample_mask, np.arange(3, N_REAL))
+    ours = clean_signals(raw_means(bold, labels, mask), conf.table, conf.sample_mask, opts)
+    _assert_same(ours, _masker(bold, labels, mask, opts, conf.table, conf.sample_mask))
+    assert ours.shape == (N_REAL - 3, 4)
+
+
+def test_raw_means_are_the_maskers(long_run):
+    bold, labels, mask = long_run
+    _assert_same(raw_means(bold, labels, mask),
+                 _masker(bold, labels, mask, CleanOptions(t_r=TR), None, None))
+
+
+def test_censoring_keeps_the_right_volumes(long_run):
+    bold, labels, mask = long_run
+    conf = load_run_confounds(bold, ConfoundsSpec("scrubbing", fd_threshold=4.0,
+                                                  std_dvars_threshold=3.5), 111)
+    kept = conf.sample_mask
+    assert kept.dtype.kind == "i" and np.all(np.diff(kept) > 0)
+    assert 0 not in kept and 1 not in kept and 2 not in kept  # non-steady volumes
+    assert 30 < len(kept) < 108  # some high-motion volumes of the real rows are censored
+    signals = raw_means(bold, labels, mask)
+    out = clean_signals(signals, conf.table, kept, CleanOptions(t_r=TR))
+    assert out.shape == (len(kept), signals.shape[1])
+
+
+def test_every_volume_censored_is_a_clear_error(aroma_run):
+    bold, labels, mask = aroma_run
+    # nilearn's default 0.2 mm threshold censors every volume of its test table.
+    conf = load_run_confounds(bold.with_name(bold.name.replace("smoothAROMAnonaggr", "preproc")),
+                              ConfoundsSpec("scrubbing"), N_REAL)
+    assert conf.sample_mask is not None and len(conf.sample_mask) == 0
+    with pytest.raises(ValueError, match=r"^0 of 30 volumes kept after censoring"):
+        clean_signals(raw_means(bold, labels, mask), conf.table, conf.sample_mask,
+                      CleanOptions(t_r=TR))
+
+
+def test_no_volume_censored(tmp_path):
+    bold, labels, mask = make_run(tmp_path, long_table(2, nonsteady=False))
+    conf = load_run_confounds(bold, ConfoundsSpec("scrubbing", fd_threshold=100.0,
+                                                  std_dvars_threshold=100.0), 84)
+    assert conf.sample_mask is None
+    opts = CleanOptions(t_r=TR, detrend=True)
+    ours = clean_signals(raw_means(bold, labels, mask), conf.table, None, opts)
+    assert ours.shape == (84, 4)
+    _assert_same(ours, _masker(bold, labels, mask, opts, conf.table, None))
+
+
+def test_fewer_volumes_than_regressors(aroma_run):
+    bold, labels, mask = aroma_run
+    conf = load_run_confounds(bold.with_name(bold.name.replace("smoothAROMAnonaggr", "preproc")),
+                              ConfoundsSpec("compcor"), N_REAL)
+    assert conf.table.shape[1] >= 27 == len(conf.sample_mask)
+    with pytest.raises(ValueError, match=r"^27 of 30 volumes kept .*\(30 regressors, minimum"):
+        clean_signals(raw_means(bold, labels, mask), conf.table, conf.sample_mask,
+                      CleanOptions(t_r=TR))
+
+
+def test_minimum_kept_volumes():
+    rng = np.random.default_rng(1)
+    signals = rng.normal(size=(40, 3))
+    ok = clean_signals(signals, None, np.arange(MIN_KEPT_VOLUMES), CleanOptions(t_r=TR))
+    assert ok.shape == (MIN_KEPT_VOLUMES, 3)
+    with pytest.raises(ValueError, match=f"at least {MIN_KEPT_VOLUMES} needed"):
+        clean_signals(signals, None, np.arange(MIN_KEPT_VOLUMES - 1), CleanOptions(t_r=TR))
+
+
+def test_nan_columns_stay_nan_and_do_not_touch_the_others():
+    rng = np.random.default_rng(2)
+    signals = 100 + rng.normal(size=(50, 4))
+    confounds = rng.normal(size=(50, 3))
+    kept = np.setdiff1d(np.arange(50), [5, 6, 30])
+    opts = CleanOptions(t_r=TR, detrend=True, standardize="zscore_sample", high_pass=0.01)
+    with_nan = signals.copy()
+    with_nan[:, 1] = np.nan
+    out = clean_signals(with_nan, confounds, kept, opts)
+    assert np.isnan(out[:, 1]).all()
+    ref = clean(signals[:, [0, 2, 3]], detrend=True, standardize="zscore_sample",
+                confounds=confounds, sample_mask=kept, t_r=TR, high_pass=0.01)
+    np.testing.assert_allclose(out[:, [0, 2, 3]], ref, rtol=1e-10, atol=1e-10)
+    assert np.isfinite(out[:, [0, 2, 3]]).all()
+
+
+def test_bool_sample_mask_and_bad_shapes():
+    rng = np.random.default_rng(3)
+    signals = rng.normal(size=(30, 2))
+    keep = np.ones(30, bool)
+    keep[[0, 4]] = False
+    by_bool = clean_signals(signals, None, keep, CleanOptions(t_r=TR, detrend=True))
+    by_index = clean_signals(signals, None, np.flatnonzero(keep), CleanOptions(t_r=TR, detrend=True))
+    np.testing.assert_array_equal(by_bool, by_index)
+    with pytest.raises(ValueError, match="confounds have 29 rows, signals 30"):
+        clean_signals(signals, np.zeros((29, 1)), None, CleanOptions(t_r=TR))
+    with pytest.raises(ValueError, match="standardize must be one of"):
+        clean_signals(signals, None, None, CleanOptions(t_r=TR, standardize="zscore"))
