@@ -161,8 +161,9 @@ def test_bool_sample_mask_and_bad_shapes():
     signals = rng.normal(size=(30, 2))
     keep = np.ones(30, bool)
     keep[[0, 4]] = False
-    by_bool = clean_signals(signals, None, keep, CleanOptions(t_r=TR, detrend=True))
-    by_index = clean_signals(signals, None, np.flatnonzero(keep), CleanOptions(t_r=TR, detrend=True))
+    opts = CleanOptions(t_r=TR, detrend=True)
+    by_bool = clean_signals(signals, None, keep, opts)
+    by_index = clean_signals(signals, None, np.flatnonzero(keep), opts)
     np.testing.assert_array_equal(by_bool, by_index)
     with pytest.raises(ValueError, match="confounds have 29 rows, signals 30"):
         clean_signals(signals, np.zeros((29, 1)), None, CleanOptions(t_r=TR))

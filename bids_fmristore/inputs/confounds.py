@@ -8,6 +8,7 @@ line that names it.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,8 @@ def load_run_confounds(bold: Path, spec: ConfoundsSpec, n_volumes: int) -> RunCo
     # already says the run cannot be cleaned.
     kept = table if sample_mask is None else table[sample_mask]
     if not np.isfinite(kept).all():
-        cols = [c for c, ok in zip(frame.columns, np.isfinite(kept).all(axis=0)) if not ok]
+        cols = [c for c, ok in zip(frame.columns, np.isfinite(kept).all(axis=0), strict=True)
+                if not ok]
         raise RunError(f"{source}: empty or infinite cells in column(s): {', '.join(cols)}")
     return RunConfounds(source, table, tuple(str(c) for c in frame.columns), sample_mask)
 
@@ -209,8 +211,21 @@ def _nilearn_strategy(bold: Path, source: Path, spec: ConfoundsSpec, bad):
             frame, sample_mask = load_confounds_strategy(
                 str(bold), denoise_strategy=spec.strategy, **kwargs)
     except Exception as err:  # nilearn raises ValueError, KeyError, TypeError... for bad files
-        if bad:
+        if bad and isinstance(err, TypeError):
+            # nilearn's own message ("ufunc 'isnan' not supported...") names no column
             _check_numeric(source, bad, list(bad))
+        absent = re.search(r"\[([^\]]*)\] not in index", str(err))
+        if isinstance(err, KeyError) and absent:  # pandas' message when a column is missing
+            names = ", ".join(n.strip(" '\"") for n in absent.group(1).split(","))
+            raise RunError(f"{source}: missing confounds column(s) for '{spec.strategy}': "
+                           f"{names}") from None
+        group = re.search(r"missing:\s*\[([^\]]*)\]\s*\[([^\]]*)\]", str(err))
+        if group:  # nilearn's MissingConfound: columns, then whole groups (e.g. 'wm_csf')
+            cols = [n.strip(" '\"") for n in group.group(1).split(",") if n.strip(" '\"")]
+            keys = [n.strip(" '\"") for n in group.group(2).split(",") if n.strip(" '\"")]
+            names = ", ".join(cols + [f"the {k} columns" for k in keys])
+            raise RunError(f"{source}: missing confounds column(s) for '{spec.strategy}': "
+                           f"{names}") from None
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         text = " ".join(lines) if lines else type(err).__name__
         raise RunError(f"{source}: nilearn cannot use it for '{spec.strategy}': {text}") from None
