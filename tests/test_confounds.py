@@ -148,7 +148,7 @@ def test_non_numeric_cells(run, spec):
     with pytest.raises(RunError) as err:
         load_run_confounds(bold, spec, N_REAL)
     assert _one_line(err, tsv).endswith(
-        "non-numeric cells in column(s) trans_x (first: 'oops' at row 5)")
+        "non-numeric cells in column(s) trans_x (first: 'oops' on line 6)")
 
 
 def test_non_numeric_unused_column_is_ignored(run):

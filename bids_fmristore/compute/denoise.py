@@ -110,9 +110,9 @@ def clean_signals(signals: np.ndarray, confounds: np.ndarray | None,
     good = ~nan_cols
     if good.any():
         with warnings.catch_warnings():
-            # nilearn warns about flat (zero-variance) signals it cannot standardize; the masker
-            # would warn the same and return zeros, which is what is kept.
-            warnings.simplefilter("ignore", UserWarning)
+            # A parcel whose mean is 0 cannot be expressed in percent: nilearn sets it to 0 and
+            # warns, as its masker would; the other warnings (filters) are the caller's to see.
+            warnings.filterwarnings("ignore", "psc standardization strategy is meaningless")
             out[:, good] = clean(
                 signals[:, good], detrend=opts.detrend, standardize=opts.standardize,
                 standardize_confounds=True, confounds=confounds, sample_mask=sample_mask,

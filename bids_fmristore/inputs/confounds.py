@@ -25,6 +25,9 @@ STRATEGIES: tuple[str, ...] = ("simple", "scrubbing", "compcor", "ica_aroma")
 # fMRIPrep drops these entities (and everything after them) from the confounds file's name.
 _DERIVED_ENTITIES = ("space", "res", "den", "desc")
 
+# Empty cells as pandas (hence nilearn) reads them; fMRIPrep writes "n/a".
+_BLANK = ("", "n/a", "N/A", "NA", "NaN", "nan", "null", "NULL", "None", "#N/A")
+
 
 @dataclass(frozen=True)
 class ConfoundsSpec:
@@ -170,12 +173,12 @@ def _read_table(source: Path) -> pd.DataFrame:
 
 
 def _non_numeric(raw: pd.DataFrame) -> dict[str, tuple[int, str]]:
-    """Column → (first row, cell) of its first cell that is neither a number nor n/a/empty."""
+    """Column → (data row from 0, cell) of its first cell that is neither a number nor n/a/empty."""
     bad = {}
     for col in raw.columns:
         cells = raw[col].str.strip()
-        blank = cells.isin(("", "n/a", "NaN", "nan", "NA"))
-        parsed = pd.to_numeric(cells.where(~blank, "nan"), errors="coerce")
+        blank = cells.isin(_BLANK)
+        parsed = pd.to_numeric(cells.mask(blank), errors="coerce")
         wrong = parsed.isna() & ~blank
         if wrong.any():
             row = int(np.flatnonzero(wrong.to_numpy())[0])
@@ -188,7 +191,7 @@ def _check_numeric(source: Path, bad: dict[str, tuple[int, str]], columns) -> No
     if used:
         row, cell = bad[used[0]]
         raise RunError(f"{source}: non-numeric cells in column(s) {', '.join(used)} "
-                       f"(first: {cell!r} at row {row + 1})")
+                       f"(first: {cell!r} on line {row + 2})")
 
 
 def _nilearn_strategy(bold: Path, source: Path, spec: ConfoundsSpec, bad):
@@ -206,8 +209,9 @@ def _nilearn_strategy(bold: Path, source: Path, spec: ConfoundsSpec, bad):
         with warnings.catch_warnings():
             # nilearn warns when every volume is censored (and then demeans over none); the
             # caller sees the empty sample mask and reports the run itself.
-            warnings.simplefilter("ignore", UserWarning)
-            warnings.simplefilter("ignore", RuntimeWarning)
+            warnings.filterwarnings("ignore", "All volumes were marked", RuntimeWarning)
+            warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+            warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
             frame, sample_mask = load_confounds_strategy(
                 str(bold), denoise_strategy=spec.strategy, **kwargs)
     except Exception as err:  # nilearn raises ValueError, KeyError, TypeError... for bad files
@@ -240,8 +244,8 @@ def _nilearn_strategy(bold: Path, source: Path, spec: ConfoundsSpec, bad):
 def _prepare_columns(source: Path, cols: pd.DataFrame, sample_mask) -> pd.DataFrame:
     """Explicit columns prepared as nilearn prepares its own: a leading n/a (derivatives) takes
     the second row's value, then each column is demeaned over the kept volumes."""
-    values = cols.apply(lambda s: pd.to_numeric(s.str.strip().replace(
-        {"": "nan", "n/a": "nan", "NA": "nan"}), errors="coerce")).astype(np.float64)
+    values = cols.apply(lambda s: pd.to_numeric(s.str.strip().mask(s.str.strip().isin(_BLANK))))
+    values = values.astype(np.float64)
     if len(values) > 1:
         first_nan = values.iloc[0].isna()
         values.iloc[0, first_nan.to_numpy()] = values.iloc[1, first_nan.to_numpy()]
