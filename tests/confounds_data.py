@@ -9,9 +9,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from nilearn.interfaces import fmriprep
-
 from conftest import SPACE
+from nilearn.interfaces import fmriprep
 
 DATA = Path(fmriprep.__file__).parent / "data"
 TSV = DATA / "test-v21_desc-confounds_timeseries.tsv"
