@@ -169,3 +169,29 @@ def test_bool_sample_mask_and_bad_shapes():
         clean_signals(signals, np.zeros((29, 1)), None, CleanOptions(t_r=TR))
     with pytest.raises(ValueError, match="standardize must be one of"):
         clean_signals(signals, None, None, CleanOptions(t_r=TR, standardize="zscore"))
+
+
+def test_voxel_series_equal_nifti_masker_and_chunks_do_not_matter(long_run):
+    from nilearn.maskers import NiftiMasker
+
+    bold, _, mask = long_run
+    conf = load_run_confounds(bold, ConfoundsSpec("scrubbing", fd_threshold=4.0,
+                                                  std_dvars_threshold=3.5), 111)
+    opts = CleanOptions(t_r=TR, detrend=True, standardize="zscore_sample", high_pass=0.01)
+    masker = NiftiMasker(mask, standardize=opts.standardize, detrend=opts.detrend,
+                         high_pass=opts.high_pass, t_r=opts.t_r)
+    ref = masker.fit_transform(bold, confounds=conf.table, sample_mask=conf.sample_mask)
+    voxels = NiftiMasker(mask, standardize=None).fit_transform(bold).astype(np.float64)  # raw
+    whole = clean_signals(voxels, conf.table, conf.sample_mask, opts)
+    _assert_same(whole, ref)
+    # cleaning is per column: a second pass over voxel chunks gives the same numbers (up to
+    # the rounding of blocked matrix products)
+    chunks = [clean_signals(voxels[:, i:i + 37], conf.table, conf.sample_mask, opts)
+              for i in range(0, voxels.shape[1], 37)]
+    np.testing.assert_allclose(np.hstack(chunks), whole, rtol=1e-10, atol=1e-12)
+
+
+def test_filter_warnings_reach_the_caller():
+    signals = np.random.default_rng(4).normal(size=(40, 2))
+    with pytest.warns(UserWarning, match="Nyquist"):
+        clean_signals(signals, None, None, CleanOptions(t_r=TR, low_pass=0.4))
