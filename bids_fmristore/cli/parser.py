@@ -123,6 +123,16 @@ def _fraction(value: str) -> float:
     return number
 
 
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return number
+
+
 def _positive_int(value: str) -> int:
     try:
         number = int(value)
@@ -195,7 +205,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write XCP-D-style per-run tables: stat-mean_timeseries, "
                    "stat-coverage_bold and stat-pearsoncorrelation_relmat (.tsv)")
     g.add_argument("--overwrite", action="store_true",
-                   help="replace existing outputs (default: keep them and skip)")
+                   help="rebuild every output (default: keep the outputs that are complete and "
+                   "up to date, rebuild the others)")
+
+    g = p.add_argument_group(
+        "denoising (parcel means, as nilearn's NiftiLabelsMasker with fMRIPrep confounds)")
+    g.add_argument("--denoise", action="append", default=[], metavar="STRATEGY",
+                   choices=["simple", "scrubbing", "compcor", "ica_aroma"],
+                   help="confounds strategy of nilearn's load_confounds_strategy (repeatable: "
+                   "one desc-<strategy> file each; one strategy gives desc-denoised)")
+    g.add_argument("--confounds", nargs="+", action="extend", default=[], metavar="COL",
+                   help="explicit confounds columns, alone or added to --denoise")
+    g.add_argument("--fd-threshold", type=_positive_float, metavar="MM",
+                   help="framewise displacement above which a volume is censored (scrubbing; "
+                   "default: nilearn's)")
+    g.add_argument("--std-dvars-threshold", type=_positive_float, metavar="X",
+                   help="standardized DVARS above which a volume is censored (scrubbing; "
+                   "default: nilearn's)")
+    g.add_argument("--high-pass", type=_positive_float, metavar="HZ", help="high-pass cutoff")
+    g.add_argument("--low-pass", type=_positive_float, metavar="HZ", help="low-pass cutoff")
+    g.add_argument("--detrend", action="store_true", help="remove linear trends")
+    g.add_argument("--standardize", choices=["zscore_sample", "psc", "none"], default="none",
+                   help="standardize the cleaned signals (default: %(default)s, nilearn's "
+                   "masker default)")
 
     g = p.add_argument_group("group level")
     g.add_argument("--group-by", choices=["subject", "run"], default="subject",

@@ -214,6 +214,7 @@ def participant(opts) -> int:
         if output_dir == root or root in output_dir.parents:
             raise UsageError(f"OUTPUT_DIR {output_dir} must not be the -d dataset {name}={root} "
                              "or inside it")
+    denoise = denoisings(opts)
     started = time.monotonic()
     _start(opts, "participant", output_dir)
     # leftovers of killed jobs: only folders this job may write, so cost does not grow with N
@@ -253,7 +254,8 @@ def participant(opts) -> int:
              sum(len(job.outputs) for job in jobs))
     options = Options(store=opts.store, overwrite=opts.overwrite,
                       min_coverage=opts.min_coverage,
-                      tables_dir=output_dir if opts.tsv else None)
+                      tables_dir=output_dir if opts.tsv else None,
+                      denoise=denoise)
     results = run_jobs(jobs, options, nprocs=opts.nprocs, scratch=opts.work_dir)
     written = skipped = 0
     for result in results:
@@ -272,6 +274,35 @@ def participant(opts) -> int:
     if problems:
         return EXIT_PARTIAL if written or skipped else EXIT_INPUT
     return EXIT_OK
+
+
+def denoisings(opts) -> tuple:
+    """The ``--denoise``/``--confounds`` outputs asked for (checked before any work)."""
+    from bids_fmristore.inputs.confounds import ConfoundsSpec
+    from bids_fmristore.participant.denoised import Denoising
+
+    strategies = list(dict.fromkeys(opts.denoise)) or ([None] if opts.confounds else [])
+    cleaning = {"detrend": opts.detrend,
+                "standardize": None if opts.standardize == "none" else opts.standardize,
+                "low_pass": opts.low_pass, "high_pass": opts.high_pass}
+    if not strategies:
+        if any(v for v in cleaning.values()) or opts.fd_threshold or opts.std_dvars_threshold:
+            raise UsageError("--detrend, --standardize, --low-pass, --high-pass and the "
+                             "censoring thresholds apply to denoised outputs: add --denoise "
+                             "STRATEGY or --confounds COL")
+        return ()
+    if (opts.fd_threshold or opts.std_dvars_threshold) and "scrubbing" not in strategies:
+        raise UsageError("--fd-threshold and --std-dvars-threshold go with --denoise scrubbing")
+    if opts.low_pass and opts.high_pass and opts.low_pass <= opts.high_pass:
+        raise UsageError(f"--low-pass {opts.low_pass} must be above --high-pass "
+                         f"{opts.high_pass}")
+    return tuple(
+        Denoising("denoised" if len(strategies) == 1 else strategy,
+                  ConfoundsSpec(strategy, tuple(opts.confounds),
+                                opts.fd_threshold if strategy == "scrubbing" else None,
+                                opts.std_dvars_threshold if strategy == "scrubbing" else None),
+                  **cleaning)
+        for strategy in strategies)
 
 
 def group(opts) -> int:

@@ -26,9 +26,15 @@ from bids_fmristore.formats.multiscan import ClusterLayout
 from bids_fmristore.formats.multiscan_writer import MultiScanWriter
 from bids_fmristore.inputs.discovery import BoldRun
 from bids_fmristore.inputs.nifti_stream import NiftiInfo, read_info
+from bids_fmristore.participant.denoised import (
+    Denoising,
+    confounds_record,
+    denoised_path,
+    write_denoised,
+)
 from bids_fmristore.participant.plan import Job, Options
 from bids_fmristore.progress import Progress, run_label
-from bids_fmristore.resume import inputs_record, should_build, sidecar_of
+from bids_fmristore.resume import inputs_record, should_build, sidecar_of, why_rebuild
 from bids_fmristore.tables import run_table_paths, write_run_tables
 from bids_fmristore.voxelmaps import STATS, MapsTarget, make_maps_target, run_maps, write_maps
 
@@ -60,6 +66,8 @@ class Target:
     coverage: np.ndarray
     #: clusters (ascending id) whose coverage is below the threshold: NaN summaries, (K,)
     low_coverage: np.ndarray
+    #: denoised companions to build from this file's means
+    denoise: tuple[Denoising, ...] = ()
 
     @property
     def atlas_uri(self) -> str:
@@ -192,8 +200,24 @@ def prepare_targets(job: Job, opts: Options | None = None) -> Prepared:
                for atlas, output in zip(job.atlases, job.outputs, strict=True)}
     if job.maps_output is not None:
         records[job.maps_output] = runs
-    todo = [(atlas, output) for atlas, output in zip(job.atlases, job.outputs, strict=True)
-            if _wanted(job, output, opts, records[output], result, atlas)]
+    denoise = {}
+    for output in job.outputs:
+        denoise[output] = []
+        for d in opts.denoise:
+            path = denoised_path(output, d.desc)
+            records[path] = {"Files": {**records[output]["Files"], **confounds_record(job.runs)},
+                             "Options": {**records[output]["Options"], **d.parameters()}}
+            if _wanted(job, path, opts, records[path], result):
+                denoise[output].append(d)
+    todo = []
+    for atlas, output in zip(job.atlases, job.outputs, strict=True):
+        if denoise[output] and not opts.overwrite and why_rebuild(output, records[output]) is None:
+            # the means come from the streaming pass: the raw file is rebuilt with them
+            log.warning("rebuilding %s: its denoised file(s) are rebuilt", output)
+            should_build(output, records[output], overwrite=True, kept="")  # drops its sidecar
+            todo.append((atlas, output))
+        elif _wanted(job, output, opts, records[output], result, atlas):
+            todo.append((atlas, output))
     want_maps = job.maps_output is not None and _wanted(job, job.maps_output, opts,
                                                         records[job.maps_output], result)
     if not todo and not want_maps:
@@ -226,7 +250,7 @@ def prepare_targets(job: Job, opts: Options | None = None) -> Prepared:
         coverage = coverage_of(labels, mask, index)
         low = coverage[np.searchsorted(index, layout.cluster_ids)] < opts.min_coverage
         targets.append(Target(atlas, output, geometry, layout, Parcels(voxels, cluster_map),
-                              coverage, low))
+                              coverage, low, tuple(denoise[output])))
     return Prepared(job, targets, maps, result, records)
 
 
@@ -250,10 +274,11 @@ def writer_for(target: Target, store: str, path: Path, *, full: bool = True) -> 
 
 
 def write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prepared,
-                writers: list[MultiScanWriter], opts: Options) -> dict | None:
+                writers: list[MultiScanWriter], opts: Options) -> tuple[dict | None, list]:
     """Parcellate one run for every target in one pass; on a read error no scan is kept.
 
-    Returns the run's voxel maps (when the job writes them). With ``opts.tables_dir`` the
+    Returns the run's voxel maps (when the job writes them) and, per target, its parcel means
+    (T, K) when the target has denoised companions (else None). With ``opts.tables_dir`` the
     run's per-atlas TSV tables are written once all its scans are complete."""
     targets = prep.targets
     if info.shape[3] == 1:
@@ -285,9 +310,10 @@ def write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prep
                 ids=target.layout.cluster_ids, means=values, coverage=target.coverage,
                 min_coverage=opts.min_coverage, sources=_run_sources(run) + [target.atlas_uri],
             )
+    kept_means = [m if t.denoise else None for m, t in zip(means, targets, strict=True)]
     if moments is None:
-        return None
-    return run_maps(prep.maps, index, moments, info.slope, info.inter)
+        return None, kept_means
+    return run_maps(prep.maps, index, moments, info.slope, info.inter), kept_means
 
 
 def _run_sources(run: BoldRun) -> list[str]:
@@ -331,8 +357,8 @@ def run_job(job: Job, opts: Options | None = None) -> JobResult:
             for i, (run, info, name) in enumerate(zip(job.runs, job.infos, names,
                                                       strict=True)):
                 try:
-                    done[name] = (run, info, write_scans(run, info, name, i, prep, writers,
-                                                         opts))
+                    done[name] = (run, info, *write_scans(run, info, name, i, prep, writers,
+                                                          opts))
                 except RunError as err:
                     log.debug("%s", run.path, exc_info=True)
                     failed.append((run, str(err)))
@@ -356,18 +382,20 @@ def finish_job(prep: Prepared, opts: Options, done: dict, failed: list) -> None:
     job, result = prep.job, prep.result
     failed_runs = [{"Source": run.uri(), "Reason": reason}
                    for run, reason in [*job.failed, *failed]]
-    scans_info = {name: _scan_info(run, info) for name, (run, info, _) in done.items()}
-    for target in prep.targets:
+    scans_info = {name: _scan_info(run, info) for name, (run, info, *_) in done.items()}
+    for i, target in enumerate(prep.targets):
         content = _sidecar(target, opts, scans_info, job.space)
         content["Inputs"] = prep.inputs[target.output]
         content["FailedRuns"] = failed_runs
         write_json(sidecar_of(target.output), content)
         result.written.append(target.output)
+        for denoising in target.denoise:
+            _finish_denoised(prep, target, i, denoising, opts, done, failed_runs)
     if prep.maps is not None:
         labels = write_maps(prep.maps, job.label,
-                            [(name, stats) for name, (_, _, stats) in done.items()],
+                            [(name, stats) for name, (_, _, stats, _) in done.items()],
                             overwrite=True)
-        sources = [uri for run, _, _ in done.values() for uri in _run_sources(run)]
+        sources = [uri for run, *_ in done.values() for uri in _run_sources(run)]
         write_json(sidecar_of(prep.maps.output), {
             "Description": "Voxel-wise temporal mean, standard deviation (ddof=0) and tSNR of "
                            "each run inside its brain mask (NaN outside), and their average "
@@ -377,6 +405,35 @@ def finish_job(prep: Prepared, opts: Options, done: dict, failed: list) -> None:
             **({"Space": job.space} if job.space else {}),
         })
         result.written.append(prep.maps.output)
+
+
+def _finish_denoised(prep: Prepared, target: Target, index: int, denoising: Denoising,
+                     opts: Options, done: dict, failed_runs: list) -> None:
+    """The denoised companion of ``target`` (the ``index``-th) and its sidecar."""
+    import nilearn
+
+    path = denoised_path(target.output, denoising.desc)
+    scans, failed = write_denoised(
+        path, denoising, make_writer=lambda p: writer_for(target, "summary", p), runs=[
+        (name, run, means[index]) for name, (run, _, _, means) in done.items()])
+    failed_here = failed_runs + [{"Source": run.uri(), "Reason": reason}
+                                 for run, reason in failed]
+    prep.result.failures += [reason for _, reason in failed]
+    if not scans:
+        log.warning("%s: no run could be denoised; not written", path.name)
+        return
+    content = _sidecar(target, opts, scans, prep.job.space)
+    content["Description"] = ("BOLD runs parcellated by an atlas and denoised as nilearn's "
+                              "NiftiLabelsMasker does, fmristore H5ParcellatedMultiScan "
+                              "(summaries only; censored volumes removed)")
+    content["StoreMode"] = "summary"
+    content["Denoising"] = {**denoising.parameters(), "Software": "nilearn",
+                            "SoftwareVersion": nilearn.__version__}
+    content["Sources"] += [s["Confounds"] for s in scans.values()]
+    content["Inputs"] = prep.inputs[path]
+    content["FailedRuns"] = failed_here
+    write_json(sidecar_of(path), content)
+    prep.result.written.append(path)
 
 
 def _sidecar(target: Target, opts: Options, scans: dict, space: str | None) -> dict:

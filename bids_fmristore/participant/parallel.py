@@ -127,17 +127,18 @@ def run_jobs(jobs: list[Job], opts: Options | None = None, *, nprocs: int = 1,
 
 
 def _run_piece(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prepared,
-               opts: Options, folder: str) -> tuple[list[Path], dict | None] | str:
-    """Worker process: one run for all targets, each into its own single-scan file."""
+               opts: Options, folder: str) -> tuple[list[Path], dict | None, list] | str:
+    """Worker process: one run for all targets, each into its own single-scan file; returns
+    the pieces, the run's voxel maps and the means of the targets that are denoised."""
     paths = [Path(folder) / f"{i}-{name}.h5" for i in range(len(prep.targets))]
     try:
         with contextlib.ExitStack() as stack:
             writers = [stack.enter_context(writer_for(t, opts.store, p, full=False))
                        for t, p in zip(prep.targets, paths, strict=True)]
-            maps = write_scans(run, info, name, index, prep, writers, opts)
+            maps, means = write_scans(run, info, name, index, prep, writers, opts)
     except RunError as err:
         return str(err)
-    return paths, maps
+    return paths, maps, means
 
 
 def _assemble(prep: Prepared, names: list[str], futures, opts: Options) -> JobResult:
@@ -152,8 +153,8 @@ def _assemble(prep: Prepared, names: list[str], futures, opts: Options) -> JobRe
         if isinstance(outcome, str):
             failed.append((run, outcome))
         else:
-            pieces[name], maps = outcome
-            done[name] = (run, info, maps)
+            pieces[name], maps, means = outcome
+            done[name] = (run, info, maps, means)
     result.failures += [reason for _, reason in failed]
     if not done:
         nothing_read(job)

@@ -41,6 +41,8 @@ class Options:
     min_coverage: float = 0.5
     #: also write XCP-D-style per-run tables into this derivative folder (``--tsv``)
     tables_dir: Path | None = None
+    #: denoised companions of each atlas file (``--denoise``/``--confounds``): Denoising objects
+    denoise: tuple = ()
 
 
 @dataclass(frozen=True)

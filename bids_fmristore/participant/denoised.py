@@ -1,0 +1,118 @@
+"""Denoised companions of the parcellated files (``--denoise``, ``--confounds``).
+
+For each atlas file ``…_atlas-<A>_bold.h5`` and each denoising, a summary-only
+H5ParcellatedMultiScan ``…_atlas-<A>_desc-denoised_bold.h5`` (``desc-<strategy>`` when several
+strategies are asked for) holds every run's parcel means cleaned as nilearn's
+``NiftiLabelsMasker(..., standardize, detrend, low_pass, high_pass, t_r)`` cleans them with
+fMRIPrep's confounds: censored volumes removed, the kept ones listed in each scan's metadata.
+Cleaning is linear in time and per signal, so it is done on the means of the streaming pass;
+no second pass over the BOLD data. A run whose confounds are missing or unusable is left out of
+the denoised files only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bids_fmristore.compute.denoise import CleanOptions, clean_signals
+from bids_fmristore.errors import RunError
+from bids_fmristore.formats.multiscan_writer import MultiScanWriter
+from bids_fmristore.inputs.confounds import ConfoundsSpec, confounds_path, load_run_confounds
+from bids_fmristore.inputs.discovery import BoldRun
+from bids_fmristore.resume import file_stamp
+
+__all__ = ["Denoising", "denoised_path", "confounds_record", "write_denoised"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Denoising:
+    """One denoising of the parcel means: its ``desc-`` label, confounds and cleaning."""
+
+    desc: str
+    confounds: ConfoundsSpec = field(default_factory=ConfoundsSpec)
+    detrend: bool = False
+    standardize: str | None = None
+    low_pass: float | None = None
+    high_pass: float | None = None
+
+    def parameters(self) -> dict:
+        """Every parameter, as the sidecar and the resume check record them."""
+        spec = self.confounds
+        return {"Strategy": spec.strategy, "ExtraConfounds": list(spec.columns),
+                "FDThreshold": spec.fd_threshold, "StdDVARSThreshold": spec.std_dvars_threshold,
+                "Detrend": self.detrend, "Standardize": self.standardize,
+                "LowPass": self.low_pass, "HighPass": self.high_pass}
+
+
+def denoised_path(output: Path, desc: str) -> Path:
+    """``…_atlas-A_bold.h5`` → ``…_atlas-A_desc-<desc>_bold.h5``."""
+    return output.with_name(output.name[: -len("_bold.h5")] + f"_desc-{desc}_bold.h5")
+
+
+def confounds_record(runs: list[BoldRun]) -> dict[str, dict]:
+    """Size and time stamps of the runs' confounds files (``{"Missing": True}`` when absent)."""
+    record = {}
+    for run in runs:
+        path = confounds_path(run.path)
+        try:
+            record[run.uri(path)] = file_stamp(path)
+        except OSError:
+            record[run.uri(path)] = {"Missing": True}
+    return record
+
+
+def write_denoised(path: Path, denoising: Denoising, *,
+                   make_writer: Callable[[Path], MultiScanWriter],
+                   runs: list[tuple[str, BoldRun, np.ndarray]]) -> tuple[dict, list]:
+    """Write one denoised file from the runs' raw parcel means.
+
+    Parameters
+    ----------
+    make_writer : callable
+        The summary-only writer of a path, with the raw file's mask, clusters and tables.
+    runs : list of (scan name, run, means (T, K) with NaN columns for blanked parcels)
+
+    Returns
+    -------
+    scans, failed
+        Per written scan its sidecar entry; (run, reason) of the runs left out.
+    """
+    scans, failed, cleaned = {}, [], []
+    for name, run, means in runs:
+        try:
+            confounds = load_run_confounds(run.path, denoising.confounds, means.shape[0])
+            values = clean_signals(means, confounds.table, confounds.sample_mask, CleanOptions(
+                t_r=run.tr, detrend=denoising.detrend, standardize=denoising.standardize,
+                low_pass=denoising.low_pass, high_pass=denoising.high_pass))
+        except RunError as err:
+            failed.append((run, str(err)))
+            continue
+        except ValueError as err:  # too few volumes left, or a filter the TR cannot take
+            failed.append((run, f"{run.path}: cannot denoise ({err})"))
+            continue
+        kept = (np.arange(means.shape[0]) if confounds.sample_mask is None
+                else np.asarray(confounds.sample_mask, dtype=int))
+        cleaned.append((name, run, values, kept))
+        scans[name] = {"Source": run.uri(), "Confounds": run.uri(confounds.source),
+                       "ConfoundsColumns": list(confounds.columns),
+                       "RepetitionTime": run.tr, "NumberOfVolumes": int(kept.size),
+                       "CensoredVolumes": int(means.shape[0] - kept.size)}
+    if not cleaned:
+        return scans, failed
+    with make_writer(path) as writer:
+        for name, run, values, kept in cleaned:
+            scan = writer.add_scan(name, values.shape[0], {
+                "TR": run.tr, "subject": run.subject, "session": run.entities.get("session"),
+                "task": run.entities.get("task"), "run": run.entities.get("run"),
+                "source": run.uri(), "kept_volumes": kept,  # 0-based, as nilearn's sample_mask
+                "n_censored": scans[name]["CensoredVolumes"]})
+            scan.write_summary(values)
+            scan.check_complete()
+    return scans, failed
