@@ -148,3 +148,17 @@ def test_filters_need_a_denoising(tmp_path, rng, capsys):
     err = capsys.readouterr().err
     assert "add --denoise" in err and "go with --denoise scrubbing" in err
     assert not ds["out"].exists()
+
+
+def test_worker_processes_give_the_same_denoised_file(tmp_path, rng, capsys):
+    ds = dataset(tmp_path, rng)
+    serial = dict(ds, out=tmp_path / "serial")
+    assert main(argv(serial, "--denoise", "scrubbing")) == 0
+    assert main(argv(ds, "--denoise", "scrubbing", "--nprocs", "2")) == 0, capsys.readouterr().err
+    for sub in ("01", "02"):
+        with bids_fmristore.open(out(ds, sub, "denoised")) as a, \
+                bids_fmristore.open(out(serial, sub, "denoised")) as b:
+            assert a.scan_names == b.scan_names
+            for scan in a.scan_names:
+                np.testing.assert_array_equal(a.summary(scan).to_numpy(),
+                                              b.summary(scan).to_numpy())

@@ -13,7 +13,6 @@ written by fmristore itself; :mod:`bids_fmristore.formats.multiscan_writer` writ
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,11 +33,6 @@ from bids_fmristore.formats.header import (
     mask_order,
     read_header,
 )
-
-try:
-    from isal.isal_zlib import compress as _deflate
-except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same format
-    _deflate = zlib.compress
 
 __all__ = ["ClusterLayout", "ParcellatedMultiScan", "STORE_MODES", "Store"]
 

@@ -25,11 +25,6 @@ from bids_fmristore.formats.header import (
     mask_to_disk,
     write_header,
 )
-
-try:
-    from isal.isal_zlib import compress as _deflate
-except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same format
-    _deflate = zlib.compress
 from bids_fmristore.formats.multiscan import (
     FMRISTORE_CLASS,
     SCAN_FULL,
@@ -38,6 +33,11 @@ from bids_fmristore.formats.multiscan import (
     ClusterLayout,
     Store,
 )
+
+try:
+    from isal.isal_zlib import compress as _deflate
+except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same format
+    _deflate = zlib.compress
 
 __all__ = ["MultiScanWriter", "ScanWriter", "TIME_CHUNK", "VOXEL_CHUNK"]
 
