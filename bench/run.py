@@ -14,6 +14,8 @@ module imports excluded, reading the atlas and mask included), the peak RSS of t
     (b) means  our parcel means only
     (c) h5     our full + summary H5ParcellatedMultiScan output
     (d) nilearn NiftiLabelsMasker(resampling_target="data").fit_transform
+    (e) denoise our means + fMRIPrep confounds (nilearn's "simple" strategy) + cleaning, as
+                --denoise simple does (synthetic confounds with fMRIPrep's column names)
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ CASES = {
     "i16-T300-L400": ("int16", 300, 400),
     "f32-T1000-L400": ("float32", 1000, 400),
 }
-MODES = ("floor", "means", "h5", "nilearn")
+MODES = ("floor", "means", "h5", "nilearn", "denoise")
+#: (label, numerator, denominator) of the ratios printed, letters as in the docstring
+RATIOS = (("b/a", "means", "floor"), ("c/a", "h5", "floor"), ("d/b", "nilearn", "means"),
+          ("e/b", "denoise", "means"))
 
 
 def mni_affine() -> np.ndarray:
@@ -127,6 +132,38 @@ def ensure_data(case: str, data_dir: Path) -> tuple[Path, Path, Path]:
     return bold, atlas, mask_path
 
 
+def fmriprep_named(bold: Path) -> Path:
+    """The run under an fMRIPrep name, with a confounds table of its length beside it (nilearn
+    finds confounds from the BOLD's name)."""
+    import nibabel as nib
+    import pandas as pd
+
+    folder = bold.parent / f"fmriprep-{bold.name.split('.')[0]}"
+    named = folder / "sub-01_task-rest_space-MNI152NLin2009cAsym_desc-preproc_bold.nii.gz"
+    tsv = folder / "sub-01_task-rest_desc-confounds_timeseries.tsv"
+    if not tsv.exists():
+        folder.mkdir(exist_ok=True)
+        if not named.exists():
+            named.symlink_to(bold.resolve())
+        n_t = nib.load(bold).shape[3]
+        rng = np.random.default_rng(n_t)
+        cols = {}
+        for base in ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z",
+                     "white_matter", "csf", "global_signal"):
+            series = np.cumsum(rng.normal(0, 0.01, n_t))
+            cols[base] = series
+            cols[f"{base}_derivative1"] = np.r_[np.nan, np.diff(series)]
+            cols[f"{base}_power2"] = series ** 2
+            cols[f"{base}_derivative1_power2"] = cols[f"{base}_derivative1"] ** 2
+        for k in range(max(1, n_t // 60)):
+            cols[f"cosine{k:02d}"] = np.cos(np.pi * (k + 1) * (np.arange(n_t) + 0.5) / n_t)
+        cols["framewise_displacement"] = np.r_[np.nan, np.abs(rng.normal(0.1, 0.05, n_t - 1))]
+        cols["std_dvars"] = np.r_[np.nan, np.abs(rng.normal(1, 0.2, n_t - 1))]
+        pd.DataFrame(cols).to_csv(tsv, sep="\t", index=False, na_rep="n/a")
+        tsv.with_suffix(".json").write_text("{}\n")
+    return named
+
+
 # -- measured work (run in a child process) --------------------------------------------------
 def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
     if mode == "floor":
@@ -136,7 +173,7 @@ def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
         with igzip.open(bold, "rb") as f:
             while f.readinto(buf):
                 pass
-    elif mode in ("means", "h5"):
+    elif mode in ("means", "h5", "denoise"):
         import nibabel as nib
 
         from bids_fmristore.atlas import load_atlas
@@ -156,6 +193,15 @@ def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
         if mode == "means":
             parcellate_run(info, [parcels])
             return
+        if mode == "denoise":
+            from bids_fmristore.compute.denoise import CleanOptions, clean_signals
+            from bids_fmristore.inputs.confounds import ConfoundsSpec, load_run_confounds
+
+            (means,) = parcellate_run(info, [parcels])
+            confounds = load_run_confounds(fmriprep_named(bold), ConfoundsSpec("simple"),
+                                           info.shape[3])
+            clean_signals(means, confounds.table, confounds.sample_mask, CleanOptions(t_r=2.0))
+            return
         layout = ClusterLayout(file_mask, cmap)
         geom = Geometry(info.shape[:3], info.affine)
         with MultiScanWriter(out_dir / "b.h5", geometry=geom, layout=layout, store="both",
@@ -174,9 +220,13 @@ def import_modules(mode: str) -> None:
     """Import what a mode uses before the clock starts: start-up is not what is compared."""
     if mode == "floor":
         import isal.igzip  # noqa: F401
-    elif mode in ("means", "h5"):
+    elif mode in ("means", "h5", "denoise"):
         import nibabel  # noqa: F401
         import pandas  # noqa: F401
+
+        if mode == "denoise":
+            import nilearn.interfaces.fmriprep  # noqa: F401
+            import nilearn.signal  # noqa: F401
 
         import bids_fmristore.atlas  # noqa: F401
         import bids_fmristore.compute.parcellate  # noqa: F401
@@ -252,13 +302,9 @@ def main() -> None:
         print(f"{case:16s} " + " ".join(f"{med[m]:10.2f} {peak[m]:10.0f}" for m in a.modes))
     print("\nratios (median wall time):")
     for case, med, _ in rows:
-        parts = []
-        for num, den in (("means", "floor"), ("h5", "floor"), ("nilearn", "means")):
-            if num in med and den in med:
-                parts.append(f"{num[0] if num != 'nilearn' else 'd'}/{den[0]}: "
-                             f"{med[num] / med[den]:.2f}")
-        print(f"  {case:16s} " + "   ".join(parts).replace("m/f", "b/a").replace(
-            "h/f", "c/a").replace("d/m", "d/b"))
+        parts = [f"{label}: {med[num] / med[den]:.2f}" for label, num, den in RATIOS
+                 if num in med and den in med]
+        print(f"  {case:16s} " + "   ".join(parts))
 
 
 if __name__ == "__main__":
