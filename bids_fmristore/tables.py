@@ -45,7 +45,8 @@ _KINDS = {
 
 
 def run_table_paths(
-    output_dir: Path, run: BoldRun, *, atlas: str, space: str | None = None
+    output_dir: Path, run: BoldRun, *, atlas: str, space: str | None = None,
+    desc: str | None = None,
 ) -> dict[str, Path]:
     """Where the tables of ``run`` for ``atlas`` go.
 
@@ -60,6 +61,8 @@ def run_table_paths(
         ``atlas-`` label.
     space : str or None, optional
         ``space-`` label; None takes the run's own, and raw BOLD (no space) gets none.
+    desc : str or None, optional
+        ``desc-`` label after ``atlas-`` (``denoised``: tables of the denoised signals).
 
     Returns
     -------
@@ -74,6 +77,8 @@ def run_table_paths(
         if ents.get("res"):
             parts.append(f"res-{ents['res']}")
     parts.append(f"atlas-{atlas}")
+    if desc:
+        parts.append(f"desc-{desc}")
     folder = Path(output_dir) / f"sub-{ents['subject']}"
     if ents.get("session"):
         folder = folder / f"ses-{ents['session']}"
@@ -178,6 +183,7 @@ def write_run_tables(
     min_coverage: float,
     space: str | None = None,
     sources: Sequence[str] | None = None,
+    desc: str | None = None,
 ) -> list[Path]:
     """Write the three tables of one run and the timeseries' JSON sidecar.
 
@@ -208,7 +214,7 @@ def write_run_tables(
         "RepetitionTime": run.tr,
         "Sources": list(sources),
     }
-    paths = run_table_paths(output_dir, run, atlas=atlas, space=space)
+    paths = run_table_paths(output_dir, run, atlas=atlas, space=space, desc=desc)
     texts = {
         paths["timeseries"]: tsv_text(series),
         paths["timeseries_json"]: json.dumps(sidecar, indent=2, sort_keys=True) + "\n",

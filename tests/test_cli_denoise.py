@@ -162,3 +162,23 @@ def test_worker_processes_give_the_same_denoised_file(tmp_path, rng, capsys):
             for scan in a.scan_names:
                 np.testing.assert_array_equal(a.summary(scan).to_numpy(),
                                               b.summary(scan).to_numpy())
+
+
+def test_tsv_tables_of_the_denoised_signals(tmp_path, rng, capsys):
+    ds = dataset(tmp_path, rng, subjects=("01",))
+    assert main(argv(ds, "--denoise", "scrubbing", "--fd-threshold", "0.2", "--tsv")) == 0
+    func = ds["out"] / "sub-01" / "func"
+    stem = "sub-01_task-rest_run-01_space-MNI152NLin2009cAsym_atlas-Demo"
+    raw = pd.read_csv(func / f"{stem}_stat-mean_timeseries.tsv", sep="\t")
+    denoised = pd.read_csv(func / f"{stem}_desc-denoised_stat-mean_timeseries.tsv", sep="\t")
+    assert (func / f"{stem}_desc-denoised_stat-pearsoncorrelation_relmat.tsv").exists()
+    with bids_fmristore.open(out(ds, "01", "denoised")) as f:
+        (scan,) = f.scan_names
+        summary = f.summary(scan).to_numpy()
+    assert len(raw) == N_T and len(denoised) == summary.shape[0] < N_T  # censored volumes out
+    np.testing.assert_allclose(denoised.to_numpy(dtype=float), summary, rtol=1e-6, atol=1e-6)
+    capsys.readouterr()
+    (func / f"{stem}_desc-denoised_stat-mean_timeseries.tsv").unlink()
+    assert main(argv(ds, "--denoise", "scrubbing", "--fd-threshold", "0.2", "--tsv")) == 0
+    assert "tables are missing" in capsys.readouterr().err
+    assert (func / f"{stem}_desc-denoised_stat-mean_timeseries.tsv").exists()

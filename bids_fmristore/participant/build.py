@@ -156,13 +156,15 @@ class Prepared:
 
 
 def _wanted(job: Job, output: Path, opts: Options, record: dict, result: JobResult,
-            atlas: Atlas | None = None) -> bool:
-    """Whether ``output`` is to be (re)built; kept files are counted in ``result.skipped``."""
+            atlas: Atlas | None = None, desc: str | None = None) -> bool:
+    """Whether ``output`` is to be (re)built; kept files are counted in ``result.skipped``.
+    With ``--tsv`` a parcellated file (of ``atlas``, denoised as ``desc``) also needs its
+    runs' tables."""
     def tables_missing() -> str | None:
         if opts.tables_dir is None or atlas is None:
             return None
         missing = [p for run in job.runs for p in run_table_paths(
-            opts.tables_dir, run, atlas=atlas.name).values() if not p.exists()]
+            opts.tables_dir, run, atlas=atlas.name, desc=desc).values() if not p.exists()]
         return f"--tsv tables are missing ({missing[0].name} ...)" if missing else None
 
     if should_build(output, record, overwrite=opts.overwrite, kept=f"{len(job.runs)} run(s)",
@@ -201,13 +203,13 @@ def prepare_targets(job: Job, opts: Options | None = None) -> Prepared:
     if job.maps_output is not None:
         records[job.maps_output] = runs
     denoise = {}
-    for output in job.outputs:
+    for atlas, output in zip(job.atlases, job.outputs, strict=True):
         denoise[output] = []
         for d in opts.denoise:
             path = denoised_path(output, d.desc)
             records[path] = {"Files": {**records[output]["Files"], **confounds_record(job.runs)},
                              "Options": {**records[output]["Options"], **d.parameters()}}
-            if _wanted(job, path, opts, records[path], result):
+            if _wanted(job, path, opts, records[path], result, atlas, d.desc):
                 denoise[output].append(d)
     todo = []
     for atlas, output in zip(job.atlases, job.outputs, strict=True):
@@ -413,7 +415,7 @@ def _finish_denoised(prep: Prepared, target: Target, index: int, denoising: Deno
     import nilearn
 
     path = denoised_path(target.output, denoising.desc)
-    scans, failed = write_denoised(
+    scans, failed, cleaned = write_denoised(
         path, denoising, make_writer=lambda p: writer_for(target, "summary", p), runs=[
         (name, run, means[index]) for name, (run, _, _, means) in done.items()])
     failed_here = failed_runs + [{"Source": run.uri(), "Reason": reason}
@@ -422,6 +424,13 @@ def _finish_denoised(prep: Prepared, target: Target, index: int, denoising: Deno
     if not scans:
         log.warning("%s: no run could be denoised; not written", path.name)
         return
+    if opts.tables_dir is not None:  # XCP-D's tables, of the denoised signals
+        for name, run, values, _ in cleaned:
+            write_run_tables(
+                opts.tables_dir, run, atlas=target.atlas.name, table=target.atlas.table,
+                ids=target.layout.cluster_ids, means=values, coverage=target.coverage,
+                min_coverage=opts.min_coverage, desc=denoising.desc,
+                sources=_run_sources(run) + [scans[name]["Confounds"], target.atlas_uri])
     content = _sidecar(target, opts, scans, prep.job.space)
     content["Description"] = ("BOLD runs parcellated by an atlas and denoised as nilearn's "
                               "NiftiLabelsMasker does, fmristore H5ParcellatedMultiScan "

@@ -70,7 +70,7 @@ def confounds_record(runs: list[BoldRun]) -> dict[str, dict]:
 
 def write_denoised(path: Path, denoising: Denoising, *,
                    make_writer: Callable[[Path], MultiScanWriter],
-                   runs: list[tuple[str, BoldRun, np.ndarray]]) -> tuple[dict, list]:
+                   runs: list[tuple[str, BoldRun, np.ndarray]]) -> tuple[dict, list, list]:
     """Write one denoised file from the runs' raw parcel means.
 
     Parameters
@@ -81,8 +81,9 @@ def write_denoised(path: Path, denoising: Denoising, *,
 
     Returns
     -------
-    scans, failed
-        Per written scan its sidecar entry; (run, reason) of the runs left out.
+    scans, failed, cleaned
+        Per written scan its sidecar entry; (run, reason) of the runs left out; per written
+        scan (name, run, cleaned means (T', K), kept volume indices).
     """
     scans, failed, cleaned = {}, [], []
     for name, run, means in runs:
@@ -105,7 +106,7 @@ def write_denoised(path: Path, denoising: Denoising, *,
                        "RepetitionTime": run.tr, "NumberOfVolumes": int(kept.size),
                        "CensoredVolumes": int(means.shape[0] - kept.size)}
     if not cleaned:
-        return scans, failed
+        return scans, failed, cleaned
     with make_writer(path) as writer:
         for name, run, values, kept in cleaned:
             scan = writer.add_scan(name, values.shape[0], {
@@ -115,4 +116,4 @@ def write_denoised(path: Path, denoising: Denoising, *,
                 "n_censored": scans[name]["CensoredVolumes"]})
             scan.write_summary(values)
             scan.check_complete()
-    return scans, failed
+    return scans, failed, cleaned
