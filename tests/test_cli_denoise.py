@@ -182,3 +182,31 @@ def test_tsv_tables_of_the_denoised_signals(tmp_path, rng, capsys):
     assert main(argv(ds, "--denoise", "scrubbing", "--fd-threshold", "0.2", "--tsv")) == 0
     assert "tables are missing" in capsys.readouterr().err
     assert (func / f"{stem}_desc-denoised_stat-mean_timeseries.tsv").exists()
+
+
+@pytest.mark.parametrize("flags", [
+    ("--denoise", "scrubbing", "--fd-threshold", "0.2"),
+    ("--denoise", "simple", "--detrend", "--standardize", "zscore_sample", "--high-pass",
+     "0.01"),
+], ids=["scrubbing", "simple-filtered"])
+def test_denoised_voxel_series_equal_signal_clean(tmp_path, rng, capsys, flags):
+    from nilearn.signal import clean
+
+    ds = dataset(tmp_path, rng, subjects=("01",))
+    assert main(argv(ds, *flags)) == 0, capsys.readouterr().err
+    strategy = flags[1]
+    extra = {"fd_threshold": 0.2} if strategy == "scrubbing" else {}
+    confounds, sample_mask = load_confounds_strategy(str(ds["bolds"]["01"]),
+                                                     denoise_strategy=strategy, **extra)
+    filtered = "--detrend" in flags
+    with bids_fmristore.open(out(ds, "01")) as raw, \
+            bids_fmristore.open(out(ds, "01", "denoised")) as den:
+        (scan,) = raw.scan_names
+        want = clean(raw.series(scan).astype(np.float64), confounds=confounds,
+                     sample_mask=sample_mask, t_r=2.0, detrend=filtered,
+                     standardize="zscore_sample" if filtered else None,
+                     standardize_confounds=True, high_pass=0.01 if filtered else None)
+        got = den.series(scan)
+        assert den.scan_kind(scan) in ("full", "summary") and den.has_voxels(scan)
+    assert got.shape == want.shape and got.shape[0] < N_T or sample_mask is None
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())

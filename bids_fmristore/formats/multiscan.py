@@ -286,6 +286,16 @@ class ParcellatedMultiScan(H5Reader):
                     out[:, sel] = ds[:, uniq][:, inverse]
         return out
 
+    def cluster_series(self, name: str, cid: int) -> np.ndarray:
+        """Every voxel series of cluster ``cid`` in scan ``name``: (T, n_cid), mask order
+        within the cluster, as stored (one HDF5 dataset read)."""
+        group = self._scan(name)
+        if "clusters" not in group:
+            raise ValueError(f"{self.path.name}: scan {name!r} has no voxel data")
+        ds = self._cluster(group, name, int(cid))
+        with self._reading(ds.name):
+            return ds[()]
+
     def _within_cluster_rank(self) -> np.ndarray:
         if self._rank is None:
             lay = ClusterLayout(self.mask, self.cluster_map)

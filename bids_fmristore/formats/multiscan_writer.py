@@ -259,6 +259,7 @@ class ScanWriter:
         self._summary_written = False
         self._buffer: np.ndarray | None = None
         self._filled = 0
+        self._whole: set[int] = set()
 
     def write_voxels(self, block: np.ndarray) -> None:
         """Append time points: ``block`` shape (k, N), mask order, the next k volumes."""
@@ -285,6 +286,18 @@ class ScanWriter:
             start += take
             if self._filled == self._chunk_t or self._written + self._filled == self.n_time:
                 self._flush()
+
+    def write_cluster(self, k: int, block: np.ndarray) -> None:
+        """Store the whole series of the ``k``-th cluster (ascending id) at once: ``block``
+        shape (T, n_k), mask order within the cluster. An alternative to the time blocks of
+        :meth:`write_grouped` for data that come cluster by cluster (h5py's own filters)."""
+        if not self.wants_voxels:
+            return
+        ds = self._datasets[k]
+        if self._written or self._filled or block.shape != ds.shape:
+            raise ValueError(f"cluster block {block.shape} does not fit {ds.name} {ds.shape}")
+        ds[...] = np.asarray(block, dtype=np.float32)
+        self._whole.add(k)
 
     def _flush(self) -> None:
         """Encode the buffered time chunk of every cluster and store it as direct chunks."""
@@ -321,7 +334,8 @@ class ScanWriter:
 
     def check_complete(self) -> None:
         """Raise if fewer time points than announced were written."""
-        if self.wants_voxels and self._written + self._filled != self.n_time:
+        by_cluster = len(self._whole) == len(self._datasets)
+        if self.wants_voxels and not by_cluster and self._written + self._filled != self.n_time:
             raise RuntimeError(f"{self._group.name}: {self._written} of {self.n_time} volumes")
         if self.wants_summary and not self._summary_written:
             raise RuntimeError(f"{self._group.name}: summary missing")

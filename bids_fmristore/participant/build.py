@@ -22,7 +22,7 @@ from bids_fmristore.compute.parcellate import Parcels, parcellate_run
 from bids_fmristore.derivatives import scan_names, write_json
 from bids_fmristore.errors import RunError
 from bids_fmristore.formats.header import Geometry, mask_order
-from bids_fmristore.formats.multiscan import ClusterLayout
+from bids_fmristore.formats.multiscan import ClusterLayout, ParcellatedMultiScan
 from bids_fmristore.formats.multiscan_writer import MultiScanWriter
 from bids_fmristore.inputs.discovery import BoldRun
 from bids_fmristore.inputs.nifti_stream import NiftiInfo, read_info
@@ -415,9 +415,21 @@ def _finish_denoised(prep: Prepared, target: Target, index: int, denoising: Deno
     import nilearn
 
     path = denoised_path(target.output, denoising.desc)
-    scans, failed, cleaned = write_denoised(
-        path, denoising, make_writer=lambda p: writer_for(target, "summary", p), runs=[
-        (name, run, means[index]) for name, (run, _, _, means) in done.items()])
+    with_voxels = opts.store in ("full", "both")
+    raw = ParcellatedMultiScan(target.output) if with_voxels else None
+
+    def voxels(name: str):
+        for cid in target.layout.cluster_ids:
+            yield raw.cluster_series(name, cid)
+
+    try:
+        scans, failed, cleaned = write_denoised(
+            path, denoising, voxels=voxels if with_voxels else None,
+            make_writer=lambda p: writer_for(target, "both" if with_voxels else "summary", p),
+            runs=[(name, run, means[index]) for name, (run, _, _, means) in done.items()])
+    finally:
+        if raw is not None:
+            raw.close()
     failed_here = failed_runs + [{"Source": run.uri(), "Reason": reason}
                                  for run, reason in failed]
     prep.result.failures += [reason for _, reason in failed]
@@ -432,10 +444,11 @@ def _finish_denoised(prep: Prepared, target: Target, index: int, denoising: Deno
                 min_coverage=opts.min_coverage, desc=denoising.desc,
                 sources=_run_sources(run) + [scans[name]["Confounds"], target.atlas_uri])
     content = _sidecar(target, opts, scans, prep.job.space)
-    content["Description"] = ("BOLD runs parcellated by an atlas and denoised as nilearn's "
-                              "NiftiLabelsMasker does, fmristore H5ParcellatedMultiScan "
-                              "(summaries only; censored volumes removed)")
-    content["StoreMode"] = "summary"
+    content["Description"] = ("BOLD runs parcellated by an atlas and denoised as nilearn does "
+                              "(parcel means as NiftiLabelsMasker, voxel series as "
+                              "signal.clean), fmristore H5ParcellatedMultiScan; censored "
+                              "volumes removed")
+    content["StoreMode"] = "both" if with_voxels else "summary"
     content["Denoising"] = {**denoising.parameters(), "Software": "nilearn",
                             "SoftwareVersion": nilearn.__version__}
     content["Sources"] += [s["Confounds"] for s in scans.values()]

@@ -13,7 +13,7 @@ the denoised files only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +51,12 @@ class Denoising:
                 "LowPass": self.low_pass, "HighPass": self.high_pass}
 
 
+def _options(denoising: Denoising, run: BoldRun) -> CleanOptions:
+    return CleanOptions(t_r=run.tr, detrend=denoising.detrend,
+                        standardize=denoising.standardize, low_pass=denoising.low_pass,
+                        high_pass=denoising.high_pass)
+
+
 def denoised_path(output: Path, desc: str) -> Path:
     """``…_atlas-A_bold.h5`` → ``…_atlas-A_desc-<desc>_bold.h5``."""
     return output.with_name(output.name[: -len("_bold.h5")] + f"_desc-{desc}_bold.h5")
@@ -70,13 +76,20 @@ def confounds_record(runs: list[BoldRun]) -> dict[str, dict]:
 
 def write_denoised(path: Path, denoising: Denoising, *,
                    make_writer: Callable[[Path], MultiScanWriter],
-                   runs: list[tuple[str, BoldRun, np.ndarray]]) -> tuple[dict, list, list]:
+                   runs: list[tuple[str, BoldRun, np.ndarray]],
+                   voxels: Callable[[str], Iterator[np.ndarray]] | None = None,
+                   ) -> tuple[dict, list, list]:
     """Write one denoised file from the runs' raw parcel means.
 
     Parameters
     ----------
     make_writer : callable
-        The summary-only writer of a path, with the raw file's mask, clusters and tables.
+        The writer of a path, with the raw file's mask, clusters and tables (summary only,
+        or summary and voxels when ``voxels`` is given).
+    voxels : callable, optional
+        For a scan name, its raw voxel series cluster by cluster (ascending id), each (T, n):
+        they are cleaned like the means, one cluster in memory at a time (a second pass over
+        the written raw file).
     runs : list of (scan name, run, means (T, K) with NaN columns for blanked parcels)
 
     Returns
@@ -85,13 +98,12 @@ def write_denoised(path: Path, denoising: Denoising, *,
         Per written scan its sidecar entry; (run, reason) of the runs left out; per written
         scan (name, run, cleaned means (T', K), kept volume indices).
     """
-    scans, failed, cleaned = {}, [], []
+    scans, failed, cleaned, kept_confounds = {}, [], [], {}
     for name, run, means in runs:
         try:
             confounds = load_run_confounds(run.path, denoising.confounds, means.shape[0])
-            values = clean_signals(means, confounds.table, confounds.sample_mask, CleanOptions(
-                t_r=run.tr, detrend=denoising.detrend, standardize=denoising.standardize,
-                low_pass=denoising.low_pass, high_pass=denoising.high_pass))
+            values = clean_signals(means, confounds.table, confounds.sample_mask,
+                                   _options(denoising, run))
         except RunError as err:
             failed.append((run, str(err)))
             continue
@@ -101,6 +113,7 @@ def write_denoised(path: Path, denoising: Denoising, *,
         kept = (np.arange(means.shape[0]) if confounds.sample_mask is None
                 else np.asarray(confounds.sample_mask, dtype=int))
         cleaned.append((name, run, values, kept))
+        kept_confounds[name] = confounds
         scans[name] = {"Source": run.uri(), "Confounds": run.uri(confounds.source),
                        "ConfoundsColumns": list(confounds.columns),
                        "RepetitionTime": run.tr, "NumberOfVolumes": int(kept.size),
@@ -115,5 +128,11 @@ def write_denoised(path: Path, denoising: Denoising, *,
                 "source": run.uri(), "kept_volumes": kept,  # 0-based, as nilearn's sample_mask
                 "n_censored": scans[name]["CensoredVolumes"]})
             scan.write_summary(values)
+            if voxels is not None:
+                confounds = kept_confounds[name]
+                for k, block in enumerate(voxels(name)):
+                    scan.write_cluster(k, clean_signals(
+                        block.astype(np.float64), confounds.table, confounds.sample_mask,
+                        _options(denoising, run)))
             scan.check_complete()
     return scans, failed, cleaned
