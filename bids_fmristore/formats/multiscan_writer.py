@@ -290,13 +290,21 @@ class ScanWriter:
     def write_cluster(self, k: int, block: np.ndarray) -> None:
         """Store the whole series of the ``k``-th cluster (ascending id) at once: ``block``
         shape (T, n_k), mask order within the cluster. An alternative to the time blocks of
-        :meth:`write_grouped` for data that come cluster by cluster (h5py's own filters)."""
+        :meth:`write_grouped` for data that come cluster by cluster; chunks are encoded in the
+        same thread pool."""
         if not self.wants_voxels:
             return
         ds = self._datasets[k]
         if self._written or self._filled or block.shape != ds.shape:
             raise ValueError(f"cluster block {block.shape} does not fit {ds.name} {ds.shape}")
-        ds[...] = np.asarray(block, dtype=np.float32)
+        block = np.asarray(block, dtype=np.float32)
+        rows, width = ds.chunks
+        jobs = [((t0, c0), block[t0 : t0 + rows, c0 : c0 + width])
+                for t0 in range(0, block.shape[0], rows)
+                for c0 in range(0, block.shape[1], width)]
+        encoded = _encoder_pool().map(lambda job: _encode_chunk(job[1], (rows, width)), jobs)
+        for (offset, _), payload in zip(jobs, encoded, strict=True):
+            ds.id.write_direct_chunk(offset, payload)
         self._whole.add(k)
 
     def _flush(self) -> None:

@@ -57,6 +57,40 @@ def _options(denoising: Denoising, run: BoldRun) -> CleanOptions:
                         high_pass=denoising.high_pass)
 
 
+#: Values (time points × voxels) cleaned in one call: nilearn's per-call overhead is paid once
+#: per batch of clusters, and memory stays bounded (32 MB of float64).
+BATCH_VALUES = 4_000_000
+
+
+def clean_clusters(blocks: Iterator[np.ndarray], confounds: np.ndarray | None,
+                   sample_mask: np.ndarray | None, options: CleanOptions,
+                   batch: int = BATCH_VALUES) -> Iterator[tuple[int, np.ndarray]]:
+    """Clean each cluster's (T, n) voxel series; yields (cluster index, cleaned (T', n)).
+
+    Clusters are cleaned together, up to ``batch`` values at a time: cleaning is per column,
+    so a batch gives what each cluster alone would."""
+    pending: list[tuple[int, np.ndarray]] = []
+    size = 0
+
+    def flush():
+        cleaned = clean_signals(np.concatenate([b for _, b in pending], axis=1,
+                                               dtype=np.float64),
+                                confounds, sample_mask, options)
+        start = 0
+        for k, b in pending:
+            yield k, cleaned[:, start : start + b.shape[1]]
+            start += b.shape[1]
+
+    for k, block in enumerate(blocks):
+        pending.append((k, block))
+        size += block.size
+        if size >= batch:
+            yield from flush()
+            pending, size = [], 0
+    if pending:
+        yield from flush()
+
+
 def denoised_path(output: Path, desc: str) -> Path:
     """``…_atlas-A_bold.h5`` → ``…_atlas-A_desc-<desc>_bold.h5``."""
     return output.with_name(output.name[: -len("_bold.h5")] + f"_desc-{desc}_bold.h5")
@@ -130,9 +164,8 @@ def write_denoised(path: Path, denoising: Denoising, *,
             scan.write_summary(values)
             if voxels is not None:
                 confounds = kept_confounds[name]
-                for k, block in enumerate(voxels(name)):
-                    scan.write_cluster(k, clean_signals(
-                        block.astype(np.float64), confounds.table, confounds.sample_mask,
-                        _options(denoising, run)))
+                for k, block in clean_clusters(voxels(name), confounds.table,
+                                               confounds.sample_mask, _options(denoising, run)):
+                    scan.write_cluster(k, block)
             scan.check_complete()
     return scans, failed, cleaned
