@@ -203,23 +203,27 @@ def prepare_targets(job: Job, opts: Options | None = None) -> Prepared:
     if job.maps_output is not None:
         records[job.maps_output] = runs
     denoise = {}
+    confounds = confounds_record(job.runs) if opts.denoise else {}  # stat'ed once per job
     for atlas, output in zip(job.atlases, job.outputs, strict=True):
         denoise[output] = []
         for d in opts.denoise:
             path = denoised_path(output, d.desc)
-            records[path] = {"Files": {**records[output]["Files"], **confounds_record(job.runs)},
+            records[path] = {"Files": {**records[output]["Files"], **confounds},
                              "Options": {**records[output]["Options"], **d.parameters()}}
             if _wanted(job, path, opts, records[path], result, atlas, d.desc):
                 denoise[output].append(d)
     todo = []
     for atlas, output in zip(job.atlases, job.outputs, strict=True):
-        if denoise[output] and not opts.overwrite and why_rebuild(output, records[output]) is None:
-            # the means come from the streaming pass: the raw file is rebuilt with them
-            log.warning("rebuilding %s: its denoised file(s) are rebuilt", output)
-            should_build(output, records[output], overwrite=True, kept="")  # drops its sidecar
-            todo.append((atlas, output))
-        elif _wanted(job, output, opts, records[output], result, atlas):
-            todo.append((atlas, output))
+        if not denoise[output]:
+            if _wanted(job, output, opts, records[output], result, atlas):
+                todo.append((atlas, output))
+            continue
+        # the denoised files need the streaming pass's means: the raw file is rebuilt with them
+        reason = None if opts.overwrite else why_rebuild(output, records[output])
+        if reason != "missing" and not opts.overwrite:
+            log.warning("rebuilding %s: %s", output, reason or "its denoised file(s) are rebuilt")
+        should_build(output, records[output], overwrite=True, kept="")  # drops its sidecar
+        todo.append((atlas, output))
     want_maps = job.maps_output is not None and _wanted(job, job.maps_output, opts,
                                                         records[job.maps_output], result)
     if not todo and not want_maps:
