@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 
@@ -20,6 +21,13 @@ __all__ = ["MIN_KEPT_VOLUMES", "STANDARDIZE", "CleanOptions", "clean_signals"]
 MIN_KEPT_VOLUMES: int = 10
 
 STANDARDIZE: tuple[str | None, ...] = ("zscore_sample", "psc", None)
+
+
+@cache
+def _blas():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 @dataclass(frozen=True)
@@ -113,8 +121,12 @@ def clean_signals(signals: np.ndarray, confounds: np.ndarray | None,
             # A parcel whose mean is 0 cannot be expressed in percent: nilearn sets it to 0 and
             # warns, as its masker would; the other warnings (filters) are the caller's to see.
             warnings.filterwarnings("ignore", "psc standardization strategy is meaningless")
-            out[:, good] = clean(
-                signals[:, good], detrend=opts.detrend, standardize=opts.standardize,
-                standardize_confounds=True, confounds=confounds, sample_mask=sample_mask,
-                t_r=opts.t_r, low_pass=opts.low_pass, high_pass=opts.high_pass)
+            # One BLAS thread: the products are small, and OpenBLAS's threads spin against the
+            # streaming threads (a 300 x 36 QR took 0.13 s instead of 0.2 ms on a busy 2-core
+            # machine).
+            with _blas().limit(limits=1, user_api="blas"):
+                out[:, good] = clean(
+                    signals[:, good], detrend=opts.detrend, standardize=opts.standardize,
+                    standardize_confounds=True, confounds=confounds, sample_mask=sample_mask,
+                    t_r=opts.t_r, low_pass=opts.low_pass, high_pass=opts.high_pass)
     return out

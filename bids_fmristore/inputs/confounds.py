@@ -174,15 +174,18 @@ def _read_table(source: Path) -> pd.DataFrame:
 
 def _non_numeric(raw: pd.DataFrame) -> dict[str, tuple[int, str]]:
     """Column → (data row from 0, cell) of its first cell that is neither a number nor n/a/empty."""
+    if raw.empty:
+        return {}
+    # All cells in one pass: pandas costs ~1.5 ms per call, so per-column calls took ~60 ms on a
+    # 40-column table (fMRIPrep writes 80 to several hundred).
+    cells = pd.Series(raw.to_numpy(dtype=object).ravel(order="F")).str.strip()
+    blank = cells.isin(_BLANK).to_numpy()
+    parsed = pd.to_numeric(cells.mask(blank), errors="coerce")
+    wrong = (parsed.isna().to_numpy() & ~blank).reshape(raw.shape, order="F")
     bad = {}
-    for col in raw.columns:
-        cells = raw[col].str.strip()
-        blank = cells.isin(_BLANK)
-        parsed = pd.to_numeric(cells.mask(blank), errors="coerce")
-        wrong = parsed.isna() & ~blank
-        if wrong.any():
-            row = int(np.flatnonzero(wrong.to_numpy())[0])
-            bad[str(col)] = (row, str(raw[col].iloc[row]))
+    for j in np.flatnonzero(wrong.any(axis=0)):
+        row = int(np.flatnonzero(wrong[:, j])[0])
+        bad[str(raw.columns[j])] = (row, str(raw.iloc[row, j]))
     return bad
 
 
