@@ -8,7 +8,12 @@ from confounds_data import N_REAL, TR, long_table, make_run, raw_means
 from nilearn.maskers import NiftiLabelsMasker
 from nilearn.signal import clean
 
-from bids_fmristore.compute.denoise import MIN_KEPT_VOLUMES, CleanOptions, clean_signals
+from bids_fmristore.compute.denoise import (
+    MIN_KEPT_VOLUMES,
+    CleanOptions,
+    clean_signals,
+    clean_voxels,
+)
 from bids_fmristore.inputs.confounds import ConfoundsSpec, load_run_confounds
 
 
@@ -182,11 +187,11 @@ def test_voxel_series_equal_nifti_masker_and_chunks_do_not_matter(long_run):
                          high_pass=opts.high_pass, t_r=opts.t_r)
     ref = masker.fit_transform(bold, confounds=conf.table, sample_mask=conf.sample_mask)
     voxels = NiftiMasker(mask, standardize=None).fit_transform(bold).astype(np.float64)  # raw
-    whole = clean_signals(voxels, conf.table, conf.sample_mask, opts)
+    whole = clean_voxels(voxels, conf.table, conf.sample_mask, opts)
     _assert_same(whole, ref)
     # cleaning is per column: a second pass over voxel chunks gives the same numbers (up to
     # the rounding of blocked matrix products)
-    chunks = [clean_signals(voxels[:, i:i + 37], conf.table, conf.sample_mask, opts)
+    chunks = [clean_voxels(voxels[:, i:i + 37], conf.table, conf.sample_mask, opts)
               for i in range(0, voxels.shape[1], 37)]
     np.testing.assert_allclose(np.hstack(chunks), whole, rtol=1e-10, atol=1e-12)
 
@@ -195,3 +200,35 @@ def test_filter_warnings_reach_the_caller():
     signals = np.random.default_rng(4).normal(size=(40, 2))
     with pytest.warns(UserWarning, match="Nyquist"):
         clean_signals(signals, None, None, CleanOptions(t_r=TR, low_pass=0.4))
+
+
+@pytest.mark.parametrize("spec", SPECS[:3], ids=lambda s: s.label())
+@pytest.mark.parametrize("opts", OPTIONS, ids=range(len(OPTIONS)))
+def test_voxels_equal_nilearn_clean(long_run, spec, opts):
+    """The linear-time voxel cleaning gives signal.clean's numbers (real confounds, censoring
+    with interpolation before filtering, every standardization)."""
+    from nilearn.maskers import NiftiMasker
+
+    bold, _, mask = long_run
+    conf = load_run_confounds(bold, spec, 111)
+    voxels = NiftiMasker(mask, standardize=None).fit_transform(bold).astype(np.float64)
+    voxels[:, :5] += 1e3  # a scale far from the others' (0 mean for psc must not be hit)
+    want = clean(voxels, confounds=conf.table, sample_mask=conf.sample_mask,
+                 detrend=opts.detrend, standardize=opts.standardize, standardize_confounds=True,
+                 t_r=TR, low_pass=opts.low_pass, high_pass=opts.high_pass)
+    _assert_same(clean_voxels(voxels, conf.table, conf.sample_mask, opts), want)
+    np.testing.assert_allclose(clean_voxels(voxels, conf.table, conf.sample_mask, opts), want,
+                               rtol=1e-7, atol=1e-9 * np.abs(want).max())
+
+
+def test_voxels_rank_deficient_confounds_as_nilearn(rng):
+    """A confound repeated (and one all zero) is dropped at nilearn's tolerance, not doubled."""
+    n_t = 60
+    base = rng.normal(size=(n_t, 3))
+    confounds = np.c_[base, base[:, 0] * 2.0, np.zeros(n_t)]
+    signals = rng.normal(10, 2, size=(n_t, 25)) + base @ rng.normal(size=(3, 25))
+    opts = CleanOptions(t_r=TR, detrend=True)
+    want = clean(signals, confounds=confounds, detrend=True, standardize=None,
+                 standardize_confounds=True, t_r=TR)
+    np.testing.assert_allclose(clean_voxels(signals, confounds, None, opts), want,
+                               rtol=1e-8, atol=1e-10)

@@ -14,7 +14,7 @@ from functools import cache
 
 import numpy as np
 
-__all__ = ["MIN_KEPT_VOLUMES", "STANDARDIZE", "CleanOptions", "clean_signals"]
+__all__ = ["MIN_KEPT_VOLUMES", "STANDARDIZE", "CleanOptions", "clean_signals", "clean_voxels"]
 
 #: Fewest kept volumes a run must have after censoring (and it needs more than its regressors):
 #: below this, correlations and filters are meaningless.
@@ -79,8 +79,27 @@ def clean_signals(signals: np.ndarray, confounds: np.ndarray | None,
         Fewer than :data:`MIN_KEPT_VOLUMES` or fewer than C + 1 volumes are kept, bad shapes, or
         a column that is partly NaN.
     """
-    from nilearn.signal import clean
+    return _clean(signals, confounds, sample_mask, opts, _nilearn_clean)
 
+
+def clean_voxels(signals: np.ndarray, confounds: np.ndarray | None,
+                 sample_mask: np.ndarray | None, opts: CleanOptions) -> np.ndarray:
+    """Clean many voxel series as :func:`nilearn.signal.clean` does, in time linear in T.
+
+    ``clean`` removes the confounds with ``Q @ Q.T`` (T × T) times the signals, 2·T²
+    operations per voxel: 36 GFLOP for 200,000 voxels of 300 volumes, 10 times more at
+    T = 1000. Here the same steps run in two ``clean`` calls without confounds (the signals,
+    then the confounds: both are interpolated, detrended, filtered and censored alike) and the
+    projection is applied as ``Q @ (Q.T @ signals)``, 4·T·C operations per voxel. The result
+    equals ``clean``'s to rounding. ``standardize="psc"`` depends on the signals' mean before
+    cleaning, which only ``clean`` itself keeps; it is left to ``clean``.
+
+    Parameters and returns are those of :func:`clean_signals`, with voxels for parcels.
+    """
+    return _clean(signals, confounds, sample_mask, opts, _split_clean)
+
+
+def _clean(signals, confounds, sample_mask, opts: CleanOptions, cleaner) -> np.ndarray:
     signals = np.asarray(signals, dtype=np.float64)
     if signals.ndim != 2:
         raise ValueError(f"signals must be (T, K), got shape {signals.shape}")
@@ -114,8 +133,8 @@ def clean_signals(signals: np.ndarray, confounds: np.ndarray | None,
     partly = nan_cols & ~np.isnan(signals).all(axis=0)
     if partly.any():
         raise ValueError(f"columns {np.flatnonzero(partly).tolist()} are partly NaN")
-    out = np.full((n_kept, n_cols), np.nan)
     good = ~nan_cols
+    out = None if good.all() else np.full((n_kept, n_cols), np.nan)
     if good.any():
         with warnings.catch_warnings():
             # A parcel whose mean is 0 cannot be expressed in percent: nilearn sets it to 0 and
@@ -125,8 +144,38 @@ def clean_signals(signals: np.ndarray, confounds: np.ndarray | None,
             # streaming threads (a 300 x 36 QR took 0.13 s instead of 0.2 ms on a busy 2-core
             # machine).
             with _blas().limit(limits=1, user_api="blas"):
-                out[:, good] = clean(
-                    signals[:, good], detrend=opts.detrend, standardize=opts.standardize,
-                    standardize_confounds=True, confounds=confounds, sample_mask=sample_mask,
-                    t_r=opts.t_r, low_pass=opts.low_pass, high_pass=opts.high_pass)
+                if out is None:  # no copy of a batch of voxels
+                    return cleaner(signals, confounds, sample_mask, opts)
+                out[:, good] = cleaner(signals[:, good], confounds, sample_mask, opts)
     return out
+
+
+def _nilearn_clean(signals, confounds, sample_mask, opts: CleanOptions) -> np.ndarray:
+    from nilearn.signal import clean
+
+    return clean(signals, detrend=opts.detrend, standardize=opts.standardize,
+                 standardize_confounds=True, confounds=confounds, sample_mask=sample_mask,
+                 t_r=opts.t_r, low_pass=opts.low_pass, high_pass=opts.high_pass)
+
+
+def _split_clean(signals, confounds, sample_mask, opts: CleanOptions) -> np.ndarray:
+    if confounds is None or opts.standardize == "psc":
+        return _nilearn_clean(signals, confounds, sample_mask, opts)
+    from nilearn.signal import clean, standardize_signal
+    from scipy import linalg
+
+    def steps(x):  # every step ``clean`` takes before removing the confounds
+        return clean(x, detrend=opts.detrend, standardize=None, confounds=None,
+                     sample_mask=None if sample_mask is None else sample_mask.copy(),
+                     t_r=opts.t_r, low_pass=opts.low_pass, high_pass=opts.high_pass)
+
+    cleaned = steps(signals)
+    regressors = standardize_signal(steps(confounds), standardize="zscore_sample",
+                                    detrend=False)
+    # As ``clean``: pivoted QR, columns of a rank-deficient set dropped at the same tolerance.
+    q, r, _ = linalg.qr(regressors, mode="economic", pivoting=True)
+    q = q[:, np.abs(np.diag(r)) > np.finfo(np.float64).eps * 100.0]
+    cleaned -= q @ (q.T @ cleaned)
+    if opts.standardize is None:
+        return cleaned
+    return standardize_signal(cleaned, standardize=opts.standardize, detrend=False)

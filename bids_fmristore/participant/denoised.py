@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_fmristore.compute.denoise import CleanOptions, clean_signals
+from bids_fmristore.compute.denoise import CleanOptions, clean_signals, clean_voxels
 from bids_fmristore.errors import RunError
 from bids_fmristore.formats.multiscan_writer import MultiScanWriter
 from bids_fmristore.inputs.confounds import ConfoundsSpec, confounds_path, load_run_confounds
@@ -73,9 +73,9 @@ def clean_clusters(blocks: Iterator[np.ndarray], confounds: np.ndarray | None,
     size = 0
 
     def flush():
-        cleaned = clean_signals(np.concatenate([b for _, b in pending], axis=1,
-                                               dtype=np.float64),
-                                confounds, sample_mask, options)
+        cleaned = clean_voxels(np.concatenate([b for _, b in pending], axis=1,
+                                              dtype=np.float64),
+                               confounds, sample_mask, options)
         start = 0
         for k, b in pending:
             yield k, cleaned[:, start : start + b.shape[1]]
