@@ -225,7 +225,7 @@ def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
                     overwrite=True) as w:
                 scan = w.add_scan("run", info.shape[3], {"TR": 2.0})
                 scan.write_summary(clean_signals(means, confounds.table, None, opts))
-                blocks = (raw.cluster_series("run", cid) for cid in layout.cluster_ids)
+                blocks = raw.iter_cluster_series("run", layout.cluster_ids)
                 for k, block in clean_clusters(blocks, confounds.table, None, opts):
                     scan.write_cluster(k, block)
     elif mode == "nilearn":

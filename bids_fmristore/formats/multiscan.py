@@ -13,6 +13,8 @@ written by fmristore itself; :mod:`bids_fmristore.formats.multiscan_writer` writ
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from bids_fmristore.errors import FormatError
+from bids_fmristore.formats._chunks import read_float32, start_read
 from bids_fmristore.formats._h5 import (
     H5Reader,
     decode,
@@ -294,7 +297,32 @@ class ParcellatedMultiScan(H5Reader):
             raise ValueError(f"{self.path.name}: scan {name!r} has no voxel data")
         ds = self._cluster(group, name, int(cid))
         with self._reading(ds.name):
-            return ds[()]
+            return read_float32(ds)
+
+    def iter_cluster_series(self, name: str, cids: Iterable[int], *,
+                            ahead: int = 4_000_000) -> Iterator[np.ndarray]:
+        """:meth:`cluster_series` of each of ``cids`` in turn, the next clusters (up to
+        ``ahead`` values) inflated in the coding threads while the caller works on one."""
+        group = self._scan(name)
+        if "clusters" not in group:
+            raise ValueError(f"{self.path.name}: scan {name!r} has no voxel data")
+        pending: deque = deque()
+        waiting = 0
+        for cid in cids:
+            ds = self._cluster(group, name, int(cid))
+            with self._reading(ds.name):
+                pending.append((ds.name, ds.size, start_read(ds)))
+            waiting += ds.size
+            while waiting > ahead:
+                waiting -= pending[0][1]
+                yield self._result(pending.popleft())
+        while pending:
+            yield self._result(pending.popleft())
+
+    def _result(self, item) -> np.ndarray:
+        where, _, result = item
+        with self._reading(where):
+            return result()
 
     def _within_cluster_rank(self) -> np.ndarray:
         if self._rank is None:

@@ -7,15 +7,14 @@ in a thread pool and stored with ``write_direct_chunk``.
 
 from __future__ import annotations
 
-import os
-import zlib
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from bids_fmristore.atomic import atomic_path
+from bids_fmristore.formats._chunks import encode_chunk, pool
 from bids_fmristore.formats._h5 import (
     write_metadata_value,
 )
@@ -34,40 +33,14 @@ from bids_fmristore.formats.multiscan import (
     Store,
 )
 
-try:
-    from isal.isal_zlib import compress as _deflate
-except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same format
-    _deflate = zlib.compress
-
 __all__ = ["MultiScanWriter", "ScanWriter", "TIME_CHUNK", "VOXEL_CHUNK"]
 
 #: HDF5 chunk of a voxel block: 128 time points x 1024 voxels, as fmristore's writer.
 TIME_CHUNK = 128
 VOXEL_CHUNK = 1024
+#: Values of whole-cluster writes (float32) that may wait for their encoding: 16 MB.
+PENDING_VALUES = 4_000_000
 _GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
-#: Deflate level of direct chunks: isal's level 1 compresses like zlib's 4, ~10x faster.
-_DIRECT_LEVEL = 1
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _encoder_pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
-                                   thread_name_prefix="bids_fmristore-deflate")
-    return _POOL
-
-
-def _encode_chunk(block: np.ndarray, chunk: tuple[int, int]) -> bytes:
-    """HDF5 shuffle then deflate (zlib format) of one float32 chunk, zero-padded at the edges.
-
-    The shuffle filter stores byte ``j`` of every element, in C order, as plane ``j``; the
-    planes are filled in one strided copy straight from the (possibly non-contiguous) block.
-    """
-    rows, width = block.shape
-    planes = np.zeros((4, *chunk), dtype=np.uint8)
-    planes[:, :rows, :width] = block.view(np.uint8).reshape(rows, width, 4).transpose(2, 0, 1)
-    return _deflate(planes, _DIRECT_LEVEL)
 
 
 class MultiScanWriter:
@@ -117,6 +90,7 @@ class MultiScanWriter:
         self._attrs = dict(attrs or {})
         self._overwrite = overwrite
         self._trs: list[float] = []
+        self._scans: list[ScanWriter] = []
         self._file: h5py.File | None = None
 
     def __enter__(self) -> MultiScanWriter:
@@ -176,6 +150,8 @@ class MultiScanWriter:
         scans.attrs["summary_only"] = np.bool_(self.store == "summary")
 
     def _finish(self) -> None:
+        for scan in self._scans:  # chunks still being encoded belong in the file
+            scan.store_pending()
         n_scans = len(self._file["scans"])
         self._file["header/dim"][4] = n_scans
         if self._trs and np.allclose(self._trs, self._trs[0]):
@@ -205,7 +181,9 @@ class MultiScanWriter:
         tr = (metadata or {}).get("TR")
         if tr:
             self._trs.append(float(tr))
-        return ScanWriter(group, self.layout, int(n_time), self.store)
+        scan = ScanWriter(group, self.layout, int(n_time), self.store)
+        self._scans.append(scan)
+        return scan
 
     def copy_scan(self, source: str | Path, name: str) -> None:
         """Copy ``/scans/<name>`` from another file written with the same layout.
@@ -224,6 +202,9 @@ class MultiScanWriter:
     def discard_scan(self, name: str) -> None:
         """Remove a scan whose data could not be completed (its TR no longer counts)."""
         group = self._file["scans"][name]
+        for scan in [s for s in self._scans if s.group_name == group.name]:
+            scan.drop_pending()
+            self._scans.remove(scan)
         tr = group.get("metadata/TR")
         if tr is not None and float(tr[()]) in self._trs:
             self._trs.remove(float(tr[()]))
@@ -260,6 +241,8 @@ class ScanWriter:
         self._buffer: np.ndarray | None = None
         self._filled = 0
         self._whole: set[int] = set()
+        self._pending: deque = deque()  # (dataset, offset, values, future of the bytes)
+        self._pending_values = 0
 
     def write_voxels(self, block: np.ndarray) -> None:
         """Append time points: ``block`` shape (k, N), mask order, the next k volumes."""
@@ -290,8 +273,11 @@ class ScanWriter:
     def write_cluster(self, k: int, block: np.ndarray) -> None:
         """Store the whole series of the ``k``-th cluster (ascending id) at once: ``block``
         shape (T, n_k), mask order within the cluster. An alternative to the time blocks of
-        :meth:`write_grouped` for data that come cluster by cluster; chunks are encoded in the
-        same thread pool."""
+        :meth:`write_grouped` for data that come cluster by cluster.
+
+        Chunks are encoded in the thread pool while the caller goes on (the next cluster is
+        computed meanwhile); at most :data:`PENDING_VALUES` values wait to be stored, and
+        :meth:`check_complete` stores the rest."""
         if not self.wants_voxels:
             return
         ds = self._datasets[k]
@@ -299,13 +285,33 @@ class ScanWriter:
             raise ValueError(f"cluster block {block.shape} does not fit {ds.name} {ds.shape}")
         block = np.asarray(block, dtype=np.float32)
         rows, width = ds.chunks
-        jobs = [((t0, c0), block[t0 : t0 + rows, c0 : c0 + width])
-                for t0 in range(0, block.shape[0], rows)
-                for c0 in range(0, block.shape[1], width)]
-        encoded = _encoder_pool().map(lambda job: _encode_chunk(job[1], (rows, width)), jobs)
-        for (offset, _), payload in zip(jobs, encoded, strict=True):
-            ds.id.write_direct_chunk(offset, payload)
+        for t0 in range(0, block.shape[0], rows):
+            for c0 in range(0, block.shape[1], width):
+                part = block[t0 : t0 + rows, c0 : c0 + width]
+                self._pending.append((ds, (t0, c0), part.size,
+                                      pool().submit(encode_chunk, part, (rows, width))))
+                self._pending_values += part.size
         self._whole.add(k)
+        self.store_pending(PENDING_VALUES)
+
+    @property
+    def group_name(self) -> str:
+        """HDF5 path of the scan group."""
+        return self._group.name
+
+    def drop_pending(self) -> None:
+        """Forget the chunks still being encoded (the scan is being discarded)."""
+        for *_, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._pending_values = 0
+
+    def store_pending(self, keep: int = 0) -> None:
+        """Store encoded chunks, oldest first, until at most ``keep`` values wait."""
+        while self._pending and self._pending_values > keep:
+            ds, offset, size, future = self._pending.popleft()
+            ds.id.write_direct_chunk(offset, future.result())
+            self._pending_values -= size
 
     def _flush(self) -> None:
         """Encode the buffered time chunk of every cluster and store it as direct chunks."""
@@ -318,7 +324,7 @@ class ScanWriter:
             width = ds.chunks[1]
             for c0 in range(0, block.shape[1], width):
                 jobs.append((ds, (t0, c0), block[:, c0 : c0 + width], (self._chunk_t, width)))
-        encoded = _encoder_pool().map(lambda job: _encode_chunk(job[2], job[3]), jobs)
+        encoded = pool().map(lambda job: encode_chunk(job[2], job[3]), jobs)
         for (ds, offset, _, _), payload in zip(jobs, encoded, strict=True):
             ds.id.write_direct_chunk(offset, payload)
         self._written += rows
@@ -341,7 +347,8 @@ class ScanWriter:
         self._summary_written = True
 
     def check_complete(self) -> None:
-        """Raise if fewer time points than announced were written."""
+        """Store what is pending; raise if fewer time points than announced were written."""
+        self.store_pending()
         by_cluster = len(self._whole) == len(self._datasets)
         if self.wants_voxels and not by_cluster and self._written + self._filled != self.n_time:
             raise RuntimeError(f"{self._group.name}: {self._written} of {self.n_time} volumes")

@@ -423,8 +423,7 @@ def _finish_denoised(prep: Prepared, target: Target, index: int, denoising: Deno
     raw = ParcellatedMultiScan(target.output) if with_voxels else None
 
     def voxels(name: str):
-        for cid in target.layout.cluster_ids:
-            yield raw.cluster_series(name, cid)
+        return raw.iter_cluster_series(name, target.layout.cluster_ids)
 
     try:
         scans, failed, cleaned = write_denoised(

@@ -1,0 +1,102 @@
+"""Direct-chunk coding (formats._chunks) equals HDF5's own shuffle + deflate filters."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from bids_fmristore.errors import FormatError
+from bids_fmristore.formats._chunks import encode_chunk, read_float32, start_read
+from bids_fmristore.formats.header import Geometry
+from bids_fmristore.formats.multiscan import ClusterLayout, ParcellatedMultiScan
+from bids_fmristore.formats.multiscan_writer import MultiScanWriter
+
+
+@pytest.mark.parametrize("shape, chunks", [((300, 2500), (128, 1024)), ((7, 3), (7, 3)),
+                                           ((129, 1), (128, 1))])
+def test_read_equals_hdf5_filters(tmp_path, rng, shape, chunks):
+    data = rng.normal(size=shape).astype(np.float32)
+    with h5py.File(tmp_path / "f.h5", "w") as f:  # written by HDF5's filters, not ours
+        f.create_dataset("x", data=data, chunks=chunks, compression="gzip", shuffle=True)
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        got = read_float32(f["x"])
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, data)
+
+
+@pytest.mark.parametrize("kwargs", [{"compression": "gzip"},  # no shuffle
+                                    {"compression": "lzf", "shuffle": True},
+                                    {},  # contiguous
+                                    {"compression": "gzip", "shuffle": True, "dtype": "f8"}])
+def test_other_layouts_read_through_hdf5(tmp_path, rng, kwargs):
+    data = rng.normal(size=(50, 40))
+    dtype = kwargs.pop("dtype", "f4")
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset("x", data=data.astype(dtype), **kwargs,
+                         **({"chunks": (16, 16)} if kwargs else {}))
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        np.testing.assert_array_equal(read_float32(f["x"]), data.astype(dtype))
+
+
+def test_encoded_chunks_decode_with_hdf5(tmp_path, rng):
+    data = rng.normal(size=(200, 1500)).astype(np.float32)
+    rows, width = 128, 1024
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        ds = f.create_dataset("x", shape=data.shape, dtype="f4", chunks=(rows, width),
+                              compression="gzip", shuffle=True)
+        for t0 in range(0, 200, rows):
+            for c0 in range(0, 1500, width):
+                part = data[t0 : t0 + rows, c0 : c0 + width]
+                ds.id.write_direct_chunk((t0, c0), encode_chunk(part, (rows, width)))
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        np.testing.assert_array_equal(f["x"][()], data)  # HDF5's filters decode them
+
+
+def test_damaged_chunk(tmp_path, rng):
+    mask = np.ones((4, 3, 2), bool)
+    layout = ClusterLayout(mask, np.repeat([1, 2], 12))
+    geometry = Geometry(mask.shape, np.eye(4))
+    path = tmp_path / "f.h5"
+    with MultiScanWriter(path, geometry=geometry, layout=layout, store="full") as w:
+        scan = w.add_scan("run", 20)
+        scan.write_voxels(rng.normal(size=(20, 24)))
+        scan.check_complete()
+    with h5py.File(path, "r+") as f:
+        f["scans/run/clusters/cluster_2"].id.write_direct_chunk((0, 0), b"not deflate")
+    with h5py.File(path, "r") as f:
+        with pytest.raises(ValueError, match="damaged chunk"):
+            start_read(f["scans/run/clusters/cluster_2"])()
+    with ParcellatedMultiScan(path) as f:
+        assert f.cluster_series("run", 1).shape == (20, 12)
+        with pytest.raises(FormatError, match="f.h5: cannot read .*cluster_2"):
+            list(f.iter_cluster_series("run", [1, 2]))
+
+
+def test_whole_cluster_writes_wait_for_nothing_lost(tmp_path, rng):
+    """Writes of whole clusters are encoded behind the caller's back: every one is in the file
+    (read by h5py), including those still pending at check_complete; a discarded scan's are
+    not written anywhere."""
+    mask = np.ones((10, 10, 6), bool)
+    ids = np.repeat(np.arange(1, 7), 100)
+    layout = ClusterLayout(mask, ids)
+    geometry = Geometry(mask.shape, np.eye(4))
+    series = [rng.normal(size=(150, 100)).astype(np.float32) for _ in range(6)]
+    path = tmp_path / "f.h5"
+    with MultiScanWriter(path, geometry=geometry, layout=layout, store="both") as w:
+        gone = w.add_scan("gone", 150)
+        gone.write_cluster(0, series[0])
+        w.discard_scan("gone")
+        scan = w.add_scan("run", 150)
+        for k, block in enumerate(series):
+            scan.write_cluster(k, block)
+        scan.write_summary(np.zeros((150, 6)))
+        scan.check_complete()
+    with h5py.File(path, "r") as f:
+        assert list(f["scans"]) == ["run"]
+        for k, block in enumerate(series):
+            np.testing.assert_array_equal(f[f"scans/run/clusters/cluster_{k + 1}"][()], block)
+    with ParcellatedMultiScan(path) as f:
+        for block, got in zip(series, f.iter_cluster_series("run", range(1, 7), ahead=1),
+                              strict=True):
+            np.testing.assert_array_equal(got, block)
