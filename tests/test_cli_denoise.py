@@ -210,3 +210,36 @@ def test_denoised_voxel_series_equal_signal_clean(tmp_path, rng, capsys, flags):
         assert den.scan_kind(scan) in ("full", "summary") and den.has_voxels(scan)
     assert got.shape == want.shape and got.shape[0] < N_T or sample_mask is None
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_every_volume_censored_and_none_censored(tmp_path, rng, capsys):
+    """Scrubbing that censors every volume of sub-02 reports that run, exit 5, and writes no
+    denoised file for it; sub-01, where nothing is censored, keeps all N_T volumes."""
+    ds = dataset(tmp_path, rng)
+    for sub, fd in (("01", 0.01), ("02", 5.0)):
+        path = ds["bolds"][sub].parent / f"{STEM.format(sub=sub)}_desc-confounds_timeseries.tsv"
+        table = pd.read_csv(path, sep="\t")
+        table["framewise_displacement"] = fd
+        table["non_steady_state_outlier00"] = 0.0
+        # the table repeats nilearn's, whose first row of derivatives is n/a: with no volume
+        # left out, only the run's own first row may be
+        table.iloc[1:] = table.iloc[1:].fillna(0.0)
+        table.to_csv(path, sep="\t", index=False, na_rep="n/a")
+    flags = ["--denoise", "scrubbing", "--fd-threshold", "0.5", "--std-dvars-threshold", "100"]
+    assert main(argv(ds, *flags)) == 5
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "sub-02" in errors[0] and "0 of 120 volumes kept" in errors[0], err
+    assert "Traceback" not in err
+    assert out(ds, "02").exists() and not out(ds, "02", "denoised").exists()
+    want, sample_mask = nilearn_reference(ds, "01", "scrubbing", {"fd_threshold": 0.5,
+                                                                  "std_dvars_threshold": 100})
+    assert sample_mask is None or len(sample_mask) == N_T
+    with bids_fmristore.open(out(ds, "01", "denoised")) as f:
+        (scan,) = f.scan_names
+        meta = f.scan_metadata(scan)
+        got = f.summary(scan).to_numpy()
+    assert got.shape == (N_T, want.shape[1])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_array_equal(np.asarray(meta["kept_volumes"]).ravel(), np.arange(N_T))
+    assert int(np.asarray(meta["n_censored"])) == 0
