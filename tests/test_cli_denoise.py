@@ -128,14 +128,41 @@ def test_two_strategies_two_files_and_rerun_keeps_them(tmp_path, rng, capsys):
     assert f"rebuilding {out(ds, '01', 'simple')}: it was written with Detrend=False" in err
 
 
-def test_missing_confounds_fail_only_the_denoised_file(tmp_path, rng, capsys):
+def _drop_file(path: Path) -> None:
+    path.unlink()
+
+
+def _edit(change):
+    def edit(path: Path) -> None:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        change(table).to_csv(path, sep="\t", index=False)
+    return edit
+
+
+def _bad_cell(table):
+    table.loc[7, "csf"] = "1,5"
+    return table
+
+
+BAD_CONFOUNDS = {
+    "missing-file": (_drop_file, "no confounds file"),
+    "missing-column": (_edit(lambda t: t.drop(columns=["csf"])), "missing confounds column"),
+    "non-numeric": (_edit(_bad_cell),
+                    "non-numeric cells in column(s) csf (first: '1,5' on line 9)"),
+    "row-count": (_edit(lambda t: t.iloc[:-3]), "117 rows but the BOLD run has 120 volumes"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_CONFOUNDS)
+def test_bad_confounds_fail_only_the_denoised_file(tmp_path, rng, capsys, bad):
     ds = dataset(tmp_path, rng)
     confounds = ds["bolds"]["02"].parent / "sub-02_task-rest_run-01_desc-confounds_timeseries.tsv"
-    confounds.unlink()
+    damage, message = BAD_CONFOUNDS[bad]
+    damage(confounds)
     assert main(argv(ds, "--denoise", "simple")) == 5
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "ERROR" in line]
-    assert len(errors) == 1 and confounds.name in errors[0], err
+    assert len(errors) == 1 and f"{confounds}: {message}" in errors[0], err
     assert "Traceback" not in err
     assert out(ds, "01", "denoised").exists() and out(ds, "02").exists()
     assert not out(ds, "02", "denoised").exists()
