@@ -18,6 +18,10 @@ module imports excluded, reading the atlas and mask included), the peak RSS of t
                 --denoise simple does (synthetic confounds with fMRIPrep's column names)
     (f) h5-denoise (c), then its denoised companion with voxel series (a second pass over the
                 written file, one cluster at a time), as --denoise simple --store both does
+    (g) floor4  bare isal decompression of the same BOLD 4 times
+    (h) cli-means  the whole command (``python -m bids_fmristore ... participant --store
+                summary``) on one subject with 4 such runs, timed from outside its process
+    (i) cli-full   the same with ``--store both`` (see bench/command.py)
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import command  # noqa: E402  (bench/command.py, beside this file)
+
 HERE = Path(__file__).resolve().parent
 SHAPE = (97, 115, 97)
 CASES = {
@@ -43,10 +50,12 @@ CASES = {
     "i16-T300-L400": ("int16", 300, 400),
     "f32-T1000-L400": ("float32", 1000, 400),
 }
-MODES = ("floor", "means", "h5", "nilearn", "denoise", "h5-denoise")
+MODES = ("floor", "means", "h5", "nilearn", "denoise", "h5-denoise", "floor4", "cli-means",
+         "cli-full")
 #: (label, numerator, denominator) of the ratios printed, letters as in the docstring
 RATIOS = (("b/a", "means", "floor"), ("c/a", "h5", "floor"), ("d/b", "nilearn", "means"),
-          ("e/b", "denoise", "means"), ("f/c", "h5-denoise", "h5"))
+          ("e/b", "denoise", "means"), ("f/c", "h5-denoise", "h5"), ("h/g", "cli-means", "floor4"),
+          ("i/g", "cli-full", "floor4"))
 
 
 def mni_affine() -> np.ndarray:
@@ -168,7 +177,9 @@ def fmriprep_named(bold: Path) -> Path:
 
 # -- measured work (run in a child process) --------------------------------------------------
 def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
-    if mode == "floor":
+    if mode == "floor4":
+        command.floor(bold)
+    elif mode == "floor":
         from isal import igzip
 
         buf = bytearray(4 << 20)  # the fastest read size for isal here (see nifti_stream)
@@ -237,7 +248,7 @@ def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
 
 def import_modules(mode: str) -> None:
     """Import what a mode uses before the clock starts: start-up is not what is compared."""
-    if mode == "floor":
+    if mode in ("floor", "floor4"):
         import isal.igzip  # noqa: F401
     elif mode in ("means", "h5", "denoise", "h5-denoise"):
         import nibabel  # noqa: F401
@@ -281,6 +292,9 @@ def peak_rss_mb() -> float:
 
 
 def measure(mode: str, paths, out_dir: Path) -> dict:
+    if mode.startswith("cli-"):
+        ds = command.make_dataset(*paths, out_dir.parent / f"e2e-{paths[0].name.split('.')[0]}")
+        return command.run_command(ds, out_dir / mode, "summary" if mode == "cli-means" else "both")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run(
         [sys.executable, __file__, "--child", mode, *map(str, paths), str(out_dir)],

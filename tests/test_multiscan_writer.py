@@ -70,3 +70,28 @@ def test_read_ahead_stops_cleanly_and_reports_errors(tmp_path, rng):
     with pytest.raises(RunError, match="r.nii.gz: truncated or damaged"):
         for _ in iter_volumes(info, 3):  # the header was read before the damage
             pass
+
+
+def test_memory_does_not_grow_with_the_scans_of_a_file(tmp_path, rng):
+    """Each scan buffers one time chunk of every voxel (here 128 x 20,000 float32 = 10 MB);
+    a file of several scans must not keep the finished scans' buffers."""
+    import tracemalloc
+
+    mask = np.ones((40, 50, 10), bool)
+    layout = ClusterLayout(mask, rng.integers(1, 30, size=int(mask.sum())))
+    geometry = Geometry(mask.shape, np.eye(4))
+    block = rng.normal(size=(10, int(mask.sum()))).astype(np.float32)
+    tracemalloc.start()
+    try:
+        with MultiScanWriter(tmp_path / "f.h5", geometry=geometry, layout=layout,
+                             store="full") as w:
+            for i in range(4):
+                scan = w.add_scan(f"run{i}", 130)
+                for _ in range(13):
+                    scan.write_voxels(block)
+                scan.check_complete()
+                del scan
+                current, _ = tracemalloc.get_traced_memory()
+                assert current < 15e6, f"{current / 1e6:.0f} MB held after scan {i + 1}"
+    finally:
+        tracemalloc.stop()

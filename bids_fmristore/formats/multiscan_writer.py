@@ -182,7 +182,7 @@ class MultiScanWriter:
         if tr:
             self._trs.append(float(tr))
         scan = ScanWriter(group, self.layout, int(n_time), self.store)
-        self._scans.append(scan)
+        self._scans = [s for s in self._scans if s.pending] + [scan]
         return scan
 
     def copy_scan(self, source: str | Path, name: str) -> None:
@@ -295,6 +295,11 @@ class ScanWriter:
         self.store_pending(PENDING_VALUES)
 
     @property
+    def pending(self) -> int:
+        """Values whose chunks are still being encoded."""
+        return self._pending_values
+
+    @property
     def group_name(self) -> str:
         """HDF5 path of the scan group."""
         return self._group.name
@@ -329,6 +334,8 @@ class ScanWriter:
             ds.id.write_direct_chunk(offset, payload)
         self._written += rows
         self._filled = 0
+        if self._written == self.n_time:
+            self._buffer = None  # 118 MB at 2 mm; the writer may outlive the scan
 
     def write_summary(self, summary: np.ndarray) -> None:
         """Store the (T, K) summary, columns in ascending cluster id order."""
