@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bids_fmristore.compute.moments import VoxelMoments
 from bids_fmristore.errors import RunError
 from bids_fmristore.inputs.nifti_stream import NiftiInfo, iter_volumes
 
@@ -77,56 +78,6 @@ class Parcels:
             return np.zeros((grouped_block.shape[0], 0))
         with np.errstate(invalid="ignore"):  # Inf - Inf in one parcel: handled by the caller
             return np.add.reduceat(grouped_block, self._starts, axis=1, dtype=np.float64)
-
-
-class VoxelMoments:
-    """Temporal mean, standard deviation and tSNR of chosen voxels, block by block.
-
-    Sums are taken in float64 on stored values shifted by the first volume (so that large
-    baselines do not cancel the variance), and scaled at the end.
-
-    Parameters
-    ----------
-    voxels : ndarray of int, shape (N,)
-        Flat indices (x fastest) of the voxels to follow.
-    """
-
-    def __init__(self, voxels: np.ndarray) -> None:
-        self.voxels = voxels
-        self._shift: np.ndarray | None = None
-        self._sum = np.zeros(voxels.size)
-        self._sumsq = np.zeros(voxels.size)
-        self.n = 0
-
-    def update(self, block: np.ndarray) -> None:
-        """Add a block ``(k, n_vox)`` of stored (unscaled) volumes."""
-        values = np.take(block, self.voxels, axis=1).astype(np.float64)
-        if self._shift is None:
-            self._shift = values[0].copy()
-        with np.errstate(invalid="ignore"):  # Inf - Inf: a NaN voxel, as it should be
-            values -= self._shift
-        self._sum += values.sum(axis=0)
-        self._sumsq += np.einsum("ij,ij->j", values, values)
-        self.n += values.shape[0]
-
-    def result(self, slope: float = 1.0, inter: float = 0.0) -> dict[str, np.ndarray]:
-        """``mean``, ``std`` (population, ddof=0, as fMRIPrep's tSNR) and ``tsnr`` (N,).
-
-        tSNR is NaN where the standard deviation is 0.
-        """
-        if self.n == 0:
-            raise ValueError("no volume was added")
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # NaN/Inf voxels
-            centred = self._sum / self.n
-            var = np.maximum(self._sumsq / self.n - centred**2, 0.0)
-            mean = (centred + self._shift) * slope + inter
-            std = np.sqrt(var) * abs(slope)
-            tsnr = np.where(std > 0, mean / np.where(std > 0, std, 1.0), np.nan)
-        return {"mean": mean, "std": std, "tsnr": tsnr}
-
-    def nonfinite(self) -> np.ndarray:
-        """Which voxels (N,) had a NaN or Inf value in at least one of the volumes added."""
-        return ~np.isfinite(self._sum)
 
 
 class RunMeans(list):
@@ -220,21 +171,28 @@ def parcellate_run(
     means = RunMeans(np.empty((n_t, p.ids.size)) for p in parcels)
     slope, inter = np.float32(info.slope), np.float32(info.inter)
     finite = _Finite(parcels) if info.dtype.kind == "f" else None
+    # The first target's voxels lead the moments' gather: one gather serves both.
+    lead = bool(parcels) and moments is not None and moments.lead_with(parcels[0].grouped)
     for t0, block in iter_volumes(info, per_chunk):
         t1 = t0 + block.shape[0]
+        gathered = None
         if moments is not None:
-            moments.update(block)
-        for p, out, sink in zip(parcels, means, sinks, strict=True):
+            gathered = np.take(block, moments.gather, axis=1)
+            moments.add(gathered)
+        for i, (p, out, sink) in enumerate(zip(parcels, means, sinks, strict=True)):
             # One gather serves the means and the voxel output.
-            values = np.take(block, p.grouped, axis=1)
+            values = (gathered[:, : p.grouped.size] if lead and i == 0
+                      else np.take(block, p.grouped, axis=1))
             out[t0:t1] = p.sums(values)
             if finite is not None:
                 finite.check(p, values, out[t0:t1])
             if sink is not None:
-                values = values.astype(np.float32, copy=False)
-                if info.scaled:
+                if info.scaled:  # a new array: ``values`` may be a view of the moments' data
+                    values = values.astype(np.float32)
                     values *= slope
                     values += inter
+                else:
+                    values = values.astype(np.float32, copy=False)
                 sink(t0, values)
         if progress is not None:
             progress(t1)
