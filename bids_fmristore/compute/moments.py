@@ -40,15 +40,18 @@ class VoxelMoments:
         """Order :attr:`gather` as ``first`` then the other voxels, so that a caller who needs
         ``first`` gathers once for both. Returns False (nothing changed) unless ``first`` are
         distinct voxels of :attr:`voxels` and no block was added yet."""
-        if self.n or first.size > self.voxels.size:
+        if self.n or first.size > self.voxels.size or not first.size or not self.voxels.size:
             return False
-        pos = np.searchsorted(self.voxels, first)
-        if (pos >= self.voxels.size).any() or (self.voxels[np.minimum(
-                pos, self.voxels.size - 1)] != first).any() or np.unique(pos).size != pos.size:
+        # position of each voxel through a table over the grid: O(N), where searchsorted and
+        # np.unique took 0.6 s for 200,000 voxels
+        table = np.full(max(int(self.voxels.max()), int(first.max())) + 1, -1, dtype=np.int64)
+        table[self.voxels] = np.arange(self.voxels.size)
+        pos = table[first]
+        hit = np.zeros(self.voxels.size, dtype=bool)
+        hit[pos[pos >= 0]] = True
+        if (pos < 0).any() or int(hit.sum()) != pos.size:  # not all followed, or repeated
             return False
-        rest = np.ones(self.voxels.size, dtype=bool)
-        rest[pos] = False
-        order = np.concatenate([pos, np.flatnonzero(rest)])
+        order = np.concatenate([pos, np.flatnonzero(~hit)])
         self.gather = self.voxels[order]
         self._back = np.empty_like(order)
         self._back[order] = np.arange(order.size)
