@@ -20,6 +20,7 @@ import numpy as np
 
 from bids_fmristore.atomic import atomic_path
 from bids_fmristore.errors import FormatError
+from bids_fmristore.formats._chunks import encode_chunk, pool
 from bids_fmristore.formats._h5 import H5Reader
 from bids_fmristore.formats.header import (
     Geometry,
@@ -237,15 +238,24 @@ def write_labeled(
             if count > len(names):
                 raise ValueError(f"more volumes than the {len(names)} labels")
             vec = _masked(np.asarray(volume), mask.shape, order, labels[count - 1])
-            data.create_dataset(
-                names[count - 1],
-                data=vec.astype(dtype, copy=False),
-                chunks=(min(1024, n),),
-                **_GZIP,
-            )
+            _write_vector(data, names[count - 1], vec.astype(dtype, copy=False), min(1024, n))
         if count != len(names):
             raise ValueError(f"got {count} volumes for {len(names)} labels")
     return Path(path)
+
+
+def _write_vector(group: h5py.Group, name: str, vec: np.ndarray, chunk: int) -> None:
+    """One volume's (N,) vector, shuffled and deflated; float32 chunks are encoded in the
+    coding threads (HDF5's filters, one 4 KB chunk at a time, took 0.7 s for 15 maps)."""
+    ds = group.create_dataset(name, shape=vec.shape, dtype=vec.dtype, chunks=(chunk,), **_GZIP)
+    if vec.dtype != np.float32:
+        ds[...] = vec
+        return
+    rows = vec.reshape(1, -1)
+    offsets = range(0, vec.size, chunk)
+    encoded = pool().map(lambda c0: encode_chunk(rows[:, c0 : c0 + chunk], (1, chunk)), offsets)
+    for c0, payload in zip(offsets, encoded, strict=True):
+        ds.id.write_direct_chunk((c0,), payload)
 
 
 def _dataset_names(labels: list[str]) -> list[str]:
