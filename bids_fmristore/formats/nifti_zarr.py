@@ -39,8 +39,8 @@ __all__ = ["CHUNK", "atomic_folder", "pyramid", "level_count", "write_nifti_zarr
 
 #: Spatial chunk edge (voxels): the reference's default.
 CHUNK = 64
-#: Decoded bytes of the volumes handed to zarr in one write.
-_BATCH_BYTES = 64 << 20
+#: Bytes of the volumes handed to zarr in one write (a few volumes: larger is not faster).
+_BATCH_BYTES = 16 << 20
 _AXES_4D = ("t", "z", "y", "x")
 _XARRAY_NAMES = {"t": "time", "z": "z", "y": "y", "x": "x"}
 
@@ -55,11 +55,13 @@ def _reduced(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(math.ceil(n / 2) for n in shape)  # skimage.transform.pyramid_reduce's rule
 
 
-def pyramid(volume: np.ndarray, levels: int) -> list[np.ndarray]:
+def pyramid(volume: np.ndarray, levels: int, cache: dict | None = None) -> list[np.ndarray]:
     """Levels of one volume ``(z, y, x)``: the volume, then successive NaN-aware reductions.
 
     Where the volume is finite this is ``skimage.transform.pyramid_gaussian(volume,
-    levels - 1, 2, preserve_range=True)``; see the module docstring for NaN.
+    levels - 1, 2, preserve_range=True)``; see the module docstring for NaN. ``cache`` (a
+    dict kept across the volumes of one image) keeps the reduced weights of the last NaN
+    pattern: the volumes of a masked image share it, which halves the work.
     """
     from skimage.transform import pyramid_reduce
 
@@ -74,11 +76,17 @@ def pyramid(volume: np.ndarray, levels: int) -> list[np.ndarray]:
             level = reduce(level)
             out.append(level.astype(np.float32))
         return out
-    weighted, weight = np.where(finite, volume, 0).astype(np.float64), finite.astype(np.float64)
-    for _ in range(1, levels):
-        weighted, weight = reduce(weighted), reduce(weight)
+    cache = {} if cache is None else cache
+    if "finite" not in cache or not np.array_equal(cache["finite"], finite):
+        weights, weight = [], finite.astype(np.float64)
+        for _ in range(1, levels):
+            weight = reduce(weight)
+            weights.append((weight, weight >= 0.5))
+        cache.update(finite=finite, weights=weights)
+    weighted = np.where(finite, volume, 0).astype(np.float64)
+    for weight, defined in cache["weights"]:
+        weighted = reduce(weighted)
         level = np.full(weight.shape, np.nan, dtype=np.float32)
-        defined = weight >= 0.5
         level[defined] = weighted[defined] / weight[defined]
         out.append(level)
     return out
@@ -132,7 +140,7 @@ def write_nifti_zarr(folder: Path, header: nib.Nifti1Header, volumes: Iterable[n
         arrays.append(array)
         spatial = _reduced(spatial)
     batch = max(1, min(n_t, _BATCH_BYTES // max(1, 4 * math.prod(shape[:3]))))
-    count = 0
+    count, cache = 0, {}
     pending: list[list[np.ndarray]] = [[] for _ in range(levels)]
 
     def flush() -> None:
@@ -149,7 +157,7 @@ def write_nifti_zarr(folder: Path, header: nib.Nifti1Header, volumes: Iterable[n
         if volume.shape != shape[:3]:
             raise RuntimeError(f"{folder.name}: volume {volume.shape} != {shape[:3]}")
         zyx = np.ascontiguousarray(np.asarray(volume, dtype=np.float32).transpose(2, 1, 0))
-        for stack, level in zip(pending, pyramid(zyx, levels), strict=True):
+        for stack, level in zip(pending, pyramid(zyx, levels, cache), strict=True):
             stack.append(level)
         count += 1
         if len(pending[0]) == batch:
