@@ -24,7 +24,7 @@ from pathlib import Path
 
 import nibabel as nib
 
-from bids_fmristore.errors import InputError, RunError
+from bids_fmristore.errors import InputError, RunError, UsageError
 from bids_fmristore.inputs.bids_filters import check_filters, pybids_filters
 from bids_fmristore.inputs.bids_metadata import (
     SidecarReader,
@@ -393,7 +393,7 @@ def _make_run(ds: Dataset, bold, masks: _Masks | None, sidecars: SidecarReader) 
     check_readable(path)
     try:
         header = read_header(path) if is_nifti_zarr(path) else nib.load(path).header
-    except RunError:
+    except (RunError, UsageError):  # a damaged .nii.zarr; zarr not installed
         raise
     except Exception as err:  # nibabel raises many types for unreadable files
         raise RunError(f"{path}: cannot read NIfTI header ({err})") from None
