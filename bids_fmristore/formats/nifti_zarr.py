@@ -3,7 +3,8 @@
 Layout (what ``niizarr.nii2zarr`` of nifti-zarr 1.0 writes, which ``niizarr.zarr2nii`` and
 OME-Zarr viewers read): a Zarr v3 group with OME-Zarr 0.5 ``multiscales`` metadata; levels
 ``0`` … ``n-1``, each an array ``(t, z, y, x)`` (``(z, y, x)`` for a 3-D image), float32,
-chunks of one volume × 64³ voxels, Blosc-compressed; level ``i + 1`` is level ``i`` reduced by
+chunks of one volume × 64³ voxels, Blosc-compressed (lz4 rather than the reference's zstd:
+several times faster to write); level ``i + 1`` is level ``i`` reduced by
 2 with scikit-image's Gaussian pyramid (the reference's default method), as many levels as
 the reference makes (until a level fits one 64³ chunk); and the ``nifti`` array with the
 binary NIfTI-1 header of level 0, written by ``niizarr.write_nifti_header`` together with
@@ -39,6 +40,9 @@ __all__ = ["CHUNK", "atomic_folder", "pyramid", "level_count", "write_nifti_zarr
 
 #: Spatial chunk edge (voxels): the reference's default.
 CHUNK = 64
+#: Blosc with lz4 (the specification's example codec): 7x faster to write than the reference
+#: converter's default zstd level 5, files about 25 % larger (figures in the README).
+_BLOSC = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
 #: Bytes of the volumes handed to zarr in one write (a few volumes: larger is not faster).
 _BATCH_BYTES = 16 << 20
 _AXES_4D = ("t", "z", "y", "x")
@@ -68,22 +72,23 @@ def pyramid(volume: np.ndarray, levels: int, cache: dict | None = None) -> list[
     def reduce(image: np.ndarray) -> np.ndarray:
         return pyramid_reduce(image, 2, preserve_range=True, channel_axis=None)
 
+    # float32 in, float32 arithmetic, as the reference computes the levels of a float32 image
     out = [volume]
     finite = np.isfinite(volume)
     if finite.all():
-        level = volume.astype(np.float64)
+        level = volume
         for _ in range(1, levels):
-            level = reduce(level)
-            out.append(level.astype(np.float32))
+            level = reduce(level).astype(np.float32, copy=False)
+            out.append(level)
         return out
     cache = {} if cache is None else cache
     if "finite" not in cache or not np.array_equal(cache["finite"], finite):
-        weights, weight = [], finite.astype(np.float64)
+        weights, weight = [], finite.astype(np.float32)
         for _ in range(1, levels):
             weight = reduce(weight)
             weights.append((weight, weight >= 0.5))
         cache.update(finite=finite, weights=weights)
-    weighted = np.where(finite, volume, 0).astype(np.float64)
+    weighted = np.where(finite, volume, np.float32(0))
     for weight, defined in cache["weights"]:
         weighted = reduce(weighted)
         level = np.full(weight.shape, np.nan, dtype=np.float32)
@@ -105,7 +110,7 @@ def write_nifti_zarr(folder: Path, header: nib.Nifti1Header, volumes: Iterable[n
     volumes : iterable of ndarray
         ``T`` (1 for a 3-D image) float32 volumes of shape ``(X, Y, Z)``, in time order.
     compress : bool
-        Blosc (zstd, level 5: the reference's default) or uncompressed chunks.
+        Blosc-compressed (lz4, level 5, byte shuffle) or uncompressed chunks.
 
     Returns
     -------
@@ -134,7 +139,7 @@ def write_nifti_zarr(folder: Path, header: nib.Nifti1Header, volumes: Iterable[n
         array = group.create_array(
             str(level), shape=dims, dtype="float32", fill_value=np.nan,
             chunks=(1,) * (len(axes) - 3) + (CHUNK,) * 3,
-            compressors=BloscCodec() if compress else None, dimension_names=axes,
+            compressors=BloscCodec(**_BLOSC) if compress else None, dimension_names=axes,
             chunk_key_encoding={"name": "default", "separator": "/"}, config={"order": "C"})
         array.attrs["_ARRAY_DIMENSIONS"] = [_XARRAY_NAMES[a] for a in axes]
         arrays.append(array)
