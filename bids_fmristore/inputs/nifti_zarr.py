@@ -253,9 +253,10 @@ def iter_volumes(info: ZarrInfo, per_chunk: int, *,
     array = _open_group(info.path)[info.array]
     n_t = info.shape[3]
     k = block_volumes(info, per_chunk)
-    # zarr decodes up to `async.concurrency` chunks at once: a long time chunk is large
+    # zarr decodes up to `async.concurrency` chunks at once, each held about 3 times (stored
+    # bytes, decoded buffer, array): a chunk spanning a long run is large
     concurrency = int(min(zarr.config.get("async.concurrency") or 10,
-                          max(1, _BUDGET // max(1, info.chunk_bytes))))
+                          max(1, _BUDGET // max(1, 3 * info.chunk_bytes))))
     has_t, has_c = "t" in info.axes, "c" in info.axes
 
     def read(t0: int) -> np.ndarray:
