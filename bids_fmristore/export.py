@@ -30,11 +30,17 @@ Images are float32 and carry the file's affine as both qform and sform (code 1, 
 images of one call are written as temporary files in OUT_DIR first and renamed only once every
 one is complete: a failure (a damaged FILE, a full disk) leaves OUT_DIR as it was.
 
+``image_format="nifti-zarr"`` writes each image as a NIfTI-Zarr folder ``<name>.nii.zarr``
+instead (:mod:`bids_fmristore.formats.nifti_zarr`: a multiscale pyramid, chunked, with the same
+NIfTI header under the ``nifti`` array), one batch of volumes at a time; it needs the ``zarr``
+extra (``pip install 'bids_fmristore[zarr]'``), else a UsageError naming it.
+
 Exit codes: 0 written; 2 (:class:`~bids_fmristore.errors.UsageError`) an output exists without
 ``--overwrite`` (nothing is written) or ``--labels`` names an unknown label / scan; 3
 (:class:`~bids_fmristore.errors.InputError`, its :class:`~bids_fmristore.errors.FormatError`)
 FILE is missing, not HDF5, truncated, not a layout export reads, or lacks a dataset, or an
-image cannot be written (nothing is written); 1 a bug (with traceback).
+image cannot be written (nothing is written); 2 also when ``nifti-zarr`` lacks its optional
+dependencies; 1 a bug (with traceback).
 """
 
 from __future__ import annotations
@@ -52,18 +58,22 @@ import numpy as np
 from bids_fmristore.atomic import atomic_path
 from bids_fmristore.errors import InputError, UsageError
 from bids_fmristore.formats import detect
+from bids_fmristore.formats.nifti_zarr import atomic_folder, write_nifti_zarr
+from bids_fmristore.inputs.nifti_zarr import import_zarr
 
 try:  # isal's deflate is several times faster than zlib's at the same ratio
     from isal import igzip as _gzip
 except ImportError:  # pragma: no cover - isal is a dependency
     import gzip as _gzip
 
-__all__ = ["export_file", "image_names"]
+__all__ = ["FORMATS", "export_file", "image_names"]
 
 log = logging.getLogger("bids_fmristore")
 _NIFTI_OFFSET = 352  # 348-byte header + 4-byte "no extension" flag
 _GZIP_LEVEL = 1  # nibabel's default for .nii.gz; valid for isal (0-3) and zlib (0-9)
 _SUPPORTED = ("LabeledVolumeSet", "H5NeuroVol", "H5NeuroVec", "H5ParcellatedMultiScan")
+#: ``image_format`` values (the command line's ``--format``)
+FORMATS = ("nifti", "nifti-zarr")
 _ENTITY = re.compile(r"([A-Za-z0-9]+)-[A-Za-z0-9]+")
 _WORD = re.compile(r"[A-Za-z0-9]+")
 _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
@@ -122,6 +132,7 @@ def export_file(
     compress: bool = True,
     overwrite: bool = False,
     labels: Iterable[str] | None = None,
+    image_format: str = "nifti",
 ) -> list[Path]:
     """Export an fmristore file as NIfTI images in ``out_dir`` (created if needed).
 
@@ -130,11 +141,13 @@ def export_file(
     path, out_dir : path-like
         fmristore file (see the module docstring for the layouts) and destination folder.
     compress : bool
-        ``.nii.gz`` (default) or ``.nii``.
+        ``.nii.gz`` (default) or ``.nii``; for NIfTI-Zarr, Blosc-compressed chunks or raw ones.
     overwrite : bool
         Replace existing images. Without it, if any target exists nothing is written.
     labels : iterable of str, optional
         Subset of labels (LabeledVolumeSet) or scans (multiscan) to export, in this order.
+    image_format : {"nifti", "nifti-zarr"}
+        Single-file NIfTI-1, or NIfTI-Zarr folders (``.nii.zarr``).
 
     Returns
     -------
@@ -144,17 +157,23 @@ def export_file(
     Raises
     ------
     UsageError
-        A target exists (without ``overwrite``); unknown label; ``labels`` for a dense file.
+        A target exists (without ``overwrite``); unknown label; ``labels`` for a dense file;
+        an unknown ``image_format``, or ``nifti-zarr`` without zarr and nifti-zarr installed.
     InputError
         The file is missing, not HDF5, of another layout, or damaged (a
         :class:`~bids_fmristore.errors.FormatError`); an image cannot be written. Nothing is
         written then, not even the images that were complete.
     """
     path, out_dir = Path(path), Path(out_dir)
+    if image_format not in FORMATS:
+        raise UsageError(f"unknown image format {image_format!r}; choose from "
+                         f"{', '.join(FORMATS)}")
+    if image_format == "nifti-zarr":
+        import_zarr(writer=True)
     kind = _kind(path)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"OUT_DIR {out_dir} exists and is not a folder")
-    suffix = ".nii.gz" if compress else ".nii"
+    suffix = ".nii.zarr" if image_format == "nifti-zarr" else ".nii.gz" if compress else ".nii"
     wanted = None if labels is None else list(dict.fromkeys(labels))
     stem = path.name[: -len(".h5")] if path.name.endswith(".h5") else path.stem
     try:
@@ -188,7 +207,8 @@ def export_file(
                              "(use --overwrite to replace)")
         log.info("%s: %s, exporting %d image(s) to %s", path, kind, len(targets), out_dir)
         try:
-            _write_all(path, targets, jobs, reader.affine, overwrite=overwrite)
+            _write_all(path, targets, jobs, reader.affine, overwrite=overwrite,
+                       compress=compress)
         except FileExistsError as err:  # created by someone else since the check above
             raise UsageError(f"{err.args[0] if err.args else err} appeared while exporting; "
                              "nothing was written") from err
@@ -196,13 +216,19 @@ def export_file(
 
 
 def _write_all(path: Path, targets: list[Path], jobs: list, affine: np.ndarray, *,
-               overwrite: bool) -> None:
+               overwrite: bool, compress: bool = True) -> None:
     """Every image into its temporary file; all are renamed only if all were written."""
     with contextlib.ExitStack() as stack:
         for target, (_, shape, volumes, tr) in zip(targets, jobs, strict=True):
-            tmp = stack.enter_context(atomic_path(target, overwrite=overwrite))
+            zarr = target.name.endswith(".nii.zarr")
+            publish = atomic_folder if zarr else atomic_path
+            tmp = stack.enter_context(publish(target, overwrite=overwrite))
             try:
-                _write_nifti(tmp, target, shape, affine, volumes, tr=tr)
+                if zarr:
+                    write_nifti_zarr(tmp, _header(shape, affine, tr), volumes,
+                                     compress=compress)
+                else:
+                    _write_nifti(tmp, target, shape, affine, volumes, tr=tr)
             except (KeyError, ValueError) as err:  # the readers' words for a damaged file
                 raise InputError(f"{path}: {err.args[0] if err.args else err}") from err
             except OSError as err:  # OUT_DIR not writable, or full
@@ -271,19 +297,7 @@ def _scan(reader, name: str) -> Iterator[np.ndarray]:
 def _write_nifti(tmp: Path, target: Path, shape: tuple[int, ...], affine: np.ndarray,
                  volumes: Iterator[np.ndarray], *, tr=None) -> None:
     """Stream float32 volumes into ``tmp``, a single-file NIfTI-1 (x fastest, then y, z, t)."""
-    header = nib.Nifti1Header()
-    header.set_data_dtype(np.float32)
-    header.set_data_shape(shape)
-    header.set_qform(affine, code=1)  # also sets pixdim[1:4] from the affine's zooms
-    header.set_sform(affine, code=1)
-    tr = _seconds(tr)
-    if tr is not None and len(shape) == 4:
-        header.set_zooms((*header.get_zooms()[:3], tr))
-        header.set_xyzt_units("mm", "sec")
-    else:
-        header.set_xyzt_units("mm")
-    header.set_data_offset(_NIFTI_OFFSET)
-    head = header.binaryblock
+    head = _header(shape, affine, tr).binaryblock
     head += b"\0" * (_NIFTI_OFFSET - len(head))
     expected = int(np.prod(shape[3:], dtype=np.int64))
     count = 0
@@ -297,6 +311,23 @@ def _write_nifti(tmp: Path, target: Path, shape: tuple[int, ...], affine: np.nda
             count += 1
     if count != expected:
         raise RuntimeError(f"{target.name}: wrote {count} volumes, header says {expected}")
+
+
+def _header(shape: tuple[int, ...], affine: np.ndarray, tr) -> nib.Nifti1Header:
+    """The float32 NIfTI-1 header of an exported image (the NIfTI-Zarr's ``nifti`` too)."""
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float32)
+    header.set_data_shape(shape)
+    header.set_qform(affine, code=1)  # also sets pixdim[1:4] from the affine's zooms
+    header.set_sform(affine, code=1)
+    tr = _seconds(tr)
+    if tr is not None and len(shape) == 4:
+        header.set_zooms((*header.get_zooms()[:3], tr))
+        header.set_xyzt_units("mm", "sec")
+    else:
+        header.set_xyzt_units("mm")
+    header.set_data_offset(_NIFTI_OFFSET)
+    return header
 
 
 def _seconds(value) -> float | None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from bids_fmristore.cli.run import run_command
-from bids_fmristore.export import export_file
+from bids_fmristore.export import FORMATS, export_file
 
 __all__ = ["build_export_parser", "export_main"]
 
@@ -17,15 +17,21 @@ def build_export_parser() -> argparse.ArgumentParser:
         prog="bids_fmristore export",
         description="Write an fmristore file as float32 NIfTI images: one per label "
                     "(LabeledVolumeSet), one 3-D/4-D image (H5NeuroVol/H5NeuroVec), or one "
-                    "4-D image per scan with voxel data (H5ParcellatedMultiScan).",
+                    "4-D image per scan with voxel data (H5ParcellatedMultiScan); as .nii.gz, "
+                    ".nii or NIfTI-Zarr (.nii.zarr).",
         epilog="exit codes: 0 success; 2 usage (an output exists without --overwrite: nothing "
-               "written; unknown --labels); 3 FILE unreadable, truncated, missing a dataset or "
-               "not a supported layout, or an image cannot be written (nothing written); 1 bug")
+               "written; unknown --labels; --format nifti-zarr without the zarr extra); 3 FILE "
+               "unreadable, truncated, missing a dataset or not a supported layout, or an image "
+               "cannot be written (nothing written); 1 bug")
     parser.add_argument("file", metavar="FILE", type=Path, help="fmristore .h5 file")
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path,
                         help="folder for the images (created if needed)")
+    parser.add_argument("--format", dest="image_format", choices=FORMATS, default="nifti",
+                        help="nifti: one .nii.gz (.nii) file per image (default); nifti-zarr: "
+                             "one .nii.zarr folder per image (multiscale, chunked, NIfTI header "
+                             "kept; needs pip install 'bids_fmristore[zarr]')")
     parser.add_argument("--no-compress", dest="compress", action="store_false",
-                        help="write .nii instead of .nii.gz")
+                        help="write .nii instead of .nii.gz (nifti-zarr: uncompressed chunks)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing images")
     parser.add_argument("--labels", nargs="+", action="extend", metavar="L",
                         help="export only these labels (or scans of a multiscan file)")
@@ -43,7 +49,8 @@ def export_main(argv: list[str] | None = None) -> int:
 
     def export() -> int:
         written = export_file(opts.file, opts.out_dir, compress=opts.compress,
-                              overwrite=opts.overwrite, labels=opts.labels)
+                              overwrite=opts.overwrite, labels=opts.labels,
+                              image_format=opts.image_format)
         for target in written:
             print(target)
         return 0

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import nibabel as nib
 
-from bids_fmristore.errors import InputError, RunError
+from bids_fmristore.errors import InputError, RunError, UsageError
 from bids_fmristore.inputs.bids_filters import check_filters, pybids_filters
 from bids_fmristore.inputs.bids_metadata import (
     SidecarReader,
@@ -33,6 +33,7 @@ from bids_fmristore.inputs.bids_metadata import (
     inherits,
     repetition_time,
 )
+from bids_fmristore.inputs.nifti_zarr import is_nifti_zarr, read_header
 
 __all__ = ["BoldRun", "Dataset", "DiscoveryResult", "discover", "load_layout", "ENTITY_KEYS"]
 
@@ -51,9 +52,10 @@ ENTITY_KEYS: dict[str, str] = {
     "echo": "echo",
     "part": "part",
 }
-_NIFTI = [".nii", ".nii.gz"]
+#: .nii.zarr: NIfTI-Zarr folders (pybids indexes folders named *.zarr as files)
+_NIFTI = [".nii", ".nii.gz", ".nii.zarr"]
 #: bump when the way files are indexed changes, so databases built by older code are not reused
-_INDEX_VERSION = "2"
+_INDEX_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,12 @@ def _indexer(root: Path, exclude: Sequence[Path], validate: bool):
                     match_vals[e.name] = (e, m)
             tags = [_create_tag_dict(bf, ent, val, ent._dtype) for ent, val in match_vals.values()]
             return bf, tags
+
+        def _validate_file(self, f):
+            # The validator's rules predate NIfTI-Zarr: judge a .nii.zarr by its .nii.gz name
+            if str(f).endswith(".nii.zarr"):
+                f = type(f)(str(f)[: -len(".zarr")] + ".gz")
+            return super()._validate_file(f)
 
     ignore = list(DEFAULT_LOCATIONS_TO_IGNORE)
     for path in exclude:
@@ -384,7 +392,9 @@ def _make_run(ds: Dataset, bold, masks: _Masks | None, sidecars: SidecarReader) 
     entities = _entities(bold)
     check_readable(path)
     try:
-        header = nib.load(path).header
+        header = read_header(path) if is_nifti_zarr(path) else nib.load(path).header
+    except (RunError, UsageError):  # a damaged .nii.zarr; zarr not installed
+        raise
     except Exception as err:  # nibabel raises many types for unreadable files
         raise RunError(f"{path}: cannot read NIfTI header ({err})") from None
     metadata, source = sidecars.metadata(path)

@@ -80,6 +80,9 @@ class NiftiInfo:
 def read_info(path: str | Path, *, want_4d: bool = False) -> NiftiInfo:
     """Parse and check the header of a NIfTI-1/2 file (``.nii`` or ``.nii.gz``).
 
+    A ``.nii.zarr`` folder is parsed by :func:`bids_fmristore.inputs.nifti_zarr.read_info`
+    (the same record, read chunk by chunk by :func:`iter_volumes`).
+
     Nothing in the header is trusted before it is checked against the file: the bytes it
     announces (``vox_offset + prod(shape) * itemsize``) must fit in a ``.nii``; for a
     ``.nii.gz`` they must agree with the gzip trailer (ISIZE, the uncompressed size mod 2**32)
@@ -101,6 +104,10 @@ def read_info(path: str | Path, *, want_4d: bool = False) -> NiftiInfo:
         type (complex, RGB), a non-finite affine, or fewer bytes than the header announces.
     """
     path = Path(path)
+    if path.name.endswith(".nii.zarr"):  # NIfTI-Zarr folder: same record, read by chunks
+        from bids_fmristore.inputs import nifti_zarr
+
+        return nifti_zarr.read_info(path, want_4d=want_4d)
     size = _file_size(path)
     img = _load(path, size)
     # The proxy describes the bytes on disk; img.header is a copy whose vox_offset may be reset.
@@ -262,6 +269,11 @@ def iter_volumes(
         ``.nii.gz`` whose stream breaks off or fails its checks, a file shortened since
         :func:`read_info`).
     """
+    if info.path.name.endswith(".nii.zarr"):
+        from bids_fmristore.inputs import nifti_zarr
+
+        yield from nifti_zarr.iter_volumes(info, per_chunk, read_ahead=read_ahead)
+        return
     n_t = info.shape[3]
     per_chunk = max(1, min(per_chunk, n_t))
     if not info.gzipped:

@@ -26,6 +26,7 @@ from bids_fmristore.formats.multiscan import ClusterLayout, ParcellatedMultiScan
 from bids_fmristore.formats.multiscan_writer import MultiScanWriter
 from bids_fmristore.inputs.discovery import BoldRun
 from bids_fmristore.inputs.nifti_stream import NiftiInfo, read_info
+from bids_fmristore.inputs.nifti_zarr import is_nifti_zarr, load_image
 from bids_fmristore.participant.denoised import (
     Denoising,
     confounds_record,
@@ -87,8 +88,10 @@ def _brain_mask(run: BoldRun, info: NiftiInfo) -> np.ndarray:
         return np.ones(shape, dtype=bool)
     read_info(run.mask)  # a header that lies about its size fails here, before any allocation
     try:
-        img = nib.load(run.mask)
+        img = load_image(run.mask) if is_nifti_zarr(run.mask) else nib.load(run.mask)
         data = np.asanyarray(img.dataobj)
+    except RunError:
+        raise
     except Exception as err:  # nibabel, zlib and numpy raise many types for a damaged file
         raise RunError(f"{run.mask}: cannot read the brain mask ({err})") from None
     if not same_grid(data.shape, img.affine, shape, info.affine):
