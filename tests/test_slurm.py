@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,8 @@ def _free_ports(n: int) -> tuple[int, ...]:
             s.close()
 
 
-def _slurm_conf(folder: Path, host: str, ports: tuple[int, int], memory_mb: int) -> str:
+def _slurm_conf(folder: Path, munge: Path, host: str, ports: tuple[int, int], cpus: int,
+                memory_mb: int) -> str:
     return f"""\
 ClusterName=bfstest
 SlurmctldHost={host}(127.0.0.1)
@@ -68,7 +70,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={folder}/munge/munge.socket
+AuthInfo=socket={munge}/munge.socket
 StateSaveLocation={folder}/state
 SlurmdSpoolDir={folder}/spool
 SlurmctldPidFile={folder}/slurmctld.pid
@@ -87,7 +89,7 @@ SelectTypeParameters=CR_CPU
 MpiDefault=none
 SwitchType=switch/none
 ReturnToService=2
-NodeName={NODE} NodeHostname={host} NodeAddr=127.0.0.1 CPUs=2 RealMemory={memory_mb} State=UNKNOWN
+NodeName={NODE} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb}
 PartitionName=test Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -179,22 +181,23 @@ def _stop(cluster: Cluster, conf: Path) -> None:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     _require_slurm()
-    # short path: munge's socket path must fit in a sockaddr_un (108 bytes)
     folder = tmp_path_factory.mktemp("slurm")
-    for sub in ("munge", "state", "spool", "log"):
+    for sub in ("state", "spool", "log"):
         (folder / sub).mkdir()
-    (folder / "munge").chmod(0o700)
-    key = folder / "munge" / "munge.key"
+    # short path: munge's socket path must fit in a sockaddr_un (108 bytes)
+    munge = Path(tempfile.mkdtemp(prefix="bfs-munge-"))
+    key = munge / "munge.key"
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
     host = socket.gethostname().split(".")[0]
     total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
     conf = folder / "slurm.conf"
-    conf.write_text(_slurm_conf(folder, host, _free_ports(2),
+    # more CPUs or memory than slurmd finds would drain the node
+    cpus = min(2, len(os.sched_getaffinity(0)))
+    conf.write_text(_slurm_conf(folder, munge, host, _free_ports(2), cpus,
                                 min(2048, total_mb // 2)))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
     env["SLURM_CONF"] = str(conf)
-    munge = folder / "munge"
     commands = [
         ["munged", "--foreground", "--force", f"--socket={munge / 'munge.socket'}",
          f"--key-file={key}", f"--pid-file={munge / 'munged.pid'}",
@@ -216,6 +219,7 @@ def cluster(tmp_path_factory):
         yield c
     finally:
         _stop(c, conf)
+        shutil.rmtree(munge, ignore_errors=True)
 
 
 def _node_state(c: Cluster) -> str:
