@@ -256,7 +256,7 @@ def test_singularity_test_section_runs_the_example(tmp_path):
 
 # --- .ci/run ---------------------------------------------------------------------------------
 
-def test_ci_installs_from_the_lock_and_slurm_when_absent():
+def test_ci_installs_from_the_lock_and_the_debian_packages():
     lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert lines[-1] == 'pip install -c constraints.txt ".[test]" && python -m pytest'
     text = "\n".join(lines)
@@ -267,13 +267,13 @@ def test_ci_installs_from_the_lock_and_slurm_when_absent():
 
 # --- SLURM scripts (run with stand-ins; tests/test_slurm.py submits them for real) ----------
 
-def test_slurm_scripts_parse():
+def test_array_and_group_scripts_parse():
     for script in (ARRAY, GROUP):
         subprocess.run(["bash", "-n", str(script)], check=True, capture_output=True)
         assert script.read_text().startswith("#!/bin/bash")
 
 
-def test_slurm_script_directives():
+def test_array_and_group_script_directives():
     for script, name in ((ARRAY, "bids_fmristore"), (GROUP, "bids_fmristore_group")):
         text = script.read_text()
         assert re.search(rf"^#SBATCH --job-name={name}$", text, flags=re.MULTILINE)
