@@ -39,8 +39,18 @@ def requirements(pyproject: Path = ROOT / "pyproject.toml",
     """The package's dependencies and those of ``extras``, as declared in ``pyproject``."""
     project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
     lines = list(project["dependencies"])
-    for extra in extras:
-        lines += project["optional-dependencies"][extra]
+    todo, done = list(extras), set()
+    while todo:  # an extra may name others of this project: bids_fmristore[zarr]
+        extra = todo.pop()
+        if extra in done:
+            continue
+        done.add(extra)
+        for line in project["optional-dependencies"][extra]:
+            req = Requirement(line)
+            if canonicalize_name(req.name) == canonicalize_name(project["name"]):
+                todo += sorted(req.extras)
+            else:
+                lines.append(line)
     return [Requirement(line) for line in lines]
 
 
