@@ -3,21 +3,22 @@
     python bench/startup.py                        # 100, 1,000, 10,000 subjects; group 100, 1,000
     python bench/startup.py --quick                # 30 and 300 subjects; group 30, 300
     python bench/startup.py --sizes 100 1000 --group-sizes 100 1000 --rounds 3
-    python bench/startup.py --database             # also with a --bids-database-dir built once
+    python bench/startup.py --database 100 1000    # also with a --bids-database-dir built once
 
-Data: one fMRIPrep-shaped stub dataset (0-byte files named as fMRIPrep names them, 44 per
+Data: fMRIPrep-shaped stub datasets, one per size (0-byte files named as fMRIPrep names them, 44 per
 subject: anat, func, masks, confounds, transforms, surfaces, report; and 3 raw BIDS files per
 subject with ``participants.tsv``), generated under ``--workdir`` (default: a new folder in
-/tmp, removed at the end unless ``--keep``) and grown from one size to the next. Subject
+/tmp, removed at the end unless ``--keep``). Subject
 ``00001`` is real: the first run of ``bids_fmristore.example``'s sub-01 (nibabel's test BOLD,
 its brain mask, confounds and sidecar) with the example's Demo atlas.
 
 Each participant job is ``bids_fmristore BIDS OUT participant --participant-label 00001 -d
 fmriprep=DERIV --atlas Demo=ATLAS`` in its own process with a fresh OUTPUT_DIR; wall is the
-process's, start to exit (imports included), peak RSS is its ``VmHWM``. Rounds are interleaved
-over the sizes of a round; the table shows the median. ``--database`` adds the same job with
-``--bids-database-dir`` on an index of all subjects, built once per size beforehand (its build
-time is printed).
+process's, start to exit (imports included), peak RSS is its ``VmHWM``. Rounds alternate
+between the sizes (so that a change of load on the machine hits them alike); the table shows
+the median wall and the largest peak RSS. ``--database N ...`` adds, at those sizes, the
+same job with ``--bids-database-dir`` on an index of all subjects built once beforehand (as
+``--index-only`` builds it; its build time and peak RSS are printed).
 
 The group level runs ``bids_fmristore BIDS OUT group`` on an OUTPUT_DIR holding N subjects'
 voxel maps (``*_desc-voxelstats_bold.h5``, one run each, on a 20x24x20 grid).
@@ -174,15 +175,6 @@ def participant_argv(ds: StubDataset, out: Path, database: Path | None) -> list[
     return argv + (["--bids-database-dir", str(database)] if database is not None else [])
 
 
-def build_database(ds: StubDataset, database: Path, workdir: Path) -> float:
-    """Build the index of all subjects once (what the README recommends before an array)."""
-    from bids_fmristore.inputs.discovery import build_index
-
-    started = time.perf_counter()
-    build_index(ds.bids, database, derivatives={"fmriprep": ds.fmriprep})
-    return time.perf_counter() - started
-
-
 # -- group level ------------------------------------------------------------------------------
 def group_outputs(out: Path, n: int, bids: Path) -> None:
     """OUTPUT_DIR with ``n`` subjects' voxel maps (one run each), as the participant level
@@ -234,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-sizes", type=int, nargs="*", default=[100, 1000])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="sizes 30 300, 2 rounds")
-    parser.add_argument("--database", action="store_true",
-                        help="also time the job with a --bids-database-dir built once")
+    parser.add_argument("--database", type=int, nargs="*", default=[], metavar="N",
+                        help="sizes at which to also time the job with a --bids-database-dir "
+                        "built once")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the generated datasets")
     opts = parser.parse_args(argv)
@@ -246,32 +239,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data in {workdir}; {FILES_PER_SUBJECT} files per subject in the fMRIPrep dataset, "
           f"{opts.rounds} round(s)", flush=True)
     try:
-        ds = StubDataset(workdir / "data")
-        rows, db_rows = [], []
-        for n in sizes:
-            took = ds.grow(n)
+        datasets = {}
+        for n in sizes:  # one dataset per size, so that rounds can alternate between them
+            datasets[n] = StubDataset(workdir / f"data-{n}")
+            took = datasets[n].grow(n)
             print(f"  {n:,} subjects generated ({took:.0f} s)", flush=True)
-            database = None
-            if opts.database:
-                database = workdir / f"db-{n}"
-                took = build_database(ds, database, workdir)
-                print(f"  {n:,} subjects: --bids-database-dir built in {took:.1f} s", flush=True)
-            walls, rsss, db_walls, db_rsss = [], [], [], []
-            for r in range(opts.rounds):
-                for db in (None, database) if database is not None else (None,):
+        databases = {}
+        for n in sizes:
+            if n in opts.database:
+                ds, databases[n] = datasets[n], workdir / f"db-{n}"
+                took, rss = measure([str(ds.bids), str(workdir / "db-out"), "participant", "-d",
+                                     f"fmriprep={ds.fmriprep}", "--bids-database-dir",
+                                     str(databases[n]), "--index-only"], workdir)
+                print(f"  {n:,} subjects: --bids-database-dir built in {took:.1f} s, "
+                      f"{rss:.0f} MB", flush=True)
+        times: dict[tuple, list[tuple[float, float]]] = {}
+        for r in range(opts.rounds):
+            for n in sizes:
+                for db in (None, databases.get(n)) if n in databases else (None,):
                     out = workdir / f"out-{n}-{r}-{'db' if db else 'no'}"
-                    wall, rss = measure(participant_argv(ds, out, db), workdir)
-                    (db_walls if db else walls).append(wall)
-                    (db_rsss if db else rsss).append(rss)
+                    times.setdefault((n, db is not None), []).append(
+                        measure(participant_argv(datasets[n], out, db), workdir))
                     shutil.rmtree(out)
-            rows.append((n, statistics.median(walls), max(rsss)))
-            print(f"  {n:,} subjects: {rows[-1][1]:.2f} s, {rows[-1][2]:.0f} MB", flush=True)
-            if db_walls:
-                db_rows.append((n, statistics.median(db_walls), max(db_rsss)))
-                print(f"  {n:,} subjects with the database: {db_rows[-1][1]:.2f} s, "
-                      f"{db_rows[-1][2]:.0f} MB", flush=True)
-            if database is not None:
-                shutil.rmtree(database)
+            print(f"  round {r + 1}: " + ", ".join(
+                f"{n:,}{' (db)' if d else ''} {t[-1][0]:.2f} s" for (n, d), t in times.items()),
+                flush=True)
+        rows, db_rows = [], []
+        for (n, with_db), found in times.items():
+            (db_rows if with_db else rows).append(
+                (n, statistics.median(w for w, _ in found), max(m for _, m in found)))
+        ds = datasets[sizes[-1]]
         group_rows = []
         for n in sorted(set(opts.group_sizes)):
             out = workdir / f"group-{n}"
