@@ -230,12 +230,12 @@ def load_layout(root: Path, *, derivative: bool, validate: bool,
     sqlite_file = database_file(database, root, derivative=derivative, validate=validate,
                                 exclude=exclude, subjects=None if shared else subjects)
     if not shared or not sqlite_file.is_file():
-        with _build_lock(sqlite_file):
+        with _build_lock(sqlite_file) as locked:
             # another job may have built it while this one waited for the lock
             if not shared or not sqlite_file.is_file():
                 indexed = None if shared else subjects
                 _build(sqlite_file, root, derivative, validate,
-                       _indexer(root, exclude, validate, indexed), indexed)
+                       _indexer(root, exclude, validate, indexed), indexed, locked)
                 if shared:
                     log.info("%s: pybids index of %s built (all subjects); later jobs reuse "
                              "it", sqlite_file.parent, root)
@@ -275,8 +275,9 @@ def _layout(root: Path, derivative: bool, validate: bool, indexer, sqlite_file=N
 
 
 @contextlib.contextmanager
-def _build_lock(sqlite_file: Path) -> Iterator[None]:
-    """Exclusive lock of one index's builders; others wait (a no-op without flock)."""
+def _build_lock(sqlite_file: Path) -> Iterator[bool]:
+    """Exclusive lock of one index's builders; others wait. Yields whether it is held (False
+    where the file system has no flock)."""
     folder = sqlite_file.parent
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -295,17 +296,19 @@ def _build_lock(sqlite_file: Path) -> Iterator[None]:
                          folder)
                 fcntl.flock(handle, fcntl.LOCK_EX)
         except (ImportError, OSError):  # no flock here: the rename below is still atomic
-            pass
-        yield
+            yield False
+        else:
+            yield True
 
 
 def _build(sqlite_file: Path, root: Path, derivative: bool, validate: bool, indexer,
-           subjects: Sequence[str] | None) -> None:
+           subjects: Sequence[str] | None, locked: bool) -> None:
     """Index into a temporary folder, then rename the complete file onto ``sqlite_file``."""
     parent = sqlite_file.parent.parent
     prefix = f".{sqlite_file.parent.name}{PARTIAL_MARK}"
-    for leftover in parent.glob(prefix + "*"):  # builders hold the lock: these are dead ones
-        shutil.rmtree(leftover, ignore_errors=True)
+    if locked:  # live builders hold the lock: these are dead ones
+        for leftover in parent.glob(prefix + "*"):
+            shutil.rmtree(leftover, ignore_errors=True)
     tmp = parent / f"{prefix}{owner_token()}"
     # folder times first: a folder changed while it is indexed looks out of date later
     folders = {s: _subject_folders(root, s) for s in (subjects or subject_labels(root))}
