@@ -5,10 +5,10 @@
     python bench/startup.py --sizes 100 1000 --group-sizes 100 1000 --rounds 3
     python bench/startup.py --database 100 1000    # also with a --bids-database-dir built once
 
-Data: fMRIPrep-shaped stub datasets, one per size (0-byte files named as fMRIPrep names them, 44 per
-subject: anat, func, masks, confounds, transforms, surfaces, report; and 3 raw BIDS files per
-subject with ``participants.tsv``), generated under ``--workdir`` (default: a new folder in
-/tmp, removed at the end unless ``--keep``). Subject
+Data: fMRIPrep-shaped stub datasets, one per size (0-byte files named as fMRIPrep names
+them, 44 per subject: anat, func, masks, confounds, transforms, surfaces, report; and 3 raw
+BIDS files per subject with ``participants.tsv``), generated under ``--workdir`` (default: a
+new folder in /tmp, removed at the end unless ``--keep``). Subject
 ``00001`` is real: the first run of ``bids_fmristore.example``'s sub-01 (nibabel's test BOLD,
 its brain mask, confounds and sidecar) with the example's Demo atlas.
 
