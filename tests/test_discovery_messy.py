@@ -423,13 +423,16 @@ def test_derivatives_folder_of_raw_dataset_is_not_indexed(tmp_path):
 def test_exclude_output_inside_a_dataset(tmp_path):
     fmriprep = tmp_path / "fmriprep"
     bold = fmriprep_run(fmriprep)
-    out = fmriprep / "parcellated"
+    top = fake_output(fmriprep / "parcellated", bold, BOLD)
+    (run,) = discover(fmriprep).runs  # top-level folders other than sub-* are never indexed
+    assert run.path == bold and top.exists()
+    out = fmriprep / "sub-01" / "parcellated"
     fake = fake_output(out, bold, BOLD)
     (line,) = discover(fmriprep).problems  # why it matters: the output is seen as input
-    assert f"bids:raw:parcellated/{FUNC}/{BOLD}" in line and fake.exists()
+    assert f"bids:raw:sub-01/parcellated/{FUNC}/{BOLD}" in line and fake.exists()
     (run,) = discover(fmriprep, exclude=[out]).runs
     assert run.path == bold
-    unnormalized = fmriprep / "sub-01" / ".." / "parcellated"
+    unnormalized = fmriprep / "sub-01" / ".." / "sub-01" / "parcellated"
     (run,) = discover(fmriprep, exclude=[tmp_path / "elsewhere", unnormalized]).runs
     assert run.path == bold
     assert discover(fmriprep, exclude=[fmriprep]).problems == [line]  # never the whole dataset

@@ -185,7 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
                    dest="skip_bids_validation", help="do not validate BIDS_DIR file names")
     g.add_argument("--bids-database-dir", type=Path, metavar="DIR",
-                   help="pybids database folder, reused across runs")
+                   help="shared pybids index of all subjects, built once (by --index-only or "
+                   "the first job) and then read by every job (e.g. of a SLURM array)")
+    g.add_argument("--index-only", action="store_true",
+                   help="build the --bids-database-dir index and stop (run it once before an "
+                   "array of participant jobs)")
 
     g = p.add_argument_group("atlases and outputs")
     g.add_argument("--atlas", nargs="+", action="extend", type=_atlas, default=[],

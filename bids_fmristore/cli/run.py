@@ -203,7 +203,7 @@ def participant(opts) -> int:
     from bids_fmristore.stale import remove_stale
 
     bids_dir, output_dir = _check_dirs(opts.bids_dir, opts.output_dir)
-    if not opts.atlas:
+    if not opts.atlas and not opts.index_only:
         raise UsageError("no atlas given: pass --atlas NAME=PATH (a labels _dseg.nii.gz with "
                          "a sibling .tsv) or --atlas LABEL (BIDS atlas dataset, TemplateFlow)")
     derivatives = dict(opts.derivatives)
@@ -214,15 +214,14 @@ def participant(opts) -> int:
         if output_dir == root or root in output_dir.parents:
             raise UsageError(f"OUTPUT_DIR {output_dir} must not be the -d dataset {name}={root} "
                              "or inside it")
+    if opts.index_only:  # issue 10: build the shared pybids index once, before an array
+        return _index_only(opts, bids_dir, output_dir, derivatives)
     denoise = denoisings(opts)
     started = time.monotonic()
     _start(opts, "participant", output_dir)
     # leftovers of killed jobs: only folders this job may write, so cost does not grow with N
     remove_stale([output_dir])
     remove_stale([output_dir / ATLASES_DIR], recursive=True)
-    database = opts.bids_database_dir
-    if database is None and opts.work_dir is not None:
-        database = opts.work_dir / "bids_db"
     space, res = opts.space
     # Atlases are found (and checked) before the slower dataset indexing; nothing is written yet.
     catalog = AtlasCatalog(opts.atlas, space=space, datasets=derivatives, output_dir=output_dir,
@@ -233,7 +232,8 @@ def participant(opts) -> int:
         bids_dir, derivatives=derivatives, participants=opts.participant_label,
         sessions=opts.session_label, tasks=opts.task_id, space=space, res=res,
         filters=opts.bids_filters, validate=not opts.skip_bids_validation,
-        database_dir=database,
+        database_dir=opts.bids_database_dir,
+        work_database_dir=None if opts.work_dir is None else opts.work_dir / "bids_db",
         exclude=[output_dir] + ([opts.work_dir] if opts.work_dir is not None else []),
     )
     native = sum(run.space is None for run in found.runs)
@@ -273,6 +273,20 @@ def participant(opts) -> int:
             f"; details in {opts.log_file}" if getattr(opts, "log_file", None) else "")
     if problems:
         return EXIT_PARTIAL if written or skipped else EXIT_INPUT
+    return EXIT_OK
+
+
+def _index_only(opts, bids_dir: Path, output_dir: Path, derivatives: dict) -> int:
+    from bids_fmristore.inputs.discovery import build_index
+
+    if opts.bids_database_dir is None or opts.participant_label:
+        raise UsageError("--index-only builds the --bids-database-dir index of all subjects: "
+                         "give --bids-database-dir DIR, without --participant-label")
+    _start(opts, "participant", output_dir)
+    for path in build_index(bids_dir, opts.bids_database_dir, derivatives=derivatives,
+                            validate=not opts.skip_bids_validation,
+                            exclude=[output_dir] + ([opts.work_dir] if opts.work_dir else [])):
+        log.info("pybids index ready: %s", path)
     return EXIT_OK
 
 

@@ -95,20 +95,34 @@ def collect_maps(output_dir: Path, *, group_by: str = "subject",
     return groups
 
 
-def _group_mask(items: list[GroupItem], threshold: float):
-    """Voxels inside at least ``threshold`` of the items' own masks, and the grid."""
-    counts = None
-    shape = affine = None
-    for item in items:
-        with LabeledVolumeSet(item.source) as f:
-            if counts is None:
-                shape, affine = f.shape, f.affine
-                counts = np.zeros(shape, dtype=np.int32)
-            elif Grid.of(f.shape, f.affine) != Grid.of(shape, affine):  # collect_maps' identity
-                raise InputError(f"{item.source}: grid differs from {items[0].source.name}")
-            counts += ~np.isnan(f.volume(item.source_label))
-    needed = max(1, int(np.ceil(threshold * len(items) - 1e-9)))
-    return counts >= needed, affine
+def _group_masks(stats: dict[str, list[GroupItem]], threshold: float) -> dict[str, tuple]:
+    """Per statistic, the voxels inside at least ``threshold`` of its items' own masks, and
+    the grid; each participant file is opened once for all statistics, and memory holds one
+    volume and the voxel counts only, whatever the number of subjects."""
+    by_source: dict[Path, list[tuple[str, GroupItem]]] = defaultdict(list)
+    for stat, items in stats.items():
+        for item in items:
+            by_source[item.source].append((stat, item))
+    counts: dict[str, np.ndarray] = {}
+    grid = None
+    first = next(iter(by_source), None)
+    for source, wanted in by_source.items():
+        with LabeledVolumeSet(source) as f:
+            if grid is None:
+                grid = (f.shape, f.affine)
+            elif Grid.of(f.shape, f.affine) != Grid.of(*grid):  # collect_maps' identity
+                raise InputError(f"{source}: grid differs from {first.name}")
+            for stat, item in wanted:
+                inside = ~np.isnan(f.volume(item.source_label))
+                if stat in counts:
+                    counts[stat] += inside
+                else:
+                    counts[stat] = inside.astype(np.int32)
+    masks = {}
+    for stat, items in stats.items():
+        needed = max(1, int(np.ceil(threshold * len(items) - 1e-9)))
+        masks[stat] = (counts[stat] >= needed, grid[1])
+    return masks
 
 
 def write_group(output_dir: Path, bids_dir: Path | None, *, group_by: str = "subject",
@@ -121,6 +135,7 @@ def write_group(output_dir: Path, bids_dir: Path | None, *, group_by: str = "sub
     table = _participants(bids_dir)
     written = []
     for (space, res), stats in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        todo = {}
         for stat, items in stats.items():
             labels = [item.label for item in items]
             if len(set(labels)) != len(labels):
@@ -134,10 +149,14 @@ def write_group(output_dir: Path, bids_dir: Path | None, *, group_by: str = "sub
                  for item in items},
                 {"GroupBy": group_by, "MaskThreshold": threshold,
                  "Labels": [item.label for item in items]})
-            if not should_build(path, record, overwrite=overwrite,
-                                kept=f"{len(items)} {group_by}(s)"):
-                continue
-            mask, affine = _group_mask(items, threshold)
+            if should_build(path, record, overwrite=overwrite,
+                            kept=f"{len(items)} {group_by}(s)"):
+                todo[stat] = (path, record)
+        masks = _group_masks({stat: stats[stat] for stat in todo}, threshold) if todo else {}
+        for stat, (path, record) in todo.items():
+            items = stats[stat]
+            labels = [item.label for item in items]
+            mask, affine = masks[stat]
             if not mask.any():
                 raise InputError(f"stat-{stat}: no voxel is inside {threshold:.0%} of the masks")
 

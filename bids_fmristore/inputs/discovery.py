@@ -11,12 +11,10 @@ entities are parsed from each file's path relative to its dataset root only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
-import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,9 +31,17 @@ from bids_fmristore.inputs.bids_metadata import (
     inherits,
     repetition_time,
 )
+from bids_fmristore.inputs.indexing import (
+    database_file,
+    has_subjects,
+    load_layout,
+    subject_labels,
+)
+from bids_fmristore.inputs.indexing import relative_posix as _relative
 from bids_fmristore.inputs.nifti_zarr import is_nifti_zarr, read_header
 
-__all__ = ["BoldRun", "Dataset", "DiscoveryResult", "discover", "load_layout", "ENTITY_KEYS"]
+__all__ = ["BoldRun", "Dataset", "DiscoveryResult", "discover", "build_index", "load_layout",
+           "ENTITY_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +60,6 @@ ENTITY_KEYS: dict[str, str] = {
 }
 #: .nii.zarr: NIfTI-Zarr folders (pybids indexes folders named *.zarr as files)
 _NIFTI = [".nii", ".nii.gz", ".nii.zarr"]
-#: bump when the way files are indexed changes, so databases built by older code are not reused
-_INDEX_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -114,19 +118,6 @@ class DiscoveryResult:
     failed: list[tuple[BoldRun, str]] = field(default_factory=list)
 
 
-def _relative(path: Path, root: Path) -> str | None:
-    """POSIX path of ``path`` relative to ``root`` without following symlinks; None if outside.
-
-    Falls back to both resolved, for a root given through a symlink and a path given resolved.
-    """
-    for a, b in ((os.path.abspath(path), os.path.abspath(root)),
-                 (os.path.realpath(path), os.path.realpath(root))):
-        rel = os.path.relpath(a, b)
-        if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
-            return Path(rel).as_posix()
-    return None
-
-
 def _dataset_type(root: Path) -> str:
     desc = root / "dataset_description.json"
     try:
@@ -146,87 +137,6 @@ def _dataset_type(root: Path) -> str:
     return str(content.get("DatasetType", "raw"))
 
 
-def _indexer(root: Path, exclude: Sequence[Path], validate: bool):
-    """A pybids indexer that parses entities from root-relative paths and skips ``exclude``.
-
-    pybids 0.22 matches entity patterns against absolute paths (pybids #1270, fixed upstream
-    after 0.22 by parsing the root-relative path): a dataset under ``/x/perf/bids`` had every
-    file indexed with ``datatype=perf``, so no BOLD was found. Metadata is not indexed (see
-    :mod:`bids_fmristore.inputs.bids_metadata`).
-    """
-    from bids.layout.index import BIDSLayoutIndexer
-    from bids.layout.models import _create_tag_dict
-    from bids.layout.validation import DEFAULT_LOCATIONS_TO_IGNORE
-    from bids.utils import make_bidsfile
-
-    class _Relative:
-        __slots__ = ("path",)
-
-        def __init__(self, path: str) -> None:
-            self.path = path
-
-    class RootRelativeIndexer(BIDSLayoutIndexer):
-        def _index_file(self, abs_fn, entities):
-            bf = make_bidsfile(abs_fn)
-            rel = _relative(Path(bf.path), root)
-            probe = _Relative("/" + rel if rel is not None else bf.path)
-            match_vals = {}
-            for e in entities.values():
-                m = e.match_file(probe)
-                if m is None and e.mandatory:
-                    break
-                if m is not None:
-                    match_vals[e.name] = (e, m)
-            tags = [_create_tag_dict(bf, ent, val, ent._dtype) for ent, val in match_vals.values()]
-            return bf, tags
-
-        def _validate_file(self, f):
-            # The validator's rules predate NIfTI-Zarr: judge a .nii.zarr by its .nii.gz name
-            if str(f).endswith(".nii.zarr"):
-                f = type(f)(str(f)[: -len(".zarr")] + ".gz")
-            return super()._validate_file(f)
-
-    ignore = list(DEFAULT_LOCATIONS_TO_IGNORE)
-    for path in exclude:
-        rel = _relative(Path(path), root)
-        if rel is not None and rel != ".":
-            ignore.append(re.compile("^/" + re.escape(rel) + "(/|$)"))
-    return RootRelativeIndexer(validate=validate, ignore=ignore, index_metadata=False)
-
-
-def load_layout(root: Path, *, derivative: bool, validate: bool, database: Path | None = None,
-                exclude: Sequence[Path] = ()):
-    """A pybids ``BIDSLayout`` with our errors instead of pybids' exceptions.
-
-    ``exclude`` lists folders (e.g. OUTPUT_DIR) not to index when they are inside ``root``.
-    With ``database``, an index is reused only if it was built for the same root, exclusions
-    and indexing code: a subfolder keyed by those is used.
-    """
-    from bids import BIDSLayout
-    from bids.exceptions import BIDSValidationError
-    from sqlalchemy.exc import SQLAlchemyError
-
-    root = Path(os.path.abspath(root))
-    validate = validate and not derivative
-    kwargs = {"validate": validate, "indexer": _indexer(root, exclude, validate)}
-    if derivative:
-        kwargs["config"] = ["bids", "derivatives"]
-    if database is not None:
-        key = "\n".join([_INDEX_VERSION, str(root), str(derivative), str(validate),
-                         *sorted(os.path.abspath(p) for p in exclude)])
-        database = Path(database) / hashlib.sha1(key.encode()).hexdigest()[:12]
-        kwargs["database_path"] = str(database)
-    try:
-        return BIDSLayout(str(root), **kwargs)
-    except (BIDSValidationError, ValueError) as err:
-        raise InputError(f"{root}: {str(err).splitlines()[0]}") from None
-    except OSError as err:
-        raise InputError(f"{root}: cannot index the dataset ({err})") from None
-    except SQLAlchemyError as err:
-        raise InputError(f"{database}: cannot use the pybids database "
-                         f"({str(err).splitlines()[0]})") from None
-
-
 def discover(
     bids_dir: Path,
     *,
@@ -240,6 +150,7 @@ def discover(
     validate: bool = True,
     database_dir: Path | None = None,
     exclude: Sequence[Path] = (),
+    work_database_dir: Path | None = None,
 ) -> DiscoveryResult:
     """Collect the BOLD runs to parcellate.
 
@@ -261,6 +172,11 @@ def discover(
         must have no ``space-`` entity.
     filters
         ``--bids-filter-file`` content: pybids filters per query (``bold``, ``mask``).
+    database_dir, work_database_dir
+        ``--bids-database-dir`` (a shared index of all subjects, built once) and a private
+        one rebuilt by each job (in ``-w``); see :mod:`bids_fmristore.inputs.indexing`.
+        Without either, only what the job reads is indexed, in memory: the top of each dataset
+        and the selected subjects' folders.
     exclude
         Folders not to index when they lie inside a dataset (OUTPUT_DIR, a work folder).
         pybids already skips the ``derivatives/`` folder of every dataset it indexes.
@@ -274,53 +190,48 @@ def discover(
     """
     from bids.layout import Query
 
-    bids_dir = Path(bids_dir)
-    if not bids_dir.is_dir():
-        raise InputError(f"BIDS_DIR {bids_dir} does not exist or is not a folder")
-    raw_is_derivative = _dataset_type(bids_dir) == "derivative"
-    raw = Dataset("raw", Path(os.path.abspath(bids_dir)), raw_is_derivative)
-    datasets = [raw]
-    for name, root in (derivatives or {}).items():
-        root = Path(root)
-        if not root.is_dir():
-            raise InputError(f"derivative dataset {name}={root} does not exist")
-        _dataset_type(root)
-        datasets.append(Dataset(name, Path(os.path.abspath(root)), True))
+    datasets = _datasets(bids_dir, derivatives)
     filters = dict(filters or {})
     check_filters(filters)
-    layouts = {}
-    for ds in datasets:
-        db = None
-        if database_dir is not None:
-            db = Path(database_dir) / ds.name
-        layouts[ds.name] = load_layout(ds.root, derivative=ds.is_derivative,
-                                       validate=validate, database=db, exclude=exclude)
-    # BOLD comes from the -d datasets that have subjects (an atlas dataset has none), else
-    # from BIDS_DIR itself.
-    sources = [ds for ds in datasets[1:] if layouts[ds.name].get_subjects()] or [raw]
-    bold_filters = pybids_filters(filters.get("bold", {}))
-    mask_filters = pybids_filters(filters.get("mask", {}))
-
-    if participants:
-        present = {s for ds in datasets for s in layouts[ds.name].get(
-            return_type="id", target="subject", subject=list(participants))}
-        missing = sorted(set(participants) - present)
+    selected = sorted(set(participants)) if participants else None
+    if selected:
+        missing = [s for s in selected
+                   if not any((ds.root / f"sub-{s}").is_dir() for ds in datasets)]
         if missing:
-            available = sorted({s for ds in datasets for s in layouts[ds.name].get_subjects()})
+            available = sorted({s for ds in datasets for s in subject_labels(ds.root)})
+            shown = ", ".join(available[:20]) + (
+                f" and {len(available) - 20} more" if len(available) > 20 else "")
             raise InputError(
                 f"participant label(s) {', '.join(missing)} not found in "
                 f"{', '.join(str(ds.root) for ds in datasets)} "
-                f"(available: {', '.join(available) or 'none'})"
+                f"(available: {shown or 'none'})"
             )
-    query = {"suffix": "bold", "datatype": "func", "extension": _NIFTI}
-    for key, values in (("subject", participants), ("session", sessions), ("task", tasks)):
+    sources = _sources(datasets)
+    layouts = {}
+    for ds in sources:
+        if database_dir is not None:
+            db, shared = Path(database_dir) / ds.name, True
+        elif work_database_dir is not None:
+            db, shared = Path(work_database_dir) / ds.name, False
+        else:
+            db, shared = None, False
+        layouts[ds.name] = load_layout(ds.root, derivative=ds.is_derivative, validate=validate,
+                                       subjects=selected, exclude=exclude, database=db,
+                                       shared=shared)
+    bold_filters = pybids_filters(filters.get("bold", {}))
+    mask_filters = pybids_filters(filters.get("mask", {}))
+    # The subject first: pybids joins one table per filter in this order, and SQLite, which
+    # has no statistics, starts from the first one (a shared index holds every subject).
+    query = {"subject": selected} if selected else {}
+    query.update(suffix="bold", datatype="func", extension=_NIFTI)
+    for key, values in (("session", sessions), ("task", tasks)):
         if values:
             query[key] = list(values)
     result = DiscoveryResult([], datasets)
     for ds in sources:
         layout = layouts[ds.name]
         sidecars = SidecarReader(ds.root)
-        masks = _Masks(layout, mask_filters) if ds.is_derivative else None
+        masks = _Masks(layout, mask_filters, selected) if ds.is_derivative else None
         q = dict(query)
         if ds.is_derivative:
             q.update(desc="preproc", space=space)
@@ -354,6 +265,53 @@ def discover(
         raise InputError(f"no BOLD run matches ({what}, filters {shown or 'none'}) in {where}")
     result.runs.sort(key=lambda r: (r.subject, sorted(r.entities.items())))
     return result
+
+
+def _datasets(bids_dir: Path, derivatives: Mapping[str, Path] | None) -> list[Dataset]:
+    """BIDS_DIR (named ``raw``) and the ``-d`` datasets, each checked to be a dataset."""
+    bids_dir = Path(bids_dir)
+    if not bids_dir.is_dir():
+        raise InputError(f"BIDS_DIR {bids_dir} does not exist or is not a folder")
+    raw_is_derivative = _dataset_type(bids_dir) == "derivative"
+    datasets = [Dataset("raw", Path(os.path.abspath(bids_dir)), raw_is_derivative)]
+    for name, root in (derivatives or {}).items():
+        root = Path(root)
+        if not root.is_dir():
+            raise InputError(f"derivative dataset {name}={root} does not exist")
+        _dataset_type(root)
+        datasets.append(Dataset(name, Path(os.path.abspath(root)), True))
+    return datasets
+
+
+def _sources(datasets: list[Dataset]) -> list[Dataset]:
+    """The datasets BOLD comes from, the only ones indexed: the ``-d`` datasets that have
+    subjects (an atlas dataset has none), else BIDS_DIR itself."""
+    return [ds for ds in datasets[1:] if has_subjects(ds.root)] or datasets[:1]
+
+
+def build_index(bids_dir: Path, database_dir: Path, *,
+                derivatives: Mapping[str, Path] | None = None, validate: bool = True,
+                exclude: Sequence[Path] = ()) -> list[Path]:
+    """Build (once) the shared ``--bids-database-dir`` index of every dataset that BOLD would
+    come from, with all their subjects; return the index files.
+
+    An index that exists is reused after checking it is up to date (see
+    :func:`bids_fmristore.inputs.indexing.load_layout`).
+
+    Raises
+    ------
+    InputError
+        Missing or invalid datasets, an out-of-date index, or a database that cannot be
+        written.
+    """
+    built = []
+    for ds in _sources(_datasets(bids_dir, derivatives)):
+        database = Path(database_dir) / ds.name
+        load_layout(ds.root, derivative=ds.is_derivative, validate=validate, exclude=exclude,
+                    database=database, shared=True)
+        built.append(database_file(database, ds.root, derivative=ds.is_derivative,
+                                   validate=validate and not ds.is_derivative, exclude=exclude))
+    return built
 
 
 def _drop_duplicates(result: DiscoveryResult) -> None:
@@ -403,6 +361,15 @@ def _make_run(ds: Dataset, bold, masks: _Masks | None, sidecars: SidecarReader) 
     return BoldRun(path, ds, entities, tr, mask, ds if mask is not None else None)
 
 
+def _top_masks(root: Path) -> bool:
+    try:
+        with os.scandir(root) as entries:
+            return any("mask" in e.name and ".nii" in e.name and not e.name.startswith("sub-")
+                       for e in entries)
+    except OSError:
+        return False
+
+
 class _Masks:
     """The brain masks of one dataset, listed with one query, to pair with its BOLD runs.
 
@@ -411,15 +378,25 @@ class _Masks:
     entities win. So a sibling run's mask is never borrowed.
     """
 
-    def __init__(self, layout, extra: Mapping) -> None:
+    def __init__(self, layout, extra: Mapping, subjects: Sequence[str] | None) -> None:
+        from bids.layout import Query
+
         self._by_folder: dict[Path, list[tuple[dict[str, str], Path]]] = defaultdict(list)
-        query = {"desc": "brain", "suffix": "mask", "extension": _NIFTI, **extra}
-        for name in layout.get(return_type="filename", invalid_filters="allow", **query):
-            path = Path(name)
-            parsed = filename_entities(path.name)
-            if parsed is not None:
-                ents = {k: v for k, v in parsed[0].items() if k != "desc"}
-                self._by_folder[path.parent].append((ents, path))
+        query = {"desc": "brain", "suffix": "mask", "extension": _NIFTI}
+        queries = [{**query, **extra}]
+        if subjects:
+            queries = [{"subject": list(subjects), **query, **extra}]
+            # a mask at the top of the dataset has no subject; that query scans every mask of
+            # a shared index, so only when the top holds a candidate
+            if _top_masks(Path(layout.root)):
+                queries.append({**query, **extra, "subject": Query.NONE})
+        for q in queries:
+            for name in layout.get(return_type="filename", invalid_filters="allow", **q):
+                path = Path(name)
+                parsed = filename_entities(path.name)
+                if parsed is not None:
+                    ents = {k: v for k, v in parsed[0].items() if k != "desc"}
+                    self._by_folder[path.parent].append((ents, path))
 
     def find(self, bold: Path) -> Path | None:
         parsed = filename_entities(bold.name)
