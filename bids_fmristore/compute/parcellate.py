@@ -184,6 +184,7 @@ def parcellate_run(
     moments: VoxelMoments | None = None,
     per_chunk: int = VOLUMES_PER_CHUNK,
     progress: Callable[[int], None] | None = None,
+    block_sink: VoxelSink | None = None,
 ) -> RunMeans:
     """Read a run once and compute every target's parcel means (and voxel blocks).
 
@@ -201,6 +202,9 @@ def parcellate_run(
         Also accumulates voxel-wise temporal statistics in the same pass.
     progress : callable, optional
         Called with the number of volumes done after each block (see ``bids_fmristore.progress``).
+    block_sink : callable, optional
+        ``block_sink(t0, block)`` receives every block as read, (k, Z*Y*X) stored (unscaled)
+        values, valid only during the call (the dense and latent outputs, issue 12).
 
     Returns
     -------
@@ -224,6 +228,8 @@ def parcellate_run(
         t1 = t0 + block.shape[0]
         if moments is not None:
             moments.update(block)
+        if block_sink is not None:
+            block_sink(t0, block)
         for p, out, sink in zip(parcels, means, sinks, strict=True):
             # One gather serves the means and the voxel output.
             values = np.take(block, p.grouped, axis=1)
