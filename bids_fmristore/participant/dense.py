@@ -42,9 +42,10 @@ __all__ = ["RunOutputs", "dense_path", "latent_path", "plan_run_outputs", "run_o
 log = logging.getLogger(__name__)
 
 LATENT_DESC = "latent"
-#: Deflate the dense chunks: the disks this runs on write ~200-300 MB/s, and deflated BOLD is
-#: ~55 % of its float32 size, so compressing costs less wall time than the bytes it saves.
-DENSE_COMPRESS = True
+#: Deflate the dense chunks? Deflated float32 BOLD keeps ~55 % of its size, but isal's deflate
+#: holds the GIL (~0.3 ms per 64 kB chunk, ~2 s per 300 MNI volumes on one core), more than
+#: the whole read of the run; raw chunks are faster on the 2-core bench machine (README).
+DENSE_COMPRESS = False
 
 
 @dataclass(frozen=True)
