@@ -354,7 +354,8 @@ class NeuroVecWriter:
         k, z, y, x = volumes.shape
         _, cz, cy, cx = self.chunks
         padded = np.zeros((-(-z // cz) * cz, -(-y // cy) * cy, -(-x // cx) * cx), dtype=bool)
-        padded[:z, :y, :x] = np.any(volumes != 0, axis=0)
+        # OR of the bit patterns: one pass, and -0.0 counts as data (it is stored exactly)
+        padded[:z, :y, :x] = np.bitwise_or.reduce(volumes.view(np.uint32), axis=0) != 0
         nz, ny, nx = (n // c for n, c in zip(padded.shape, (cz, cy, cx), strict=True))
         busy = padded.reshape(nz, cz, ny, cy, nx, cx).any(axis=(1, 3, 5))
         rows = slice(self._filled, self._filled + k)
