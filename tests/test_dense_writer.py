@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import OBLIQUE_AFFINE
 
-from bids_fmristore.formats.neurovec import STREAM_CHUNK, H5NeuroVec, NeuroVecWriter
+from bids_fmristore.formats.neurovec import H5NeuroVec
+from bids_fmristore.formats.neurovec_stream import STREAM_CHUNK, NeuroVecWriter
 
 SHAPE = (13, 11, 10, 37)  # no axis a multiple of its chunk: padded edge chunks everywhere
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from bids_fmristore.formats.latent import write_latent
-from bids_fmristore.formats.neurovec import NeuroVecWriter
+from bids_fmristore.formats.neurovec_stream import NeuroVecWriter
 
 AFFINE = np.array([[-2.0, 0.0, 0.0, 30.0],
                    [0.0, 2.4 * np.cos(0.2), -3.0 * np.sin(0.2), -40.0],
