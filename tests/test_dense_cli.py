@@ -140,3 +140,14 @@ def test_a_run_that_breaks_off_leaves_no_dense_or_latent_file(tmp_path, rng):
 def test_latent_argument_must_be_a_count_or_a_fraction(tmp_path, capsys, value):
     assert main([str(tmp_path), str(tmp_path / "out"), "participant", "--latent", value]) == 2
     assert "--latent: expected a number of components" in capsys.readouterr().err
+
+
+def test_worker_processes_write_the_same_dense_and_latent_files(tmp_path, rng):
+    bold, mask, atlas = _dataset(tmp_path, rng)
+    assert _run(tmp_path, atlas, "--dense", "--latent", "3", "--nprocs", "2") == 0
+    folder = tmp_path / "out" / "sub-01" / "func"
+    with H5NeuroVec(folder / DENSE) as vec:
+        np.testing.assert_array_equal(vec.data(), np.asanyarray(nib.load(bold).dataobj))
+    with LatentNeuroVec(folder / LATENT) as lv:
+        assert lv.k == 3 and np.array_equal(lv.mask, mask)
+    assert (folder / DENSE).with_suffix(".json").exists()
