@@ -5,8 +5,8 @@ voxel's whole series. :class:`TileStore` therefore keeps the in-mask values of t
 unlinked scratch file laid out by voxel tile (one tile = ``tile`` voxels x all T volumes,
 contiguous), so that a tile is one read. :func:`decompose` then makes two passes over the
 tiles: the centred Gram matrix ``G = Xc Xc'`` (T x T, float64) and the voxel means, then
-after ``eigh(G)`` the loadings ``Xc' U_K`` tile by tile. Memory is O(T^2 + T * tile), never
-O(T * N).
+after ``eigh(G)`` the loadings ``Xc' U_K`` tile by tile. Memory is O(T^2 + T * tile), with
+T * tile bounded (:data:`TILE_VALUES`); never O(T * N).
 
 With ``Xc = U S V'`` (X: T x N, centred per voxel), ``basis = U_K`` (orthonormal, T x K) and
 ``loadings = V_K S_K`` (N x K), so ``basis @ loadings.T + mean`` is the rank-K truncated-SVD
@@ -25,8 +25,11 @@ import numpy as np
 
 __all__ = ["TileStore", "Decomposition", "decompose", "loadings", "choose_k", "TILE"]
 
-#: Voxels per tile: a (1000 x 4096) float64 tile is 33 MB.
+#: Values per tile (T x width): 2**20 float64 = 8 MB whatever T, so memory stays flat in T.
+TILE_VALUES = 1 << 20
+#: Tile width bounds (voxels): wide enough for efficient BLAS, narrow enough for long runs.
 TILE = 4096
+_MIN_TILE = 256
 
 
 class TileStore:
@@ -40,10 +43,14 @@ class TileStore:
         Flat indices (x fastest) of the voxels to keep, in the order wanted (fmristore order).
     directory : path, optional
         Where the scratch file lives (4 * T * N bytes; removed when closed or the process dies).
+    tile : int, optional
+        Voxels per tile; default ``TILE_VALUES // T`` within [256, 4096].
     """
 
     def __init__(self, n_time: int, voxels: np.ndarray, *, directory: Path | None = None,
-                 tile: int = TILE) -> None:
+                 tile: int | None = None) -> None:
+        if tile is None:
+            tile = min(TILE, max(_MIN_TILE, TILE_VALUES // max(int(n_time), 1)))
         self.n_time, self.voxels, self.tile = int(n_time), np.asarray(voxels), int(tile)
         self.n_vox = int(self.voxels.size)
         self._starts = list(range(0, self.n_vox, self.tile))
