@@ -148,3 +148,14 @@ def test_reader_takes_fmristores_sparse_csc_loadings(tmp_path, rng):
     with LatentNeuroVec(path) as lv:
         np.testing.assert_array_equal(lv.loadings(), dense.astype(np.float64))
         np.testing.assert_array_equal(lv.loadings(2, 5), dense[2:5].astype(np.float64))
+
+
+def test_non_finite_values_count_as_zero_and_are_counted(rng):
+    data = _low_rank(rng, n_t=20, n_vox=300)
+    data[3, 10], data[5, 200], data[6, 200] = np.nan, np.inf, -np.inf
+    clean = np.where(np.isfinite(data), data, 0.0)
+    with _store(data) as store:
+        dec = decompose(store, 4)
+        assert store.nonfinite_voxels == 2
+        approx, _ = _reconstruct(store, dec)
+    np.testing.assert_allclose(approx, _svd_reference(clean, 4)[0], rtol=0, atol=1e-5)

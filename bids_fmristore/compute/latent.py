@@ -57,6 +57,7 @@ class TileStore:
         self._file = tempfile.TemporaryFile(dir=directory, prefix=".bids_fmristore-latent-")
         self._fd = self._file.fileno()
         self._written = 0
+        self._bad: dict[int, int] = {}
 
     def close(self) -> None:
         self._file.close()
@@ -87,7 +88,10 @@ class TileStore:
         self._written += values.shape[0]
 
     def tiles(self) -> Iterator[tuple[int, np.ndarray]]:
-        """``(start, series)`` of each tile in order, ``series`` shape (T, width) float64."""
+        """``(start, series)`` of each tile in order, ``series`` shape (T, width) float64.
+
+        NaN and ±Inf are read as 0 (as in the parcel means, nilearn's convention); the voxels
+        that held one are counted in :attr:`nonfinite_voxels` (after a full pass)."""
         if self._written != self.n_time:
             raise ValueError(f"{self._written} of {self.n_time} volumes were written")
         for start in self._starts:
@@ -95,8 +99,18 @@ class TileStore:
             raw = os.pread(self._fd, 4 * self.n_time * width, self._offset(start, 0, width))
             if len(raw) != 4 * self.n_time * width:
                 raise OSError("scratch file shorter than written")
-            yield start, np.frombuffer(raw, dtype=np.float32).reshape(self.n_time, width) \
-                .astype(np.float64)
+            x = np.frombuffer(raw, dtype=np.float32).reshape(self.n_time, width).astype(
+                np.float64)
+            finite = np.isfinite(x)
+            if not finite.all():  # one NaN would make the whole Gram matrix NaN
+                self._bad[start] = int((~finite.all(axis=0)).sum())
+                x[~finite] = 0.0
+            yield start, x
+
+    @property
+    def nonfinite_voxels(self) -> int:
+        """Voxels with a NaN or Inf value in some volume (known after a pass of tiles())."""
+        return sum(self._bad.values())
 
 
 @dataclass(frozen=True)

@@ -189,6 +189,9 @@ def _write_latent(plan: RunOutputs, store: TileStore, name: str, run: BoldRun,
         writer.write_offset(dec.mean)
         writer.write_embedding(dec.basis)
     explained = dec.variance_explained
+    if store.nonfinite_voxels:
+        log.warning("%s: %d voxel(s) inside the mask hold NaN or Inf; they count as 0 in the "
+                    "latent decomposition", run.path, store.nonfinite_voxels)
     write_json(sidecar_of(plan.latent), {
         **common, "Inputs": plan.inputs[plan.latent],
         "Description": "PCA of the run's in-mask voxel series as an fmristore LatentNeuroVec: "
@@ -202,4 +205,5 @@ def _write_latent(plan: RunOutputs, store: TileStore, name: str, run: BoldRun,
         "NumberOfVoxels": int(plan.mask.sum()),
         "VarianceExplained": [round(float(v), 8) for v in explained],
         "CumulativeVarianceExplained": round(float(explained.sum()), 8),
+        "NonFiniteVoxels": store.nonfinite_voxels,
     })
