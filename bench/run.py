@@ -18,10 +18,14 @@ module imports excluded, reading the atlas and mask included), the peak RSS of t
                 --denoise simple does (synthetic confounds with fMRIPrep's column names)
     (f) h5-denoise (c), then its denoised companion with voxel series (a second pass over the
                 written file, one cluster at a time), as --denoise simple --store both does
-    (g) floor4  bare isal decompression of the same BOLD 4 times
-    (h) cli-means  the whole command (``python -m bids_fmristore ... participant --store
+    (g) dense  our means + the run as an H5NeuroVec from the same pass, as --dense does
+    (h) latent our means + the run's PCA as a LatentNeuroVec (K = LATENT_K components), as
+                --latent does: in-mask values kept in a scratch file during the pass, then
+                the Gram matrix and the loadings in two passes over it
+    (i) floor4  bare isal decompression of the same BOLD 4 times
+    (j) cli-means  the whole command (``python -m bids_fmristore ... participant --store
                 summary``) on one subject with 4 such runs, timed from outside its process
-    (i) cli-full   the same with ``--store both`` (see bench/command.py)
+    (k) cli-full   the same with ``--store both`` (see bench/command.py)
 """
 
 from __future__ import annotations
@@ -50,12 +54,15 @@ CASES = {
     "i16-T300-L400": ("int16", 300, 400),
     "f32-T1000-L400": ("float32", 1000, 400),
 }
-MODES = ("floor", "means", "h5", "nilearn", "denoise", "h5-denoise", "floor4", "cli-means",
-         "cli-full")
+MODES = ("floor", "means", "h5", "nilearn", "denoise", "h5-denoise", "dense", "latent",
+         "floor4", "cli-means", "cli-full")
+#: components of the latent case
+LATENT_K = 20
 #: (label, numerator, denominator) of the ratios printed, letters as in the docstring
 RATIOS = (("b/a", "means", "floor"), ("c/a", "h5", "floor"), ("d/b", "nilearn", "means"),
-          ("e/b", "denoise", "means"), ("f/c", "h5-denoise", "h5"), ("h/g", "cli-means", "floor4"),
-          ("i/g", "cli-full", "floor4"))
+          ("e/b", "denoise", "means"), ("f/c", "h5-denoise", "h5"), ("g/a", "dense", "floor"),
+          ("h/a", "latent", "floor"), ("j/i", "cli-means", "floor4"),
+          ("k/i", "cli-full", "floor4"))
 
 
 def mni_affine() -> np.ndarray:
@@ -186,7 +193,7 @@ def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
         with igzip.open(bold, "rb") as f:
             while f.readinto(buf):
                 pass
-    elif mode in ("means", "h5", "denoise", "h5-denoise"):
+    elif mode in ("means", "h5", "denoise", "h5-denoise", "dense", "latent"):
         import nibabel as nib
 
         from bids_fmristore.atlas import load_atlas
@@ -205,6 +212,9 @@ def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
         parcels = Parcels(vox, cmap)
         if mode == "means":
             parcellate_run(info, [parcels])
+            return
+        if mode in ("dense", "latent"):
+            _dense_or_latent(mode, info, bold, mask, brain, parcels, out_dir)
             return
         if mode == "denoise":
             from bids_fmristore.compute.denoise import CleanOptions, clean_signals
@@ -246,13 +256,31 @@ def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
                           standardize=None).fit_transform(str(bold))
 
 
+def _dense_or_latent(mode, info, bold: Path, mask: Path, brain, parcels, out_dir: Path) -> None:
+    """The participant level's own per-run sink (participant/dense.py) on the bench run."""
+    from bids_fmristore.compute.parcellate import parcellate_run
+    from bids_fmristore.inputs.discovery import BoldRun, Dataset
+    from bids_fmristore.participant.dense import RunOutputs, run_outputs_sink
+
+    dataset = Dataset("bench", bold.parent, True)
+    run = BoldRun(bold, dataset, {"subject": "01", "task": "rest"}, 2.0, mask, dataset)
+    path = out_dir / ("d.h5" if mode == "dense" else "l.lv.h5")
+    plan = RunOutputs(path if mode == "dense" else None, path if mode == "latent" else None,
+                      brain, {path: {}})
+    with run_outputs_sink(plan, "run", run, info, components=LATENT_K) as sink:
+        parcellate_run(info, [parcels], block_sink=sink)
+
+
 def import_modules(mode: str) -> None:
     """Import what a mode uses before the clock starts: start-up is not what is compared."""
     if mode in ("floor", "floor4"):
         import isal.igzip  # noqa: F401
-    elif mode in ("means", "h5", "denoise", "h5-denoise"):
+    elif mode in ("means", "h5", "denoise", "h5-denoise", "dense", "latent"):
         import nibabel  # noqa: F401
         import pandas  # noqa: F401
+
+        if mode in ("dense", "latent"):
+            import bids_fmristore.participant.dense  # noqa: F401
 
         if mode in ("denoise", "h5-denoise"):
             import nilearn.interfaces.fmriprep  # noqa: F401

@@ -22,8 +22,9 @@ __all__ = ["file_stamp", "inputs_record", "why_rebuild", "sidecar_of", "should_b
 
 
 def sidecar_of(output: Path) -> Path:
-    """The JSON sidecar beside an ``.h5`` output."""
-    return output.with_name(output.name[: -len(".h5")] + ".json")
+    """The JSON sidecar beside an ``.h5`` (or fmristore's latent ``.lv.h5``) output."""
+    suffix = ".lv.h5" if output.name.endswith(".lv.h5") else ".h5"
+    return output.with_name(output.name[: -len(suffix)] + ".json")
 
 
 def file_stamp(path: Path) -> dict[str, int]:

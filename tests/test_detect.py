@@ -155,13 +155,19 @@ def test_open_dispatches(name, cls):
     "spec, kind",
     [
         ({"@fmristore_class": "H5NeuroVecSeq"}, "H5NeuroVecSeq"),
-        ({"basis/basis_matrix": np.ones((2, 2))}, "LatentNeuroVec"),
         ({}, "unknown"),
     ],
 )
 def test_open_refuses_other_types(tmp_path, spec, kind):
     path = build(tmp_path / "x.h5", spec)
     with pytest.raises(FormatError, match=rf"x\.h5: not an fmristore file \(detected: {kind}\)"):
+        detect.open(path)
+
+
+def test_open_of_an_incomplete_latent_file_names_what_is_missing(tmp_path):
+    # LatentNeuroVec files are opened since issue 12; one without /header is a FormatError
+    path = build(tmp_path / "x.h5", {"basis/basis_matrix": np.ones((2, 2))})
+    with pytest.raises(FormatError, match=r"x\.h5: missing /header \(not a LatentNeuroVec"):
         detect.open(path)
 
 

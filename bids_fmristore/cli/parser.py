@@ -143,6 +143,21 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _components(value: str) -> int | float:
+    """``--latent``: a number of components (integer >= 1) or a variance fraction in (0, 1)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if number.is_integer() and number >= 1 and "." not in value:
+        return int(number)
+    if 0.0 < number < 1.0:
+        return number
+    raise argparse.ArgumentTypeError(
+        f"expected a number of components (an integer >= 1) or a fraction of variance "
+        f"between 0 and 1 (exclusive), got {value!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``bids_fmristore`` argument parser."""
     p = argparse.ArgumentParser(
@@ -211,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="rebuild every output (default: keep the outputs that are complete and "
                    "up to date, rebuild the others)")
+    # issue 12: per-run voxel-level files (participant/dense.py)
+    g.add_argument("--dense", action="store_true",
+                   help="also write each run whole as an fmristore H5NeuroVec "
+                   "(..._desc-preproc_bold.h5), in the same pass")
+    g.add_argument("--latent", type=_components, metavar="K",
+                   help="also write each run's PCA as an fmristore LatentNeuroVec "
+                   "(..._desc-latent_bold.lv.h5): K components, or 0<K<1 for the fewest "
+                   "components explaining that fraction of the in-mask variance")
 
     g = p.add_argument_group(
         "denoising (parcel means, as nilearn's NiftiLabelsMasker with fMRIPrep confounds)")

@@ -255,7 +255,7 @@ def participant(opts) -> int:
     options = Options(store=opts.store, overwrite=opts.overwrite,
                       min_coverage=opts.min_coverage,
                       tables_dir=output_dir if opts.tsv else None,
-                      denoise=denoise)
+                      denoise=denoise, dense=opts.dense, latent=opts.latent)
     results = run_jobs(jobs, options, nprocs=opts.nprocs, scratch=opts.work_dir)
     written = skipped = 0
     for result in results:

@@ -135,6 +135,7 @@ def parcellate_run(
     moments: VoxelMoments | None = None,
     per_chunk: int = VOLUMES_PER_CHUNK,
     progress: Callable[[int], None] | None = None,
+    block_sink: VoxelSink | None = None,
 ) -> RunMeans:
     """Read a run once and compute every target's parcel means (and voxel blocks).
 
@@ -152,6 +153,9 @@ def parcellate_run(
         Also accumulates voxel-wise temporal statistics in the same pass.
     progress : callable, optional
         Called with the number of volumes done after each block (see ``bids_fmristore.progress``).
+    block_sink : callable, optional
+        ``block_sink(t0, block)`` receives every block as read, (k, Z*Y*X) stored (unscaled)
+        values, valid only during the call (the dense and latent outputs, issue 12).
 
     Returns
     -------
@@ -179,6 +183,8 @@ def parcellate_run(
         if moments is not None:
             gathered = np.take(block, moments.gather, axis=1)
             moments.add(gathered)
+        if block_sink is not None:
+            block_sink(t0, block)
         for i, (p, out, sink) in enumerate(zip(parcels, means, sinks, strict=True)):
             # One gather serves the means and the voxel output.
             values = (gathered[:, : p.grouped.size] if lead and i == 0

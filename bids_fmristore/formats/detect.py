@@ -16,6 +16,7 @@ import numpy as np
 from bids_fmristore.errors import FormatError
 from bids_fmristore.formats._h5 import decode, open_h5, reason
 from bids_fmristore.formats.labeled import LabeledVolumeSet
+from bids_fmristore.formats.latent import LatentNeuroVec
 from bids_fmristore.formats.neurovec import H5NeuroVec, H5NeuroVol
 
 __all__ = ["detect_type", "open"]
@@ -102,12 +103,20 @@ def _vector(f: h5py.File, key: str) -> np.ndarray | None:
     return np.asarray(node[()]).ravel()
 
 
+def _is_latent(path: str | os.PathLike) -> bool:
+    """fmristore's own latent files lack ``fmristore_class``: R's rules call them
+    H5NeuroVecSeq, but their ``rtype`` and ``/basis`` say what they are."""
+    with open_h5(Path(path)) as f:
+        return (_attr_text(f.attrs.get("rtype", "")) == "LatentNeuroVec"
+                and ("basis/basis_matrix" in f or "basis/basis_matrix_sparse" in f))
+
+
 def open(path: str | os.PathLike):  # shadows the builtin inside this module only
     """Open an fmristore file with the reader of its detected type (R's ``read_dataset``).
 
     Returns
     -------
-    ParcellatedMultiScan or LabeledVolumeSet or H5NeuroVol or H5NeuroVec
+    ParcellatedMultiScan or LabeledVolumeSet or H5NeuroVol or H5NeuroVec or LatentNeuroVec
         An open reader; use it as a context manager or call ``close()``.
 
     Raises
@@ -131,4 +140,6 @@ def open(path: str | os.PathLike):  # shadows the builtin inside this module onl
         return H5NeuroVol(path)
     if kind == "H5NeuroVec":
         return H5NeuroVec(path)
+    if kind == "LatentNeuroVec" or (kind == "H5NeuroVecSeq" and _is_latent(path)):
+        return LatentNeuroVec(path)
     raise FormatError(f"{path}: not an fmristore file (detected: {kind})")

@@ -33,6 +33,7 @@ from bids_fmristore.participant.denoised import (
     denoised_path,
     write_denoised,
 )
+from bids_fmristore.participant.dense import plan_run_outputs, run_outputs_sink
 from bids_fmristore.participant.plan import Job, Options
 from bids_fmristore.progress import Progress, run_label
 from bids_fmristore.resume import inputs_record, should_build, sidecar_of, why_rebuild
@@ -152,10 +153,12 @@ class Prepared:
     maps: MapsTarget | None
     result: JobResult
     inputs: dict[Path, dict] = field(default_factory=dict)
+    #: per scan name, its ``--dense``/``--latent`` files to build (participant/dense.py)
+    run_outputs: dict = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
-        return not self.targets and self.maps is None
+        return not self.targets and self.maps is None and not self.run_outputs
 
 
 def _wanted(job: Job, output: Path, opts: Options, record: dict, result: JobResult,
@@ -229,7 +232,12 @@ def prepare_targets(job: Job, opts: Options | None = None) -> Prepared:
         todo.append((atlas, output))
     want_maps = job.maps_output is not None and _wanted(job, job.maps_output, opts,
                                                         records[job.maps_output], result)
-    if not todo and not want_maps:
+    run_outputs = {}  # --dense/--latent (issue 12): per-run files, by BOLD path
+    if opts.dense or opts.latent is not None:
+        run_outputs = plan_run_outputs(_run_folder(job), job.runs, dense=opts.dense,
+                                       latent=opts.latent, overwrite=opts.overwrite,
+                                       skipped=result.skipped)
+    if not todo and not want_maps and not run_outputs:
         return Prepared(job, [], None, result, records)
     planned_failures = len(job.failed)  # reported when planning
     job, run_masks = _readable_masks(job)
@@ -237,6 +245,9 @@ def prepare_targets(job: Job, opts: Options | None = None) -> Prepared:
     if not job.runs:
         nothing_read(job)
         return Prepared(job, [], None, result, records)
+    run_outputs = {run.path: replace(run_outputs[run.path], mask=mask)
+                   for run, mask in zip(job.runs, run_masks, strict=True)
+                   if run.path in run_outputs}
     infos = job.infos
     geometry = Geometry(infos[0].shape[:3], infos[0].affine)
     brain = np.logical_and.reduce(run_masks)
@@ -260,7 +271,12 @@ def prepare_targets(job: Job, opts: Options | None = None) -> Prepared:
         low = coverage[np.searchsorted(index, layout.cluster_ids)] < opts.min_coverage
         targets.append(Target(atlas, output, geometry, layout, Parcels(voxels, cluster_map),
                               coverage, low, tuple(denoise[output])))
-    return Prepared(job, targets, maps, result, records)
+    return Prepared(job, targets, maps, result, records, run_outputs)
+
+
+def _run_folder(job: Job) -> Path:
+    """Where the job's per-run files go: beside its parcellated files."""
+    return (job.maps_output or job.outputs[0]).parent
 
 
 def writer_for(target: Target, store: str, path: Path, *, full: bool = True) -> MultiScanWriter:
@@ -301,9 +317,11 @@ def write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prep
     moments = prep.maps.moments() if prep.maps is not None else None
     label = run_label(prep.job.label, index, len(prep.job.runs), name)
     try:
-        with Progress(label, info.shape[3]) as progress:
+        with Progress(label, info.shape[3]) as progress, run_outputs_sink(
+                prep.run_outputs.get(run.path), name, run, info, components=opts.latent,
+                space=prep.job.space) as block_sink:
             means = parcellate_run(info, [t.parcels for t in targets], sinks, moments=moments,
-                                   progress=progress)
+                                   progress=progress, block_sink=block_sink)
         for scan, values, target in zip(scans, means, targets, strict=True):
             values[:, target.low_coverage] = np.nan  # too little of the parcel was imaged
             scan.write_summary(values)
@@ -389,6 +407,9 @@ def finish_job(prep: Prepared, opts: Options, done: dict, failed: list) -> None:
     ``done`` maps each scan that was read to (run, its header, its voxel maps or None);
     ``failed`` lists (run, reason) of the job's runs that could not be read."""
     job, result = prep.job, prep.result
+    for run, *_ in done.values():  # written by write_scans (in a worker, with --nprocs)
+        if run.path in prep.run_outputs:
+            result.written += prep.run_outputs[run.path].paths
     failed_runs = [{"Source": run.uri(), "Reason": reason}
                    for run, reason in [*job.failed, *failed]]
     scans_info = {name: _scan_info(run, info) for name, (run, info, *_) in done.items()}

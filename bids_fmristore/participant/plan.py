@@ -43,6 +43,11 @@ class Options:
     tables_dir: Path | None = None
     #: denoised companions of each atlas file (``--denoise``/``--confounds``): Denoising objects
     denoise: tuple = ()
+    #: per run, an H5NeuroVec of the whole run (``--dense``)
+    dense: bool = False
+    #: per run, a LatentNeuroVec with this many components, or this fraction (0, 1) of the
+    #: variance (``--latent``); None: none
+    latent: int | float | None = None
 
 
 @dataclass(frozen=True)
