@@ -24,7 +24,8 @@ try:
 except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same format
     _deflate, _inflate, _InflateError = zlib.compress, zlib.decompress, zlib.error
 
-__all__ = ["DIRECT_LEVEL", "encode_chunk", "pool", "read_float32", "start_read"]
+__all__ = ["DIRECT_LEVEL", "encode_chunk", "encode_whole_chunk", "pool", "read_float32",
+           "start_read"]
 
 #: Deflate level of direct chunks: isal's level 1 compresses like zlib's 4, ~10x faster.
 DIRECT_LEVEL = 1
@@ -51,6 +52,13 @@ def encode_chunk(block: np.ndarray, chunk: tuple[int, int]) -> bytes:
     rows, width = block.shape
     planes = np.zeros((4, *chunk), dtype=np.uint8)
     planes[:, :rows, :width] = block.view(np.uint8).reshape(rows, width, 4).transpose(2, 0, 1)
+    return _deflate(planes, DIRECT_LEVEL)
+
+
+def encode_whole_chunk(chunk: np.ndarray) -> bytes:
+    """HDF5 shuffle then deflate of a contiguous float32 array that is a whole chunk already
+    (any number of dimensions)."""
+    planes = np.ascontiguousarray(chunk.reshape(-1).view(np.uint8).reshape(-1, 4).T)
     return _deflate(planes, DIRECT_LEVEL)
 
 

@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 
 from bids_fmristore.atomic import atomic_path
+from bids_fmristore.formats._chunks import encode_whole_chunk, pool
 from bids_fmristore.formats.neurovec import _GZIP, _check, _write_root
 
 __all__ = ["NeuroVecWriter", "STREAM_CHUNK"]
@@ -29,8 +30,9 @@ class NeuroVecWriter:
     space, and memory holds one time-row of the occupied chunks only.
 
     Chunks are stored uncompressed by default: deflating noisy float32 BOLD saves ~40 % of
-    the space at ~0.33 ms per chunk on one core (isal holds the GIL), more than the whole
-    read of the run costs; ``compress=True`` declares and applies shuffle+deflate.
+    the space at ~0.33 ms per chunk of CPU, more than the whole read of the run costs;
+    ``compress=True`` declares shuffle+deflate and encodes the chunks in the coding threads
+    (:mod:`bids_fmristore.formats._chunks`).
 
     Parameters
     ----------
@@ -146,23 +148,13 @@ class NeuroVecWriter:
         """Store the staged chunks of the current time-row (all-zero chunks never were)."""
         t0 = self._written
         _, cz, cy, cx = self.chunks
-        for (iz, iy, ix), chunk in sorted(self._staged.items()):
-            payload = _shuffle_deflate(chunk) if self._compress else chunk
+        staged = sorted(self._staged.items())
+        payloads = (pool().map(lambda item: encode_whole_chunk(item[1]), staged)
+                    if self._compress else (chunk for _, chunk in staged))
+        for ((iz, iy, ix), _), payload in zip(staged, payloads, strict=True):
             self._ds.id.write_direct_chunk((t0, iz * cz, iy * cy, ix * cx), payload)
             self.chunks_stored += 1
         self._free = list(self._staged.values())  # fresh arrays would page-fault again
         self._staged = {}
         self._written += self._filled
         self._filled = 0
-
-
-def _shuffle_deflate(chunk: np.ndarray) -> bytes:
-    """HDF5's shuffle (byte j of every element as plane j) then deflate, of a whole
-    contiguous float32 chunk."""
-    from bids_fmristore.formats.multiscan_writer import _DIRECT_LEVEL, _deflate
-
-    words = chunk.view(np.uint32).ravel()
-    planes = np.empty((4, words.size), dtype=np.uint8)
-    for j in range(4):
-        np.right_shift(words, 8 * j, out=planes[j], casting="unsafe")
-    return _deflate(planes, _DIRECT_LEVEL)
