@@ -95,3 +95,22 @@ def test_memory_does_not_grow_with_the_scans_of_a_file(tmp_path, rng):
                 assert current < 15e6, f"{current / 1e6:.0f} MB held after scan {i + 1}"
     finally:
         tracemalloc.stop()
+
+
+@pytest.mark.parametrize("n_time, rows", [(50, 50), (128, 128), (129, 65), (300, 100),
+                                          (1000, 125)])
+def test_time_chunks_have_no_padding_row(tmp_path, rng, n_time, rows):
+    """Chunks are at most 128 volumes high and split T evenly (HDF5 pads the last row)."""
+    mask = np.ones((4, 3, 2), bool)
+    layout = ClusterLayout(mask, np.repeat([1, 2], 12))
+    path = tmp_path / "f.h5"
+    data = rng.normal(size=(n_time, 24)).astype(np.float32)
+    with MultiScanWriter(path, geometry=Geometry(mask.shape, np.eye(4)), layout=layout,
+                         store="full") as w:
+        scan = w.add_scan("run", n_time)
+        scan.write_voxels(data)
+        scan.check_complete()
+    with h5py.File(path, "r") as f:
+        ds = f["scans/run/clusters/cluster_1"]
+        assert ds.chunks == (rows, 12)
+        np.testing.assert_array_equal(ds[()], data[:, layout.by_cluster[:12]])

@@ -129,10 +129,15 @@ def _clean(signals, confounds, sample_mask, opts: CleanOptions, cleaner) -> np.n
             f"{max(MIN_KEPT_VOLUMES, n_regressors + 1)} needed ({n_regressors} regressors, "
             f"minimum {MIN_KEPT_VOLUMES})")
 
-    nan_cols = np.isnan(signals).any(axis=0)
-    partly = nan_cols & ~np.isnan(signals).all(axis=0)
-    if partly.any():
-        raise ValueError(f"columns {np.flatnonzero(partly).tolist()} are partly NaN")
+    # A column with a NaN has a non-finite sum: only those columns are examined.
+    odd = ~np.isfinite(signals.sum(axis=0))
+    nan_cols = np.zeros(n_cols, dtype=bool)
+    if odd.any():
+        isnan = np.isnan(signals[:, odd])
+        nan_cols[odd] = isnan.any(axis=0)
+        partly = np.flatnonzero(odd)[isnan.any(axis=0) & ~isnan.all(axis=0)]
+        if partly.size:
+            raise ValueError(f"columns {partly.tolist()} are partly NaN")
     good = ~nan_cols
     out = None if good.all() else np.full((n_kept, n_cols), np.nan)
     if good.any():
@@ -164,18 +169,23 @@ def _split_clean(signals, confounds, sample_mask, opts: CleanOptions) -> np.ndar
     from nilearn.signal import clean, standardize_signal
     from scipy import linalg
 
+    identity = not opts.detrend and opts.low_pass is None and opts.high_pass is None and (
+        sample_mask is None)
+
     def steps(x):  # every step ``clean`` takes before removing the confounds
+        if identity:  # nothing to do: spare a copy of the batch
+            return x
         return clean(x, detrend=opts.detrend, standardize=None, confounds=None,
                      sample_mask=None if sample_mask is None else sample_mask.copy(),
                      t_r=opts.t_r, low_pass=opts.low_pass, high_pass=opts.high_pass)
 
-    cleaned = steps(signals)
+    prepared = steps(signals)
     regressors = standardize_signal(steps(confounds), standardize="zscore_sample",
                                     detrend=False)
     # As ``clean``: pivoted QR, columns of a rank-deficient set dropped at the same tolerance.
     q, r, _ = linalg.qr(regressors, mode="economic", pivoting=True)
     q = q[:, np.abs(np.diag(r)) > np.finfo(np.float64).eps * 100.0]
-    cleaned -= q @ (q.T @ cleaned)
+    cleaned = prepared - q @ (q.T @ prepared)
     if opts.standardize is None:
         return cleaned
     return standardize_signal(cleaned, standardize=opts.standardize, detrend=False)

@@ -46,13 +46,26 @@ def pool() -> ThreadPoolExecutor:
 def encode_chunk(block: np.ndarray, chunk: tuple[int, int]) -> bytes:
     """HDF5 shuffle then deflate (zlib format) of one float32 chunk, zero-padded at the edges.
 
-    The shuffle filter stores byte ``j`` of every element, in C order, as plane ``j``; the
-    planes are filled in one strided copy straight from the (possibly non-contiguous) block.
+    The shuffle filter stores byte ``j`` of every element, in C order, as plane ``j``; each
+    plane is cut from the 32-bit words with one shift (a strided byte copy is 3x slower).
     """
     rows, width = block.shape
+    words = block.view(np.uint32)
     planes = np.zeros((4, *chunk), dtype=np.uint8)
-    planes[:, :rows, :width] = block.view(np.uint8).reshape(rows, width, 4).transpose(2, 0, 1)
+    for j in range(4):
+        np.right_shift(words, 8 * j, out=planes[j, :rows, :width], casting="unsafe")
     return _deflate(planes, DIRECT_LEVEL)
+
+
+def _unshuffle(planes: np.ndarray, out: np.ndarray) -> None:
+    """Inverse of the shuffle: the (4, n_t, n_c) byte planes into float32 ``out`` (n_t, n_c),
+    assembled as 32-bit words (a strided byte copy is 4x slower)."""
+    words = out.view(np.uint32)
+    np.left_shift(planes[3], 24, out=words, dtype=np.uint32, casting="unsafe")
+    part = np.empty_like(words)
+    for j in (2, 1, 0):
+        np.left_shift(planes[j], 8 * j, out=part, dtype=np.uint32, casting="unsafe")
+        words |= part
 
 
 def encode_whole_chunk(chunk: np.ndarray) -> bytes:
@@ -114,8 +127,12 @@ def start_read(ds: h5py.Dataset) -> Callable[[], np.ndarray]:
         except (_InflateError, ValueError) as err:  # a damaged chunk: ValueError for the reader
             raise ValueError(f"damaged chunk at {offset}: {err}") from None
         n_t, n_c = min(rows, out.shape[0] - t0), min(width, out.shape[1] - c0)
-        out[t0 : t0 + n_t, c0 : c0 + n_c].view(np.uint8).reshape(n_t, n_c, 4)[...] = (
-            planes[:, :n_t, :n_c].transpose(1, 2, 0))
+        if n_c == out.shape[1]:  # whole rows: a view of ``out`` takes the words in place
+            _unshuffle(planes[:, :n_t, :n_c], out[t0 : t0 + n_t])
+        else:
+            piece = np.empty((n_t, n_c), dtype=np.float32)
+            _unshuffle(planes[:, :n_t, :n_c], piece)
+            out[t0 : t0 + n_t, c0 : c0 + n_c] = piece
 
     futures = [pool().submit(decode, o, p) for o, p in zip(offsets, raw, strict=True)]
 
