@@ -18,6 +18,9 @@ module imports excluded, reading the atlas and mask included), the peak RSS of t
                 --denoise simple does (synthetic confounds with fMRIPrep's column names)
     (f) h5-denoise (c), then its denoised companion with voxel series (a second pass over the
                 written file, one cluster at a time), as --denoise simple --store both does
+    (g) participant     the whole participant level (pybids indexing included) of one subject
+                        with 2 runs of the case, --no-report
+    (h) participant-report  the same with the HTML report (the report's imports included)
 """
 
 from __future__ import annotations
@@ -43,10 +46,12 @@ CASES = {
     "i16-T300-L400": ("int16", 300, 400),
     "f32-T1000-L400": ("float32", 1000, 400),
 }
-MODES = ("floor", "means", "h5", "nilearn", "denoise", "h5-denoise")
+MODES = ("floor", "means", "h5", "nilearn", "denoise", "h5-denoise", "participant",
+         "participant-report")
 #: (label, numerator, denominator) of the ratios printed, letters as in the docstring
 RATIOS = (("b/a", "means", "floor"), ("c/a", "h5", "floor"), ("d/b", "nilearn", "means"),
-          ("e/b", "denoise", "means"), ("f/c", "h5-denoise", "h5"))
+          ("e/b", "denoise", "means"), ("f/c", "h5-denoise", "h5"),
+          ("h/g", "participant-report", "participant"))
 
 
 def mni_affine() -> np.ndarray:
@@ -167,8 +172,48 @@ def fmriprep_named(bold: Path) -> Path:
 
 
 # -- measured work (run in a child process) --------------------------------------------------
+def participant_dataset(bold: Path, atlas: Path, mask: Path, n_runs: int = 2) -> Path:
+    """A BIDS + fMRIPrep dataset of one subject whose runs are the case's BOLD (symlinks)."""
+    named = fmriprep_named(bold)  # also writes the confounds table
+    root = bold.parent / f"bids-{bold.name.split('.')[0]}-R{n_runs}"
+    if (root / "done").exists():
+        return root
+    func = root / "derivatives" / "fmriprep" / "sub-01" / "func"
+    func.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(
+        '{"Name": "bench", "BIDSVersion": "1.10.0", "DatasetType": "raw"}\n')
+    (root / "derivatives" / "fmriprep" / "dataset_description.json").write_text(
+        '{"Name": "fmriprep", "BIDSVersion": "1.10.0", "DatasetType": "derivative"}\n')
+    for run in range(1, n_runs + 1):
+        stem = f"sub-01_task-rest_run-{run:02d}"
+        prep = func / f"{stem}_space-MNI152NLin2009cAsym_desc-preproc_bold.nii.gz"
+        prep.symlink_to(bold.resolve())
+        prep.with_name(prep.name.replace(".nii.gz", ".json")).write_text(
+            '{"RepetitionTime": 2.0, "TaskName": "rest"}\n')
+        (func / f"{stem}_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz").symlink_to(
+            mask.resolve())
+        tsv = named.with_name("sub-01_task-rest_desc-confounds_timeseries.tsv")
+        (func / f"{stem}_desc-confounds_timeseries.tsv").symlink_to(tsv.resolve())
+    (root / "done").write_text("")
+    return root
+
+
 def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
-    if mode == "floor":
+    if mode in ("participant", "participant-report"):
+        import shutil
+
+        from bids_fmristore.cli.run import main as cli
+
+        root = participant_dataset(bold, atlas, mask)
+        out = out_dir / mode
+        shutil.rmtree(out, ignore_errors=True)
+        argv = [str(root), str(out), "participant", "-q", "--skip-bids-validation",
+                "-d", f"fmriprep={root / 'derivatives' / 'fmriprep'}", "--atlas",
+                f"Bench={atlas}", "-w", str(out_dir / f"work-{mode}")]
+        code = cli(argv + (["--no-report"] if mode == "participant" else []))
+        if code:
+            raise RuntimeError(f"participant level exited {code}")
+    elif mode == "floor":
         from isal import igzip
 
         buf = bytearray(4 << 20)  # the fastest read size for isal here (see nifti_stream)
@@ -250,6 +295,10 @@ def import_modules(mode: str) -> None:
         import bids_fmristore.atlas  # noqa: F401
         import bids_fmristore.compute.parcellate  # noqa: F401
         import bids_fmristore.formats.multiscan  # noqa: F401
+    elif mode in ("participant", "participant-report"):
+        import bids_fmristore.cli.run  # noqa: F401
+        import bids_fmristore.inputs.discovery  # noqa: F401
+        import bids_fmristore.participant  # noqa: F401
     else:
         import nilearn.maskers  # noqa: F401
 

@@ -10,6 +10,7 @@ does not change.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def write_participant_reports(output_dir: Path, subjects: Iterable[str], *,
     """
     written = []
     for subject in subjects:
+        started = time.perf_counter()
         try:
             from bids_fmristore.report.participant import write_subject_report
 
@@ -35,7 +37,7 @@ def write_participant_reports(output_dir: Path, subjects: Iterable[str], *,
             log.warning("sub-%s: report not written (%s: %s); its data files are complete",
                         subject, type(err).__name__, err)
             continue
-        log.debug("wrote %s", written[-1])
+        log.debug("wrote %s in %.2f s", written[-1], time.perf_counter() - started)
     return written
 
 

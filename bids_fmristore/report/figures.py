@@ -1,8 +1,14 @@
-"""Report figures (PNG) drawn with matplotlib's Agg canvas from arrays already written.
+"""Participant report figures (PNG), rasterised with NumPy and Pillow from written arrays.
 
-Volumes are shown in RAS orientation (left of the brain on the left of the picture, as
-fMRIPrep's reports do) as a mosaic of axial slices. Every figure is rendered in memory and
-written atomically; none needs a display.
+Why not matplotlib here: importing it and laying out axes costs about a second per subject,
+more than the 10 % the report may add to the participant level (bench/run.py, modes
+``participant`` and ``participant-report``). These pictures are images of arrays (slices,
+matrices, carpets) plus a few lines and labels, which Pillow draws in milliseconds. The group
+page, built once, uses matplotlib and nilearn.plotting (:mod:`bids_fmristore.report.group`).
+
+Volumes are shown in RAS orientation as a mosaic of axial slices: left hemisphere on the left
+of the picture, anterior up (nilearn's and fMRIPrep's convention). Every file is written
+atomically.
 """
 
 from __future__ import annotations
@@ -11,32 +17,60 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import nibabel as nib
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
-matplotlib.use("Agg")  # no display on cluster nodes; set before anything imports pyplot
+from bids_fmristore.atomic import atomic_path
 
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+__all__ = ["LUTS", "atlas_overlay", "carpet", "correlation", "coverage_bars", "lut",
+           "map_mosaic", "save_png", "to_ras"]
 
-from bids_fmristore.atomic import atomic_path  # noqa: E402
-
-__all__ = ["atlas_overlay", "carpet", "correlation", "coverage_bars", "map_mosaic",
-           "save", "to_ras"]
-
-_DPI = 72
 _N_SLICES = 8
-_PALETTE = matplotlib.colormaps["tab20"](np.arange(20))
+_WIDTH = 900  # px of a full-width figure
+_BG = (255, 255, 255)
+#: colour tables by control points (RGB 0-1): matplotlib's gray, hot and RdBu_r (ColorBrewer)
+LUTS = {
+    "gray": [(0, 0, 0), (1, 1, 1)],
+    "hot": [(0.0416, 0, 0), (1, 0, 0), (1, 1, 0), (1, 1, 1)],
+    "RdBu_r": [(0.02, 0.188, 0.38), (0.127, 0.396, 0.669), (0.263, 0.576, 0.765),
+               (0.566, 0.769, 0.869), (0.82, 0.898, 0.941), (0.969, 0.966, 0.965),
+               (0.992, 0.859, 0.78), (0.955, 0.642, 0.506), (0.839, 0.376, 0.302),
+               (0.692, 0.092, 0.168), (0.404, 0.0, 0.122)],
+}
+#: matplotlib's tab20, for parcel outlines
+PALETTE = np.array([[int(h[i:i + 2], 16) for i in (1, 3, 5)] for h in (
+    "#1f77b4 #aec7e8 #ff7f0e #ffbb78 #2ca02c #98df8a #d62728 #ff9896 #9467bd #c5b0d5 "
+    "#8c564b #c49c94 #e377c2 #f7b6d2 #7f7f7f #c7c7c7 #bcbd22 #dbdb8d #17becf #9edae5"
+).split()], dtype=np.uint8)
 
 
-def save(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as PNG to ``path`` atomically (the folder is created)."""
+def lut(name: str, values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``values`` mapped through colour table ``name`` on [lo, hi] → uint8 RGB (..., 3);
+    NaN is black."""
+    points = np.asarray(LUTS[name], dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        x = np.clip((np.asarray(values, dtype=np.float64) - lo) / max(hi - lo, 1e-12), 0, 1)
+    nan = ~np.isfinite(x)
+    x = np.where(nan, 0, x)
+    grid = np.linspace(0, 1, len(points))
+    rgb = np.stack([np.interp(x, grid, points[:, c]) for c in range(3)], axis=-1)
+    rgb[nan] = 0
+    return (rgb * 255 + 0.5).astype(np.uint8)
+
+
+def _font(size: int = 12) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def save_png(picture: np.ndarray | Image.Image, path: Path) -> Path:
+    """Write an RGB picture as PNG atomically (the folder is created)."""
+    img = picture if isinstance(picture, Image.Image) else Image.fromarray(picture, "RGB")
     buffer = io.BytesIO()
-    FigureCanvasAgg(fig)
-    # zlib level 1: these are small flat-colour images, level 6 costs time and saves little
-    fig.savefig(buffer, format="png", dpi=_DPI, pil_kwargs={"compress_level": 1})
+    img.save(buffer, format="PNG", compress_level=1)  # flat images: level 6 buys little
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
     return path
@@ -60,27 +94,28 @@ def _slices(mask: np.ndarray, n: int = _N_SLICES) -> list[int]:
     return np.unique(np.linspace(planes[0], planes[-1], n + 2)[1:-1].round().astype(int)).tolist()
 
 
-def _grid(n: int, zooms: np.ndarray, shape: tuple[int, ...], width: float = 9.0,
-          extra: float = 0.0):
-    cols = min(n, 4)
-    rows = int(np.ceil(n / cols))
-    aspect = (shape[1] * zooms[1]) / max(shape[0] * zooms[0], 1e-6)
-    fig = Figure(figsize=(width, width / cols * aspect * rows + extra))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.ravel():
-        ax.set_axis_off()
-    fig.subplots_adjust(left=0, right=1, top=1 - extra / (width / cols * aspect * rows + extra),
-                        bottom=0, wspace=0.01, hspace=0.01)
-    return fig, axes.ravel()
+def _upscale(picture: np.ndarray, zooms: np.ndarray, width: int) -> np.ndarray:
+    """Nearest-neighbour enlargement to about ``width`` px, voxels drawn at their mm aspect."""
+    fx = max(1, int(width // picture.shape[1]))
+    fy = max(1, int(round(fx * zooms[1] / zooms[0])))
+    return np.repeat(np.repeat(picture, fy, axis=0), fx, axis=1)
 
 
-def _background(ax, data: np.ndarray, zooms: np.ndarray, lo: float, hi: float) -> None:
-    ax.imshow(data.T, origin="lower", cmap="gray", vmin=lo, vmax=hi,
-              aspect=zooms[1] / zooms[0], interpolation="nearest")
+def _tile(slices: list[np.ndarray], cols: int = 4) -> np.ndarray:
+    """RAS slices (X, Y, 3) as one picture: anterior up, left on the left, 1 px gaps."""
+    shown = [np.flip(np.swapaxes(sl, 0, 1), axis=0) for sl in slices]
+    cols = max(1, min(cols, len(shown)))
+    rows = -(-len(shown) // cols)
+    h, w = shown[0].shape[:2]
+    out = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1, 3), 255, dtype=np.uint8)
+    for k, sl in enumerate(shown):
+        r, c = divmod(k, cols)
+        out[r * (h + 1): r * (h + 1) + h, c * (w + 1): c * (w + 1) + w] = sl
+    return out
 
 
 def _edges(labels: np.ndarray) -> np.ndarray:
-    """Pixels of a 2-D label slice that border another label (parcel outlines)."""
+    """Pixels of a 2-D label slice that border another label (outlines)."""
     edge = np.zeros(labels.shape, dtype=bool)
     edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
     edge[1:, :] |= labels[1:, :] != labels[:-1, :]
@@ -91,7 +126,7 @@ def _edges(labels: np.ndarray) -> np.ndarray:
 
 def atlas_overlay(background: np.ndarray, labels: np.ndarray, mask: np.ndarray,
                   flagged: np.ndarray, affine: np.ndarray, path: Path) -> Path:
-    """Parcel outlines over the mean image, the brain mask outlined, flagged parcels filled.
+    """Parcel outlines over the mean image, the mask outlined in yellow, flagged parcels red.
 
     Parameters
     ----------
@@ -100,152 +135,217 @@ def atlas_overlay(background: np.ndarray, labels: np.ndarray, mask: np.ndarray,
     labels : ndarray of int, shape (X, Y, Z)
         Atlas labels on the same grid (0 = background).
     mask : ndarray of bool, shape (X, Y, Z)
-        Brain mask.
+        Brain (or group) mask.
     flagged : ndarray of int
-        Labels to highlight (below ``--min-coverage`` or without voxels in the mask).
+        Labels to fill in red (below ``--min-coverage`` or without voxels in the mask).
     affine : ndarray, shape (4, 4)
         Voxel to world (mm) of the grid.
     """
-    bg, zooms = to_ras(np.nan_to_num(background.astype(np.float32)), affine)
-    lab, _ = to_ras(labels, affine)
-    msk, _ = to_ras(mask.astype(np.uint8), affine)
+    bg, zooms = to_ras(np.nan_to_num(np.asarray(background, dtype=np.float32)), affine)
+    lab, _ = to_ras(np.asarray(labels), affine)
+    msk, _ = to_ras(np.asarray(mask, dtype=np.uint8), affine)
     hot = np.isin(lab, flagged) & (lab > 0)
-    finite = bg[msk > 0]
-    lo, hi = (np.percentile(finite, [2, 98]) if finite.size else (0.0, 1.0))
-    planes = _slices((lab > 0) | (msk > 0))
-    fig, axes = _grid(len(planes), zooms, bg.shape)
-    for ax, z in zip(axes, planes, strict=False):
-        _background(ax, bg[:, :, z], zooms, lo, hi)
-        rgba = np.zeros(bg.shape[:2] + (4,), dtype=np.float32)
-        sl = lab[:, :, z]
+    inside = bg[msk > 0]
+    lo, hi = np.percentile(inside, [2, 98]) if inside.size else (0.0, 1.0)
+    tiles = []
+    for z in _slices((lab > 0) | (msk > 0)):
+        rgb = lut("gray", bg[:, :, z], lo, hi)
+        sl, red = lab[:, :, z], hot[:, :, z]
+        rgb[red] = (0.45 * rgb[red] + 0.55 * np.array([230, 25, 25])).astype(np.uint8)
         edge = _edges(sl)
-        rgba[edge] = _PALETTE[sl[edge] % 20]
-        rgba[hot[:, :, z]] = (0.9, 0.1, 0.1, 0.55)
-        rgba[edge & hot[:, :, z]] = (1.0, 0.0, 0.0, 1.0)
-        ax.imshow(np.transpose(rgba, (1, 0, 2)), origin="lower", aspect=zooms[1] / zooms[0],
-                  interpolation="nearest")
-        if msk[:, :, z].any() and min(msk.shape[:2]) > 1:
-            ax.contour(msk[:, :, z].T, levels=[0.5], colors=["#ffd400"], linewidths=0.8)
-    return save(fig, path)
+        rgb[edge] = PALETTE[sl[edge] % 20]
+        rgb[edge & red] = (255, 0, 0)
+        rgb[_edges(msk[:, :, z].astype(np.int64))] = (255, 212, 0)
+        tiles.append(rgb)
+    return save_png(_upscale(_tile(tiles), zooms, _WIDTH), path)
+
+
+def _colour_bar(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], name: str,
+                lo: float, hi: float, labels: Sequence[tuple[float, str]], font) -> None:
+    x0, y0, x1, y1 = box
+    strip = lut(name, np.linspace(lo, hi, x1 - x0), lo, hi)
+    for k, colour in enumerate(strip):
+        draw.line([(x0 + k, y0), (x0 + k, y1)], fill=tuple(int(c) for c in colour))
+    draw.rectangle(box, outline=(0, 0, 0))
+    for value, text in labels:
+        x = x0 + (value - lo) / max(hi - lo, 1e-12) * (x1 - x0)
+        draw.text((x, y1 + 2), text, fill=(0, 0, 0), font=font, anchor="ma")
 
 
 def map_mosaic(values: np.ndarray, mask: np.ndarray, affine: np.ndarray, path: Path, *,
-               title: str, background: np.ndarray | None = None, cmap: str = "hot") -> Path:
-    """A statistic map (e.g. tSNR) inside ``mask`` as an axial mosaic with a colour bar."""
-    val, zooms = to_ras(values.astype(np.float32), affine)
-    msk, _ = to_ras(mask.astype(np.uint8), affine)
+               title: str) -> Path:
+    """A statistic map (tSNR) inside ``mask``, axial mosaic, ``hot`` scale 0 … 99th centile."""
+    val, zooms = to_ras(np.asarray(values, dtype=np.float32), affine)
+    msk, _ = to_ras(np.asarray(mask, dtype=np.uint8), affine)
     inside = (msk > 0) & np.isfinite(val)
-    vmax = float(np.percentile(val[inside], 99)) if inside.any() else 1.0
-    planes = _slices(msk > 0)
-    fig, axes = _grid(len(planes), zooms, val.shape, extra=0.6)
-    bg = None if background is None else to_ras(np.nan_to_num(background), affine)[0]
-    image = None
-    for ax, z in zip(axes, planes, strict=False):
-        if bg is not None:
-            sl = bg[:, :, z]
-            _background(ax, sl, zooms, *np.percentile(bg[msk > 0], [2, 98]))
-        else:
-            ax.imshow(np.zeros(val.shape[:2]).T, origin="lower", cmap="gray", vmin=0, vmax=1,
-                      aspect=zooms[1] / zooms[0])
-        shown = np.where(inside[:, :, z], val[:, :, z], np.nan)
-        image = ax.imshow(shown.T, origin="lower", cmap=cmap, vmin=0, vmax=max(vmax, 1e-6),
-                          aspect=zooms[1] / zooms[0], interpolation="nearest")
-    if image is not None:
-        cax = fig.add_axes((0.3, 1 - 0.45 / fig.get_figheight(), 0.4,
-                            0.18 / fig.get_figheight()))
-        fig.colorbar(image, cax=cax, orientation="horizontal")
-        cax.set_title(title, fontsize=9)
-        cax.tick_params(labelsize=8)
-    return save(fig, path)
+    vmax = max(float(np.percentile(val[inside], 99)) if inside.any() else 1.0, 1e-6)
+    shown = np.where(inside, val, np.nan)
+    mosaic = _upscale(_tile([lut("hot", shown[:, :, z], 0, vmax)
+                             for z in _slices(msk > 0)]), zooms, _WIDTH)
+    canvas = Image.new("RGB", (max(mosaic.shape[1], 400), mosaic.shape[0] + 46), _BG)
+    canvas.paste(Image.fromarray(mosaic, "RGB"), (0, 46))
+    draw, font = ImageDraw.Draw(canvas), _font(12)
+    mid = canvas.width // 2
+    draw.text((mid, 2), title, fill=(0, 0, 0), font=font, anchor="ma")
+    _colour_bar(draw, (mid - 150, 18, mid + 150, 28), "hot", 0, vmax,
+                [(0, "0"), (vmax / 2, f"{vmax / 2:.3g}"), (vmax, f"{vmax:.3g}")], _font(10))
+    return save_png(canvas, path)
 
 
 def coverage_bars(ids: Sequence[int], coverage: Sequence[float], threshold: float,
                   path: Path) -> Path:
-    """Coverage of every atlas label (fraction of its voxels in the mask), threshold marked."""
-    ids = np.asarray(ids)
-    cov = np.nan_to_num(np.asarray(coverage, dtype=float))
-    fig = Figure(figsize=(9, 2.2))
-    ax = fig.add_axes((0.07, 0.22, 0.91, 0.7))
-    x = np.arange(ids.size)
-    low = cov < threshold
-    ax.bar(x[~low], cov[~low], width=1.0, color="#3b75af", linewidth=0)
-    ax.bar(x[low], np.maximum(cov[low], 0.01), width=1.0, color="#d62728", linewidth=0)
-    ax.axhline(threshold, color="k", linestyle="--", linewidth=0.8)
-    ax.set_xlim(-0.5, ids.size - 0.5)
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("coverage", fontsize=8)
-    ax.set_xlabel(f"atlas label ({ids.size} labels, table order; red: below "
-                  f"{threshold:g} or no voxel)", fontsize=8)
-    ax.tick_params(labelsize=7)
-    return save(fig, path)
+    """Coverage of every atlas label (table order), red below ``threshold``, dashed line."""
+    cov = np.clip(np.nan_to_num(np.asarray(coverage, dtype=float)), 0, 1)
+    n = max(cov.size, 1)
+    left, top, plot_w, plot_h = 40, 8, _WIDTH - 50, 130
+    canvas = Image.new("RGB", (_WIDTH, plot_h + top + 40), _BG)
+    draw, font = ImageDraw.Draw(canvas), _font(11)
+    edges = left + np.round(np.arange(n + 1) * plot_w / n).astype(int)
+    for k, value in enumerate(cov):
+        low = value < threshold
+        height = max(value, 0.015 if low else 0.0) * plot_h
+        draw.rectangle([edges[k], top + plot_h - height, max(edges[k + 1] - 1, edges[k]),
+                        top + plot_h], fill=(214, 39, 40) if low else (59, 117, 175))
+    y_thr = top + plot_h - threshold * plot_h
+    for x in range(left, left + plot_w, 8):
+        draw.line([(x, y_thr), (x + 4, y_thr)], fill=(0, 0, 0))
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline=(0, 0, 0))
+    for value in (0.0, threshold, 1.0):
+        draw.text((left - 4, top + plot_h - value * plot_h), f"{value:g}", fill=(0, 0, 0),
+                  font=font, anchor="rm")
+    draw.text((left + plot_w // 2, top + plot_h + 6),
+              f"coverage of each of the {cov.size} atlas labels (table order); red: below "
+              f"{threshold:g} or no voxel; dashed: --min-coverage", fill=(0, 0, 0), font=font,
+              anchor="ma")
+    return save_png(canvas, path)
+
+
+def _line(draw, values: np.ndarray, box, colour, lo: float | None = None,
+          hi: float | None = None) -> tuple[float, float]:
+    """Polyline of ``values`` (NaN gaps) across ``box``; returns its (lo, hi) scale."""
+    x0, y0, x1, y1 = box
+    finite = np.isfinite(values)
+    if not finite.any():
+        return 0.0, 1.0
+    lo = float(np.nanmin(values)) if lo is None else lo
+    hi = float(np.nanmax(values)) if hi is None else hi
+    hi = hi if hi > lo else lo + 1.0
+    xs = x0 + (np.arange(values.size) + 0.5) * (x1 - x0) / values.size
+    ys = y1 - (values - lo) / (hi - lo) * (y1 - y0)
+    run: list[tuple[float, float]] = []
+    for x, y, ok in zip(xs, ys, finite, strict=True):
+        if ok:
+            run.append((float(x), float(y)))
+        elif run:
+            if len(run) > 1:
+                draw.line(run, fill=colour, width=1)
+            run = []
+    if len(run) > 1:
+        draw.line(run, fill=colour, width=1)
+    return lo, hi
 
 
 def carpet(series: np.ndarray, tr: float, path: Path, *, global_signal: np.ndarray,
            fd: np.ndarray | None, censored: np.ndarray | None, fd_threshold: float | None,
            boundaries: Sequence[int] = ()) -> Path:
-    """Parcel time series (z-scored, rows in ``series`` order) over time, with the global
-    signal and framewise displacement above; censored volumes marked in red.
+    """Global signal, framewise displacement and the carpet of parcel means over time.
 
     Parameters
     ----------
     series : ndarray, shape (T, K)
-        Parcel means, columns already ordered (by network where known).
+        Parcel means, columns already ordered (by network where known); each row of the
+        carpet is one parcel z-scored over time, gray scale −2 … 2.
     tr : float
         Repetition time, s.
     global_signal : ndarray, shape (T,)
     fd : ndarray, shape (T,), optional
         Framewise displacement, mm.
     censored : ndarray of int, optional
-        0-based indices of volumes removed by censoring.
+        0-based indices of the volumes removed by censoring (red columns).
+    fd_threshold : float, optional
+        Drawn as a dashed line on the FD trace, mm.
     boundaries : sequence of int
-        Row positions where a new network starts.
+        Rows where a new network starts (green lines).
     """
-    n_t = series.shape[0]
-    t = np.arange(n_t) * tr
+    n_t, n_k = series.shape
     with np.errstate(invalid="ignore", divide="ignore"):
         z = (series - np.nanmean(series, axis=0)) / np.nanstd(series, axis=0)
     z = np.nan_to_num(z)
-    rows = 3 if fd is not None else 2
-    fig = Figure(figsize=(9, 4.2 if fd is not None else 3.4))
-    axes = fig.subplots(rows, 1, sharex=True,
-                        gridspec_kw={"height_ratios": [1] * (rows - 1) + [3]})
-    fig.subplots_adjust(left=0.08, right=0.99, top=0.97, bottom=0.12, hspace=0.08)
-    axes[0].plot(t, global_signal, color="#1f77b4", linewidth=0.8)
-    axes[0].set_ylabel("global", fontsize=8)
-    if fd is not None:
-        axes[1].plot(t, fd, color="#ff7f0e", linewidth=0.8)
-        axes[1].set_ylabel("FD mm", fontsize=8)
-        if fd_threshold:
-            axes[1].axhline(fd_threshold, color="k", linestyle="--", linewidth=0.6)
-    ax = axes[-1]
-    ax.imshow(z.T, aspect="auto", cmap="gray", vmin=-2, vmax=2, interpolation="nearest",
-              extent=(-tr / 2, t[-1] + tr / 2 if n_t else tr / 2, series.shape[1] - 0.5, -0.5))
-    for b in boundaries:
-        ax.axhline(b - 0.5, color="#2ca02c", linewidth=0.6)
+    left, right, trace_h, gap = 70, 10, 55, 8
+    plot_w = _WIDTH - left - right
+    carpet_h = int(np.clip(n_k * 2, 120, 320))
+    traces = 2 if fd is not None else 1
+    height = 8 + traces * (trace_h + gap) + carpet_h + 34
+    canvas = Image.new("RGB", (_WIDTH, height), _BG)
+    draw, font = ImageDraw.Draw(canvas), _font(11)
+    cols = np.minimum((np.arange(plot_w) * n_t / plot_w).astype(int), n_t - 1)
+    rows = np.minimum((np.arange(carpet_h) * n_k / carpet_h).astype(int), n_k - 1)
+    top_carpet = 8 + traces * (trace_h + gap)
+    picture = lut("gray", z.T[np.ix_(rows, cols)], -2, 2)
     if censored is not None and len(censored):
-        for a in axes:
+        hit = np.isin(cols, np.asarray(censored))
+        picture[:, hit] = (0.5 * picture[:, hit] + 0.5 * np.array([214, 39, 40])).astype(
+            np.uint8)
+    canvas.paste(Image.fromarray(picture, "RGB"), (left, top_carpet))
+    for b in boundaries:
+        y = top_carpet + b * carpet_h / n_k
+        draw.line([(left, y), (left + plot_w, y)], fill=(44, 160, 44))
+    y = 8
+    plots = [("global", global_signal, (31, 119, 180), None)]
+    if fd is not None:
+        plots.append(("FD (mm)", fd, (255, 127, 14), fd_threshold))
+    for name, values, colour, threshold in plots:
+        box = (left, y, left + plot_w, y + trace_h)
+        lo, hi = (0.0, max(float(np.nanmax(fd)) if np.isfinite(fd).any() else 1.0,
+                           threshold or 0.0) * 1.05) if name.startswith("FD") else (None, None)
+        if censored is not None and len(censored):
             for v in np.asarray(censored):
-                a.axvspan(v * tr - tr / 2, v * tr + tr / 2, color="#d62728", alpha=0.3,
-                          linewidth=0)
-    ax.set_ylabel("parcel", fontsize=8)
-    ax.set_xlabel("time (s)", fontsize=8)
-    for a in axes:
-        a.tick_params(labelsize=7)
-    return save(fig, path)
+                xa = left + v * plot_w / n_t
+                draw.rectangle([xa, y, xa + max(plot_w / n_t - 1, 1), y + trace_h],
+                               fill=(247, 200, 200))
+        lo, hi = _line(draw, np.asarray(values, dtype=float), box, colour, lo, hi)
+        if threshold:
+            yt = y + trace_h - (threshold - lo) / (hi - lo) * trace_h
+            for x in range(left, left + plot_w, 8):
+                draw.line([(x, yt), (x + 4, yt)], fill=(0, 0, 0))
+        draw.rectangle(box, outline=(0, 0, 0))
+        draw.text((left - 4, y + trace_h / 2), name, fill=(0, 0, 0), font=font, anchor="rm")
+        draw.text((left - 4, y), f"{hi:.3g}", fill=(90, 90, 90), font=_font(9), anchor="ra")
+        draw.text((left - 4, y + trace_h), f"{lo:.3g}", fill=(90, 90, 90), font=_font(9),
+                  anchor="rd")
+        y += trace_h + gap
+    draw.rectangle([left, top_carpet, left + plot_w, top_carpet + carpet_h], outline=(0, 0, 0))
+    draw.text((left - 4, top_carpet + carpet_h / 2), f"{n_k} parcels", fill=(0, 0, 0),
+              font=font, anchor="rm")
+    duration = n_t * tr
+    step = _nice_step(duration)
+    for t in np.arange(0, duration + 1e-9, step):
+        x = left + t / duration * plot_w
+        draw.line([(x, top_carpet + carpet_h), (x, top_carpet + carpet_h + 4)], fill=(0, 0, 0))
+        draw.text((x, top_carpet + carpet_h + 5), f"{t:g}", fill=(0, 0, 0), font=font,
+                  anchor="ma")
+    draw.text((left + plot_w, height - 2), "time (s)", fill=(0, 0, 0), font=font, anchor="rd")
+    return save_png(canvas, path)
 
 
-_DIVERGING = ListedColormap(matplotlib.colormaps["RdBu_r"](np.linspace(0, 1, 256)))
+def _nice_step(span: float) -> float:
+    raw = span / 8 if span > 0 else 1.0
+    power = 10 ** np.floor(np.log10(raw))
+    return float(next(m * power for m in (1, 2, 5, 10) if m * power >= raw))
 
 
 def correlation(matrix: np.ndarray, path: Path, *, title: str) -> Path:
-    """A parcel × parcel Pearson correlation matrix on a fixed −1…1 scale."""
-    fig = Figure(figsize=(4.6, 4.0))
-    ax = fig.add_axes((0.08, 0.08, 0.72, 0.84))
-    image = ax.imshow(np.nan_to_num(matrix), cmap=_DIVERGING, vmin=-1, vmax=1,
-                      interpolation="nearest")
-    ax.set_title(title, fontsize=9)
-    ax.tick_params(labelsize=7)
-    cax = fig.add_axes((0.84, 0.15, 0.04, 0.7))
-    fig.colorbar(image, cax=cax)
-    cax.tick_params(labelsize=7)
-    return save(fig, path)
+    """A parcel × parcel correlation matrix, RdBu_r on −1 … 1 (NaN black), with a scale."""
+    k = matrix.shape[0]
+    factor = max(1, 440 // max(k, 1))
+    picture = np.repeat(np.repeat(lut("RdBu_r", matrix, -1, 1), factor, 0), factor, 1)
+    size = picture.shape[0]
+    canvas = Image.new("RGB", (size + 20, size + 60), _BG)
+    canvas.paste(Image.fromarray(picture, "RGB"), (10, 22))
+    draw, font = ImageDraw.Draw(canvas), _font(11)
+    draw.text((canvas.width // 2, 3), title, fill=(0, 0, 0), font=font, anchor="ma")
+    mid = canvas.width // 2
+    half = min(150, size // 2)
+    _colour_bar(draw, (mid - half, size + 28, mid + half, size + 38), "RdBu_r", -1, 1,
+                [(-1, "-1"), (0, "0"), (1, "1")], _font(10))
+    return save_png(canvas, path)

@@ -118,7 +118,10 @@ def _mean_connectivity(paths: list[tuple[Path, str | None]]) -> tuple[np.ndarray
 
 
 def _plot_matrix(matrix: np.ndarray, names: list[str], path: Path, title: str) -> Path:
-    """nilearn's ``plot_matrix`` (pyplot on the Agg backend set by :mod:`figures`)."""
+    """nilearn's ``plot_matrix`` on matplotlib's Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from nilearn import plotting
 

@@ -50,6 +50,8 @@ def labels_on_grid(atlas_path: Path | None, shape: tuple[int, int, int],
         return None
     img = nib.load(atlas_path)
     data = np.asanyarray(img.dataobj)
+    if data.shape[:3] == tuple(shape) and np.allclose(img.affine, affine, atol=1e-3):
+        return np.asarray(data, dtype=np.int64).reshape(shape)
     ijk = np.indices(shape).reshape(3, -1).T
     vox = np.rint(apply_affine(np.linalg.inv(img.affine) @ affine, ijk)).astype(np.int64)
     inside = np.all((vox >= 0) & (vox < np.array(data.shape[:3])), axis=1)
