@@ -38,6 +38,8 @@ LUTS = {
                (0.992, 0.859, 0.78), (0.955, 0.642, 0.506), (0.839, 0.376, 0.302),
                (0.692, 0.092, 0.168), (0.404, 0.0, 0.122)],
 }
+#: where each control point sits on 0-1, when not evenly spaced (matplotlib's ``hot``)
+_POSITIONS = {"hot": (0.0, 0.365079, 0.746032, 1.0)}
 #: matplotlib's tab20, for parcel outlines
 PALETTE = np.array([[int(h[i:i + 2], 16) for i in (1, 3, 5)] for h in (
     "#1f77b4 #aec7e8 #ff7f0e #ffbb78 #2ca02c #98df8a #d62728 #ff9896 #9467bd #c5b0d5 "
@@ -49,11 +51,11 @@ def lut(name: str, values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """``values`` mapped through colour table ``name`` on [lo, hi] → uint8 RGB (..., 3);
     NaN is black."""
     points = np.asarray(LUTS[name], dtype=np.float64)
+    grid = np.asarray(_POSITIONS.get(name, np.linspace(0, 1, len(points))))
     with np.errstate(invalid="ignore"):
         x = np.clip((np.asarray(values, dtype=np.float64) - lo) / max(hi - lo, 1e-12), 0, 1)
     nan = ~np.isfinite(x)
     x = np.where(nan, 0, x)
-    grid = np.linspace(0, 1, len(points))
     rgb = np.stack([np.interp(x, grid, points[:, c]) for c in range(3)], axis=-1)
     rgb[nan] = 0
     return (rgb * 255 + 0.5).astype(np.uint8)

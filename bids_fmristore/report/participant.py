@@ -14,7 +14,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel.affines import apply_affine
 
 from bids_fmristore import __version__
 from bids_fmristore.formats.labeled import LabeledVolumeSet
@@ -33,7 +32,7 @@ from bids_fmristore.report.collect import (
 )
 from bids_fmristore.report.html import esc, figure, page, table, write_page
 
-__all__ = ["report_path", "write_subject_report"]
+__all__ = ["global_signal", "labels_on_grid", "report_path", "write_subject_report"]
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +44,38 @@ def report_path(output_dir: Path, subject: str) -> Path:
 
 def labels_on_grid(atlas_path: Path | None, shape: tuple[int, int, int],
                    affine: np.ndarray) -> np.ndarray | None:
-    """Atlas labels at the voxel centres of a grid (nearest neighbour, 0 outside the atlas)."""
+    """Atlas labels on a grid, nearest neighbour as nilearn's maskers resample (0 outside)."""
     if atlas_path is None or not atlas_path.is_file():
         return None
     img = nib.load(atlas_path)
-    data = np.asanyarray(img.dataobj)
-    if data.shape[:3] == tuple(shape) and np.allclose(img.affine, affine, atol=1e-3):
-        return np.asarray(data, dtype=np.int64).reshape(shape)
-    ijk = np.indices(shape).reshape(3, -1).T
-    vox = np.rint(apply_affine(np.linalg.inv(img.affine) @ affine, ijk)).astype(np.int64)
-    inside = np.all((vox >= 0) & (vox < np.array(data.shape[:3])), axis=1)
-    out = np.zeros(ijk.shape[0], dtype=np.int64)
-    out[inside] = data[tuple(vox[inside].T)]
-    return out.reshape(shape)
+    if img.shape[:3] == tuple(shape) and np.allclose(img.affine, affine, atol=1e-3):
+        return np.asarray(img.dataobj, dtype=np.int64).reshape(shape)
+    from nilearn.image import resample_img
+
+    out = resample_img(img, target_affine=affine, target_shape=tuple(shape),
+                       interpolation="nearest", force_resample=True, copy_header=True)
+    return np.asarray(out.dataobj).astype(np.int64)
+
+
+def global_signal(summary, sizes: dict[int, int]) -> np.ndarray:
+    """Mean over the file's mask voxels at each time point, from the parcel means.
+
+    Parameters
+    ----------
+    summary : DataFrame, shape (T, K)
+        Parcel means, columns = cluster ids; all-NaN columns (below ``--min-coverage``) are
+        left out.
+    sizes : dict
+        Voxels per cluster id.
+
+    Returns
+    -------
+    ndarray, shape (T,)
+        The voxel-weighted mean of the parcel means (= the mean over their voxels).
+    """
+    kept = summary.loc[:, summary.notna().any(axis=0).to_numpy()]
+    weights = np.array([sizes.get(int(i), 0) for i in kept.columns], dtype=np.float64)
+    return kept.to_numpy(dtype=np.float64) @ weights / max(weights.sum(), 1.0)
 
 
 def _job_stem(subject: str, grid: GridOutputs) -> str:
@@ -167,8 +185,7 @@ class _Builder:
             ids = frame.columns.to_numpy()
             order, networks = network_order(resolve_uri(self.output_dir, table_uri), ids)
             values = frame.to_numpy()[:, order]
-            weights = np.array([sizes.get(int(i), 0) for i in ids])[order]
-            gs = values @ weights / max(weights.sum(), 1)
+            gs = global_signal(frame, sizes)
             ordered = [networks[k] for k in order]
             bounds = [k for k in range(1, len(ordered)) if ordered[k] != ordered[k - 1]]
             meta = f.scan_metadata(scan)
