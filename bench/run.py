@@ -306,10 +306,11 @@ def import_modules(mode: str) -> None:
 def child_main(args: list[str]) -> None:
     mode, bold, atlas, mask, out_dir = args
     import_modules(mode)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     work(mode, Path(bold), Path(atlas), Path(mask), Path(out_dir))
     wall = time.perf_counter() - t0
-    print(json.dumps({"wall": wall, "peak_mb": peak_rss_mb()}))
+    print(json.dumps({"wall": wall, "cpu": time.process_time() - c0,
+                      "peak_mb": peak_rss_mb()}))
 
 
 def peak_rss_mb() -> float:
@@ -368,6 +369,13 @@ def main() -> None:
         rows.append((case, med, peak))
         print(header if len(rows) == 1 else "", end="\n" if len(rows) == 1 else "")
         print(f"{case:16s} " + " ".join(f"{med[m]:10.2f} {peak[m]:10.0f}" for m in a.modes))
+        if "participant" in med and "participant-report" in med:
+            # CPU time of the process (all threads): steadier than wall time on a shared host
+            cpu = {m: statistics.median(r["cpu"] for r in results[m])
+                   for m in ("participant", "participant-report")}
+            print(f"{'':16s} CPU s: participant {cpu['participant']:.2f}, participant-report "
+                  f"{cpu['participant-report']:.2f}, h/g "
+                  f"{cpu['participant-report'] / cpu['participant']:.3f}")
     print("\nratios (median wall time):")
     for case, med, _ in rows:
         parts = [f"{label}: {med[num] / med[den]:.2f}" for label, num, den in RATIOS

@@ -17,6 +17,7 @@ from urllib.parse import unquote
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -142,6 +143,7 @@ def test_every_run_atlas_and_failed_run_is_named(dataset):
         for atlas in ATLASES:
             assert f"atlas {atlas}</h3>" in text
         assert f"sub-{sub}_task-rest_run-01 · Coarse" in text
+        assert "grouped by network (green lines)" in text  # Coarse's table has network_label
     sub01 = (out / "sub-01.html").read_text(encoding="utf-8")
     failed = sub01[sub01.index('id="failed"'):sub01.index('id="inputs"')]
     assert BROKEN in failed and "truncated or damaged" in failed
@@ -282,3 +284,44 @@ def test_pages_render_in_headless_chromium(dataset, tmp_path, name):
     assert rgb.std() > 10 and _colours(rgb) > 50
     # the header band is drawn (dark blue), so the page's inline CSS was applied
     assert np.allclose(rgb[10, 550], (0x24, 0x41, 0x5E), atol=3)
+
+
+def test_store_full_files_still_get_a_page(dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = dataset["argv"][:1] + [str(out)] + dataset["argv"][2:]
+    assert main(argv + ["--store", "full", "--participant-label", "01"]) == 5
+    assert "report not written" not in capsys.readouterr().err
+    text = (out / "sub-01.html").read_text(encoding="utf-8")
+    assert "stored without parcel means (--store full)" in text
+    assert "sub-01_task-rest_run-01 · tSNR" in text  # the voxel maps do not depend on --store
+
+
+def _group_row(out: Path, sub: str) -> list[str]:
+    text = (out / "group.html").read_text(encoding="utf-8")
+    row = re.search(rf'<tr[^>]*><td><a href="sub-{sub}.html">sub-{sub}</a></td>(.*?)</tr>',
+                    text).group(1)
+    return re.findall(r"<td>(.*?)</td>", row)
+
+
+def test_group_mean_tsnr_and_fd_match_nibabel_and_pandas(dataset):
+    fmriprep = dataset["paths"].fmriprep / "sub-01" / "func"
+    tsnr_sum, tsnr_n, fds = None, None, []
+    for run in ("run-01", "run-02"):  # run-03 is the damaged one: in no file
+        stem = f"sub-01_task-rest_{run}"
+        bold = nib.load(fmriprep / f"{stem}_space-{SPACE}_desc-preproc_bold.nii.gz").get_fdata()
+        mask = np.asanyarray(nib.load(
+            fmriprep / f"{stem}_space-{SPACE}_desc-brain_mask.nii.gz").dataobj) > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tsnr = np.where(mask, bold.mean(axis=3) / bold.std(axis=3), np.nan)
+        ok = np.isfinite(tsnr)
+        tsnr_sum = np.where(ok, tsnr, 0) + (0 if tsnr_sum is None else tsnr_sum)
+        tsnr_n = ok.astype(int) + (0 if tsnr_n is None else tsnr_n)
+        table = pd.read_csv(fmriprep / f"{stem}_desc-confounds_timeseries.tsv", sep="\t",
+                            na_values="n/a")
+        fds.append(table["framewise_displacement"].mean())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        average = (tsnr_sum / tsnr_n)[tsnr_n > 0]
+    runs, failed, tsnr_cell, fd_cell, _ = _group_row(dataset["out"], "01")
+    assert (runs, failed) == ("2", "1")
+    assert float(tsnr_cell) == pytest.approx(np.mean(average), abs=0.051)
+    assert float(fd_cell) == pytest.approx(np.mean(fds), abs=0.0006)

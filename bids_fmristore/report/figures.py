@@ -149,17 +149,26 @@ def atlas_overlay(background: np.ndarray, labels: np.ndarray, mask: np.ndarray,
     hot = np.isin(lab, flagged) & (lab > 0)
     inside = bg[msk > 0]
     lo, hi = np.percentile(inside, [2, 98]) if inside.size else (0.0, 1.0)
+    planes = _slices((lab > 0) | (msk > 0))
+    cols = min(4, len(planes))
+    # outlines are found after enlarging, so they stay 1-2 px wide on coarse grids
+    fx = max(1, _WIDTH // (cols * (bg.shape[0] + 1) - 1))
+    fy = max(1, int(round(fx * zooms[1] / zooms[0])))
+
+    def big(a: np.ndarray) -> np.ndarray:
+        return np.repeat(np.repeat(a, fx, axis=0), fy, axis=1)
+
     tiles = []
-    for z in _slices((lab > 0) | (msk > 0)):
-        rgb = lut("gray", bg[:, :, z], lo, hi)
-        sl, red = lab[:, :, z], hot[:, :, z]
+    for z in planes:
+        rgb = big(lut("gray", bg[:, :, z], lo, hi))
+        sl, red, brain = big(lab[:, :, z]), big(hot[:, :, z]), big(msk[:, :, z])
         rgb[red] = (0.45 * rgb[red] + 0.55 * np.array([230, 25, 25])).astype(np.uint8)
         edge = _edges(sl)
         rgb[edge] = PALETTE[sl[edge] % 20]
         rgb[edge & red] = (255, 0, 0)
-        rgb[_edges(msk[:, :, z].astype(np.int64))] = (255, 212, 0)
+        rgb[_edges(brain.astype(np.int64))] = (255, 212, 0)
         tiles.append(rgb)
-    return save_png(_upscale(_tile(tiles), zooms, _WIDTH), path)
+    return save_png(_tile(tiles, cols), path)
 
 
 def _colour_bar(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], name: str,

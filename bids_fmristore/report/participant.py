@@ -229,6 +229,8 @@ class _Builder:
                 frame = f.summary(scan)
             else:
                 with ParcellatedMultiScan(path) as g:
+                    if not g.has_summary(scan):  # --store full: voxel series only
+                        continue
                     frame = g.summary(scan)
             values = frame.reindex(columns=columns).to_numpy()
             if values.shape[0] < 3 or values.shape[1] < 2:
