@@ -328,7 +328,7 @@ def group(opts) -> int:
         return _reports_only(opts, output_dir, "group")
     started = time.monotonic()
     _start(opts, "group", output_dir)
-    remove_stale([output_dir, output_dir / "group"])
+    remove_stale([output_dir, output_dir / "group", output_dir / "group" / "figures"])
     if opts.cohort_file is not None:
         from bids_fmristore.group.cohort import read_cohort, write_cohort_sets
 

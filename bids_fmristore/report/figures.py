@@ -13,6 +13,7 @@ atomically.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,6 +62,7 @@ def lut(name: str, values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return (rgb * 255 + 0.5).astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=8)
 def _font(size: int = 12) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
