@@ -206,7 +206,7 @@ def map_mosaic(values: np.ndarray, mask: np.ndarray, affine: np.ndarray, path: P
 
 
 def coverage_bars(ids: Sequence[int], coverage: Sequence[float], threshold: float,
-                  path: Path) -> Path:
+                  path: Path, *, threshold_name: str = "--min-coverage") -> Path:
     """Coverage of every atlas label (table order), red below ``threshold``, dashed line."""
     cov = np.clip(np.nan_to_num(np.asarray(coverage, dtype=float)), 0, 1)
     n = max(cov.size, 1)
@@ -217,8 +217,10 @@ def coverage_bars(ids: Sequence[int], coverage: Sequence[float], threshold: floa
     for k, value in enumerate(cov):
         low = value < threshold
         height = max(value, 0.015 if low else 0.0) * plot_h
-        draw.rectangle([edges[k], top + plot_h - height, max(edges[k + 1] - 1, edges[k]),
-                        top + plot_h], fill=(214, 39, 40) if low else (59, 117, 175))
+        gap = 1 if edges[k + 1] - edges[k] >= 4 else 0  # separate bars when there is room
+        draw.rectangle([edges[k], top + plot_h - height,
+                        max(edges[k + 1] - 1 - gap, edges[k]), top + plot_h],
+                       fill=(214, 39, 40) if low else (59, 117, 175))
     y_thr = top + plot_h - threshold * plot_h
     for x in range(left, left + plot_w, 8):
         draw.line([(x, y_thr), (x + 4, y_thr)], fill=(0, 0, 0))
@@ -228,7 +230,7 @@ def coverage_bars(ids: Sequence[int], coverage: Sequence[float], threshold: floa
                   font=font, anchor="rm")
     draw.text((left + plot_w // 2, top + plot_h + 6),
               f"coverage of each of the {cov.size} atlas labels (table order); red: below "
-              f"{threshold:g} or no voxel; dashed: --min-coverage", fill=(0, 0, 0), font=font,
+              f"{threshold:g} or no voxel; dashed: {threshold_name}", fill=(0, 0, 0), font=font,
               anchor="ma")
     return save_png(canvas, path)
 

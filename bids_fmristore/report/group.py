@@ -171,7 +171,8 @@ def _group_masks(output_dir: Path, atlas_files: dict[str, Path | None], page_pat
                                "half of their voxels (on this grid) in the group mask.",
                                f"group mask and atlas {name}"))
             out = figures.coverage_bars(ids, cov, 0.5,
-                                        fig_dir / f"{stem}_atlas-{name}_desc-coverage.png")
+                                        fig_dir / f"{stem}_atlas-{name}_desc-coverage.png",
+                                        threshold_name="half of the label in the group mask")
             body.append(figure(out, page_path, f"Coverage of each label of {esc(name)} by the "
                                "group mask.", f"group coverage of atlas {name}"))
             rows.append((name, ids.size, int((cov >= 0.5).sum()),
@@ -209,11 +210,13 @@ def write_group_page(output_dir: Path, *, log_file: Path | None = None) -> Path:
     body += masks or ["<p>No group file yet (run the group level).</p>"]
     body.append('<h2 id="connectivity">Mean connectivity per atlas</h2>')
     for name, items in sorted(by_atlas.items()):
+        # raw and denoised correlations differ in kind: average denoised ones when there are
+        items = [i for i in items if i[1]] or items
         matrix, names = _mean_connectivity(items)
         if matrix.size < 4:
             body.append(f"<p>{esc(name)}: too few parcels or volumes.</p>")
             continue
-        kind = "denoised" if any(desc for _, desc in items) else "raw"
+        kind = "denoised" if items[0][1] else "raw"
         out = _plot_matrix(matrix, names, fig_dir / f"atlas-{name}_desc-meanconnectivity.png",
                            f"{name}: mean {kind} connectivity")
         body.append(figure(out, page_path, f"Atlas {esc(name)}: mean over {len(items)} "
