@@ -48,18 +48,27 @@ PALETTE = np.array([[int(h[i:i + 2], 16) for i in (1, 3, 5)] for h in (
 ).split()], dtype=np.uint8)
 
 
+@functools.cache
+def _table(name: str) -> np.ndarray:
+    """Colour table ``name`` sampled at 256 levels, uint8 (256, 3)."""
+    points = np.asarray(LUTS[name], dtype=np.float64)
+    grid = np.asarray(_POSITIONS.get(name, np.linspace(0, 1, len(points))))
+    x = np.linspace(0, 1, 256)
+    rgb = np.stack([np.interp(x, grid, points[:, c]) for c in range(3)], axis=-1)
+    return (rgb * 255 + 0.5).astype(np.uint8)
+
+
 def lut(name: str, values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """``values`` mapped through colour table ``name`` on [lo, hi] → uint8 RGB (..., 3);
     NaN is black."""
-    points = np.asarray(LUTS[name], dtype=np.float64)
-    grid = np.asarray(_POSITIONS.get(name, np.linspace(0, 1, len(points))))
+    values = np.asarray(values, dtype=np.float32)
     with np.errstate(invalid="ignore"):
-        x = np.clip((np.asarray(values, dtype=np.float64) - lo) / max(hi - lo, 1e-12), 0, 1)
+        x = (values - np.float32(lo)) * np.float32(255.0 / max(hi - lo, 1e-12))
     nan = ~np.isfinite(x)
-    x = np.where(nan, 0, x)
-    rgb = np.stack([np.interp(x, grid, points[:, c]) for c in range(3)], axis=-1)
+    index = np.clip(np.where(nan, 0, x) + 0.5, 0, 255).astype(np.uint8)
+    rgb = _table(name)[index]
     rgb[nan] = 0
-    return (rgb * 255 + 0.5).astype(np.uint8)
+    return rgb
 
 
 @functools.lru_cache(maxsize=8)
