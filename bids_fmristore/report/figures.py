@@ -24,11 +24,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from bids_fmristore.atomic import atomic_path
 
-__all__ = ["LUTS", "atlas_overlay", "carpet", "correlation", "coverage_bars", "lut",
-           "map_mosaic", "save_png", "to_ras"]
+__all__ = ["LUTS", "MOSAIC_WIDTH", "atlas_overlay", "carpet", "correlation", "coverage_bars",
+           "gradient_stops", "lut", "map_mosaic", "map_scale", "save_png", "to_ras"]
 
 _N_SLICES = 8
 _WIDTH = 900  # px of a full-width figure
+#: px of a slice mosaic: about one voxel per pixel at 2 mm; pages enlarge them (pixelated),
+#: which keeps the PNGs a quarter of the size and their encoding a quarter of the time
+MOSAIC_WIDTH = 450
 _BG = (255, 255, 255)
 #: colour tables by control points (RGB 0-1): matplotlib's gray, hot and RdBu_r (ColorBrewer)
 LUTS = {
@@ -163,7 +166,7 @@ def atlas_overlay(background: np.ndarray, labels: np.ndarray, mask: np.ndarray,
     planes = _slices((lab > 0) | (msk > 0))
     cols = min(4, len(planes))
     # outlines are found after enlarging, so they stay 1-2 px wide on coarse grids
-    fx = max(1, _WIDTH // (cols * (bg.shape[0] + 1) - 1))
+    fx = max(1, MOSAIC_WIDTH // (cols * (bg.shape[0] + 1) - 1))
     fy = max(1, int(round(fx * zooms[1] / zooms[0])))
 
     def big(a: np.ndarray) -> np.ndarray:
@@ -182,36 +185,42 @@ def atlas_overlay(background: np.ndarray, labels: np.ndarray, mask: np.ndarray,
     return save_png(_tile(tiles, cols), path)
 
 
-def _colour_bar(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], name: str,
-                lo: float, hi: float, labels: Sequence[tuple[float, str]], font) -> None:
+def _colour_bar(canvas: Image.Image, draw: ImageDraw.ImageDraw,
+                box: tuple[int, int, int, int], name: str, lo: float, hi: float,
+                labels: Sequence[tuple[float, str]], font) -> None:
     x0, y0, x1, y1 = box
     strip = lut(name, np.linspace(lo, hi, x1 - x0), lo, hi)
-    for k, colour in enumerate(strip):
-        draw.line([(x0 + k, y0), (x0 + k, y1)], fill=tuple(int(c) for c in colour))
+    canvas.paste(Image.fromarray(np.ascontiguousarray(
+        np.broadcast_to(strip, (y1 - y0, x1 - x0, 3))), "RGB"), (x0, y0))
     draw.rectangle(box, outline=(0, 0, 0))
     for value, text in labels:
         x = x0 + (value - lo) / max(hi - lo, 1e-12) * (x1 - x0)
         draw.text((x, y1 + 2), text, fill=(0, 0, 0), font=font, anchor="ma")
 
 
-def map_mosaic(values: np.ndarray, mask: np.ndarray, affine: np.ndarray, path: Path, *,
-               title: str) -> Path:
-    """A statistic map (tSNR) inside ``mask``, axial mosaic, ``hot`` scale 0 … 99th centile."""
+def map_scale(values: np.ndarray, mask: np.ndarray) -> float:
+    """Top of a map's colour scale: the 99th centile inside ``mask`` (> 0)."""
+    inside = np.asarray(mask, dtype=bool) & np.isfinite(values)
+    return max(float(np.percentile(values[inside], 99)) if inside.any() else 1.0, 1e-6)
+
+
+def map_mosaic(values: np.ndarray, mask: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    """A statistic map (tSNR) inside ``mask``, axial mosaic, ``hot`` on 0 … :func:`map_scale`
+    (the page draws the scale)."""
+    vmax = map_scale(values, mask)
     val, zooms = to_ras(np.asarray(values, dtype=np.float32), affine)
     msk, _ = to_ras(np.asarray(mask, dtype=np.uint8), affine)
-    inside = (msk > 0) & np.isfinite(val)
-    vmax = max(float(np.percentile(val[inside], 99)) if inside.any() else 1.0, 1e-6)
-    shown = np.where(inside, val, np.nan)
-    mosaic = _upscale(_tile([lut("hot", shown[:, :, z], 0, vmax)
-                             for z in _slices(msk > 0)]), zooms, _WIDTH)
-    canvas = Image.new("RGB", (max(mosaic.shape[1], 400), mosaic.shape[0] + 46), _BG)
-    canvas.paste(Image.fromarray(mosaic, "RGB"), (0, 46))
-    draw, font = ImageDraw.Draw(canvas), _font(12)
-    mid = canvas.width // 2
-    draw.text((mid, 2), title, fill=(0, 0, 0), font=font, anchor="ma")
-    _colour_bar(draw, (mid - 150, 18, mid + 150, 28), "hot", 0, vmax,
-                [(0, "0"), (vmax / 2, f"{vmax / 2:.3g}"), (vmax, f"{vmax:.3g}")], _font(10))
-    return save_png(canvas, path)
+    shown = np.where((msk > 0) & np.isfinite(val), val, np.nan)
+    mosaic = _tile([lut("hot", shown[:, :, z], 0, vmax) for z in _slices(msk > 0)])
+    return save_png(_upscale(mosaic, zooms, MOSAIC_WIDTH), path)
+
+
+def gradient_stops(name: str) -> list[tuple[float, str]]:
+    """(position 0-1, ``#rrggbb``) of colour table ``name``, for a CSS gradient."""
+    points = LUTS[name]
+    positions = _POSITIONS.get(name, np.linspace(0, 1, len(points)))
+    return [(float(x), "#" + "".join(f"{int(round(c * 255)):02x}" for c in rgb))
+            for x, rgb in zip(positions, points, strict=True)]
 
 
 def coverage_bars(ids: Sequence[int], coverage: Sequence[float], threshold: float,
@@ -370,6 +379,6 @@ def correlation(matrix: np.ndarray, path: Path, *, title: str) -> Path:
     draw.text((canvas.width // 2, 3), title, fill=(0, 0, 0), font=font, anchor="ma")
     mid = canvas.width // 2
     half = min(150, size // 2)
-    _colour_bar(draw, (mid - half, size + 28, mid + half, size + 38), "RdBu_r", -1, 1,
+    _colour_bar(canvas, draw, (mid - half, size + 28, mid + half, size + 38), "RdBu_r", -1, 1,
                 [(-1, "-1"), (0, "0"), (1, "1")], _font(10))
     return save_png(canvas, path)

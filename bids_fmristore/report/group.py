@@ -28,7 +28,15 @@ from bids_fmristore.report.collect import (
     subject_outputs,
     subjects,
 )
-from bids_fmristore.report.html import esc, figure, page, relative, table, write_page
+from bids_fmristore.report.html import (
+    colour_scale,
+    esc,
+    figure,
+    page,
+    relative,
+    table,
+    write_page,
+)
 from bids_fmristore.report.participant import labels_on_grid, report_path
 
 __all__ = ["GROUP_PAGE", "write_group_page"]
@@ -152,10 +160,11 @@ def _group_masks(output_dir: Path, atlas_files: dict[str, Path | None], page_pat
             n_subjects = len(maps.labels)
         body.append(f"<h3>{esc(path.name)}</h3><p>Group mask: {int(mask.sum())} voxels inside "
                     f"the mask of the required fraction of the {n_subjects} volume(s).</p>")
-        out = figures.map_mosaic(mean, mask, affine, fig_dir / f"{stem}_desc-meantsnr.png",
-                                 title="mean tSNR over the group file's volumes")
-        body.append(figure(out, page_path, f"Mean tSNR of {esc(path.name)} inside its group "
-                           "mask.", "group mean tSNR"))
+        out = figures.map_mosaic(mean, mask, affine, fig_dir / f"{stem}_desc-meantsnr.png")
+        body.append(colour_scale(figures.gradient_stops("hot"), "0",
+                                 f"{figures.map_scale(mean, mask):.3g}", "mean tSNR"))
+        body.append(figure(out, page_path, f"Mean tSNR over the volumes of {esc(path.name)} "
+                           "inside its group mask.", "group mean tSNR", volume=True))
         rows = []
         for name, atlas_path in sorted(atlas_files.items()):
             labels = labels_on_grid(atlas_path, mask.shape, affine)
@@ -169,7 +178,7 @@ def _group_masks(output_dir: Path, atlas_files: dict[str, Path | None], page_pat
             body.append(figure(out, page_path, f"Atlas <b>{esc(name)}</b> outlines over the "
                                "group mean tSNR; yellow: group mask; red: labels with less than "
                                "half of their voxels (on this grid) in the group mask.",
-                               f"group mask and atlas {name}"))
+                               f"group mask and atlas {name}", volume=True))
             out = figures.coverage_bars(ids, cov, 0.5,
                                         fig_dir / f"{stem}_atlas-{name}_desc-coverage.png",
                                         threshold_name="half of the label in the group mask")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bids_fmristore.atomic import atomic_write_text
 
-__all__ = ["esc", "figure", "page", "relative", "table", "write_page"]
+__all__ = ["colour_scale", "esc", "figure", "page", "relative", "table", "write_page"]
 
 _CSS = """
 body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;color:#222;
@@ -29,6 +29,9 @@ h3{margin:18px 0 6px 0;font-size:16px}
 p{font-size:14px}
 figure{margin:8px 0 16px 0}
 figure img{max-width:100%;border:1px solid #ccc;background:#fff}
+img.vol{width:100%;max-width:900px;image-rendering:pixelated}
+.scale{font-size:12px;margin:2px 0}.scale .bar{display:inline-block;width:220px;height:10px;
+margin:0 6px;border:1px solid #555;vertical-align:middle}
 figcaption{font-size:12px;color:#555;margin-top:3px}
 table{border-collapse:collapse;font-size:13px;margin:6px 0 12px 0}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
@@ -51,10 +54,20 @@ def relative(target: Path, page: Path) -> str:
     return "/".join(html.escape(part, quote=True) for part in Path(rel).parts)
 
 
-def figure(src: Path, page: Path, caption: str, alt: str) -> str:
-    """An ``<img>`` with a relative ``src`` and a caption."""
-    return (f'<figure><img src="{relative(src, page)}" alt="{esc(alt)}" loading="lazy">'
+def figure(src: Path, page: Path, caption: str, alt: str, *, volume: bool = False) -> str:
+    """An ``<img>`` with a relative ``src`` and a caption; ``volume`` pictures (slice
+    mosaics, about one voxel per pixel) are enlarged by the browser without smoothing."""
+    cls = ' class="vol"' if volume else ""
+    return (f'<figure><img{cls} src="{relative(src, page)}" alt="{esc(alt)}" loading="lazy">'
             f"<figcaption>{caption}</figcaption></figure>")
+
+
+def colour_scale(stops: Sequence[tuple[float, str]], lo: str, hi: str, what: str) -> str:
+    """A colour bar drawn by CSS (``stops``: position 0-1, colour), labelled ``lo`` … ``hi``."""
+    css = ",".join(f"{colour} {100 * pos:.0f}%" for pos, colour in stops)
+    return (f'<div class="scale"><span>{esc(lo)}</span><span class="bar" '
+            f'style="background:linear-gradient(to right,{css})"></span><span>{esc(hi)}</span>'
+            f" {esc(what)}</div>")
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[object]], *,

@@ -30,7 +30,7 @@ from bids_fmristore.report.collect import (
     resolve_uri,
     subject_outputs,
 )
-from bids_fmristore.report.html import esc, figure, page, table, write_page
+from bids_fmristore.report.html import colour_scale, esc, figure, page, table, write_page
 
 __all__ = ["global_signal", "labels_on_grid", "report_path", "write_subject_report"]
 
@@ -101,8 +101,8 @@ class _Builder:
         self.body: list[str] = []
         self.nav: list[tuple[str, str]] = []
 
-    def fig(self, path: Path, caption: str, alt: str) -> None:
-        self.body.append(figure(path, self.page, caption, alt))
+    def fig(self, path: Path, caption: str, alt: str, *, volume: bool = False) -> None:
+        self.body.append(figure(path, self.page, caption, alt, volume=volume))
 
     # -- one job -------------------------------------------------------------------------
     def grid(self, grid: GridOutputs) -> None:
@@ -157,7 +157,7 @@ class _Builder:
             self.fig(out, f"Atlas <b>{esc(name)}</b>: parcel outlines over the subject's mean "
                      "image (axial slices, left on the left); yellow: brain mask; red: the "
                      f"{flagged.size} label(s) below --min-coverage {threshold:g} or without "
-                     "voxels in the mask.", f"atlas {name} over the mean image")
+                     "voxels in the mask.", f"atlas {name} over the mean image", volume=True)
             out = figures.coverage_bars(ids, cov, threshold,
                                         self.figures / f"{stem}_desc-coverage.png")
             self.fig(out, f"Coverage of each of the {ids.size} labels of {esc(name)} (fraction "
@@ -253,12 +253,17 @@ class _Builder:
             if label not in maps.labels:
                 continue
             stem = f"{scan}{_space_part(grid)}"
-            out = figures.map_mosaic(maps.volume(label), maps.mask, maps.affine,
-                                     self.figures / f"{stem}_desc-tsnr.png", title="tSNR")
+            volume = maps.volume(label)
+            out = figures.map_mosaic(volume, maps.mask, maps.affine,
+                                     self.figures / f"{stem}_desc-tsnr.png")
             self.body.append(f'<h4 id="{esc(stem)}-tsnr">{esc(scan)} · tSNR</h4>')
+            self.body.append(colour_scale(figures.gradient_stops("hot"), "0",
+                                          f"{figures.map_scale(volume, maps.mask):.3g}",
+                                          "tSNR"))
             self.fig(out, f"tSNR of {esc(scan)} (temporal mean / standard deviation of each "
-                     "voxel inside its brain mask), from the desc-voxelstats maps.",
-                     f"tSNR map {scan}")
+                     "voxel inside its brain mask, axial slices, left on the left), from the "
+                     "desc-voxelstats maps; scale up to the 99th centile.",
+                     f"tSNR map {scan}", volume=True)
 
 
 def _failures(subject: str, grids: list[GridOutputs], info: LogInfo) -> list[tuple]:
