@@ -26,6 +26,9 @@ module imports excluded, reading the atlas and mask included), the peak RSS of t
     (j) cli-means  the whole command (``python -m bids_fmristore ... participant --store
                 summary``) on one subject with 4 such runs, timed from outside its process
     (k) cli-full   the same with ``--store both`` (see bench/command.py)
+    (l) participant     the whole participant level (pybids indexing included) of one subject
+                        with 2 runs of the case, --no-report
+    (m) participant-report  the same with the HTML report (the report's imports included)
 """
 
 from __future__ import annotations
@@ -55,14 +58,14 @@ CASES = {
     "f32-T1000-L400": ("float32", 1000, 400),
 }
 MODES = ("floor", "means", "h5", "nilearn", "denoise", "h5-denoise", "dense", "latent",
-         "floor4", "cli-means", "cli-full")
+         "floor4", "cli-means", "cli-full", "participant", "participant-report")
 #: components of the latent case
 LATENT_K = 20
 #: (label, numerator, denominator) of the ratios printed, letters as in the docstring
 RATIOS = (("b/a", "means", "floor"), ("c/a", "h5", "floor"), ("d/b", "nilearn", "means"),
           ("e/b", "denoise", "means"), ("f/c", "h5-denoise", "h5"), ("g/a", "dense", "floor"),
           ("h/a", "latent", "floor"), ("j/i", "cli-means", "floor4"),
-          ("k/i", "cli-full", "floor4"))
+          ("k/i", "cli-full", "floor4"), ("m/l", "participant-report", "participant"))
 
 
 def mni_affine() -> np.ndarray:
@@ -183,9 +186,49 @@ def fmriprep_named(bold: Path) -> Path:
 
 
 # -- measured work (run in a child process) --------------------------------------------------
+def participant_dataset(bold: Path, atlas: Path, mask: Path, n_runs: int = 2) -> Path:
+    """A BIDS + fMRIPrep dataset of one subject whose runs are the case's BOLD (symlinks)."""
+    named = fmriprep_named(bold)  # also writes the confounds table
+    root = bold.parent / f"bids-{bold.name.split('.')[0]}-R{n_runs}"
+    if (root / "done").exists():
+        return root
+    func = root / "derivatives" / "fmriprep" / "sub-01" / "func"
+    func.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(
+        '{"Name": "bench", "BIDSVersion": "1.10.0", "DatasetType": "raw"}\n')
+    (root / "derivatives" / "fmriprep" / "dataset_description.json").write_text(
+        '{"Name": "fmriprep", "BIDSVersion": "1.10.0", "DatasetType": "derivative"}\n')
+    for run in range(1, n_runs + 1):
+        stem = f"sub-01_task-rest_run-{run:02d}"
+        prep = func / f"{stem}_space-MNI152NLin2009cAsym_desc-preproc_bold.nii.gz"
+        prep.symlink_to(bold.resolve())
+        prep.with_name(prep.name.replace(".nii.gz", ".json")).write_text(
+            '{"RepetitionTime": 2.0, "TaskName": "rest"}\n')
+        (func / f"{stem}_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz").symlink_to(
+            mask.resolve())
+        tsv = named.with_name("sub-01_task-rest_desc-confounds_timeseries.tsv")
+        (func / f"{stem}_desc-confounds_timeseries.tsv").symlink_to(tsv.resolve())
+    (root / "done").write_text("")
+    return root
+
+
 def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
     if mode == "floor4":
         command.floor(bold)
+    elif mode in ("participant", "participant-report"):
+        import shutil
+
+        from bids_fmristore.cli.run import main as cli
+
+        root = participant_dataset(bold, atlas, mask)
+        out = out_dir / mode
+        shutil.rmtree(out, ignore_errors=True)
+        argv = [str(root), str(out), "participant", "-q", "--skip-bids-validation",
+                "-d", f"fmriprep={root / 'derivatives' / 'fmriprep'}", "--atlas",
+                f"Bench={atlas}", "-w", str(out_dir / f"work-{mode}")]
+        code = cli(argv + (["--no-report"] if mode == "participant" else []))
+        if code:
+            raise RuntimeError(f"participant level exited {code}")
     elif mode == "floor":
         from isal import igzip
 
@@ -289,6 +332,10 @@ def import_modules(mode: str) -> None:
         import bids_fmristore.atlas  # noqa: F401
         import bids_fmristore.compute.parcellate  # noqa: F401
         import bids_fmristore.formats.multiscan  # noqa: F401
+    elif mode in ("participant", "participant-report"):
+        import bids_fmristore.cli.run  # noqa: F401
+        import bids_fmristore.inputs.discovery  # noqa: F401
+        import bids_fmristore.participant  # noqa: F401
     else:
         import nilearn.maskers  # noqa: F401
 
@@ -296,10 +343,11 @@ def import_modules(mode: str) -> None:
 def child_main(args: list[str]) -> None:
     mode, bold, atlas, mask, out_dir = args
     import_modules(mode)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     work(mode, Path(bold), Path(atlas), Path(mask), Path(out_dir))
     wall = time.perf_counter() - t0
-    print(json.dumps({"wall": wall, "peak_mb": peak_rss_mb()}))
+    print(json.dumps({"wall": wall, "cpu": time.process_time() - c0,
+                      "peak_mb": peak_rss_mb()}))
 
 
 def peak_rss_mb() -> float:
@@ -361,6 +409,13 @@ def main() -> None:
         rows.append((case, med, peak))
         print(header if len(rows) == 1 else "", end="\n" if len(rows) == 1 else "")
         print(f"{case:16s} " + " ".join(f"{med[m]:10.2f} {peak[m]:10.0f}" for m in a.modes))
+        if "participant" in med and "participant-report" in med:
+            # CPU time of the process (all threads): steadier than wall time on a shared host
+            cpu = {m: statistics.median(r["cpu"] for r in results[m])
+                   for m in ("participant", "participant-report")}
+            print(f"{'':16s} CPU s: participant {cpu['participant']:.2f}, participant-report "
+                  f"{cpu['participant-report']:.2f}, h/g "
+                  f"{cpu['participant-report'] / cpu['participant']:.3f}")
     print("\nratios (median wall time):")
     for case, med, _ in rows:
         parts = [f"{label}: {med[num] / med[den]:.2f}" for label, num, den in RATIOS

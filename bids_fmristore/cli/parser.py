@@ -268,6 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--group-mask", type=Path, metavar="FILE",
                    help="explicit group mask (NIfTI) for --cohort-file")
 
+    # -- visual reports (bids_fmristore.report) --
+    g = p.add_argument_group("reports")
+    g.add_argument("--no-report", action="store_true",
+                   help="do not write the HTML reports (OUTPUT_DIR/sub-<label>.html, "
+                   "OUTPUT_DIR/group.html)")
+    g.add_argument("--reports-only", action="store_true",
+                   help="only rebuild the reports from the outputs already in OUTPUT_DIR "
+                   "(no BOLD data read, no data file written)")
+
     g = p.add_argument_group("resources and logging")
     g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
                    help="scratch folder (holds the pybids database unless --bids-database-dir)")

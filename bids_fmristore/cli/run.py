@@ -203,6 +203,8 @@ def participant(opts) -> int:
     from bids_fmristore.stale import remove_stale
 
     bids_dir, output_dir = _check_dirs(opts.bids_dir, opts.output_dir)
+    if getattr(opts, "reports_only", False):  # -- reports (bids_fmristore.report) --
+        return _reports_only(opts, output_dir, "participant")
     if not opts.atlas and not opts.index_only:
         raise UsageError("no atlas given: pass --atlas NAME=PATH (a labels _dseg.nii.gz with "
                          "a sibling .tsv) or --atlas LABEL (BIDS atlas dataset, TemplateFlow)")
@@ -266,6 +268,11 @@ def participant(opts) -> int:
             log.debug("wrote %s", path)
         written += len(result.written)
         skipped += len(result.skipped)
+    if not getattr(opts, "no_report", False):  # -- reports (bids_fmristore.report) --
+        from bids_fmristore.report import write_participant_reports
+
+        write_participant_reports(output_dir, sorted({job.subject for job in jobs}),
+                                  log_file=getattr(opts, "log_file", None))
     subjects = len({job.subject for job in jobs})
     log.log(logging.WARNING if problems else logging.INFO,
             "finished in %.0f s: %d subject(s), %d file(s) written, %d kept, %d problem(s)%s",
@@ -331,9 +338,11 @@ def group(opts) -> int:
     if opts.cohort_file is None and not output_dir.is_dir():
         raise InputError(f"OUTPUT_DIR {output_dir} does not exist: run the participant "
                          "level first")
+    if getattr(opts, "reports_only", False):  # -- reports (bids_fmristore.report) --
+        return _reports_only(opts, output_dir, "group")
     started = time.monotonic()
     _start(opts, "group", output_dir)
-    remove_stale([output_dir, output_dir / "group"])
+    remove_stale([output_dir, output_dir / "group", output_dir / "group" / "figures"])
     if opts.cohort_file is not None:
         from bids_fmristore.group.cohort import read_cohort, write_cohort_sets
 
@@ -348,8 +357,27 @@ def group(opts) -> int:
                               threshold=opts.group_mask_threshold,
                               participants=opts.participant_label, overwrite=opts.overwrite)
     write_dataset_description(output_dir, [Dataset("raw", bids_dir, False)])
+    if opts.cohort_file is None and not getattr(opts, "no_report", False):  # -- reports --
+        from bids_fmristore.report import write_group_report
+
+        write_group_report(output_dir, log_file=getattr(opts, "log_file", None))
     for path in written:
         log.debug("wrote %s", path)
     log.info("finished in %.0f s: %d group file(s) written", time.monotonic() - started,
              len(written))
+    return EXIT_OK
+
+
+# -- reports (bids_fmristore.report) ---------------------------------------------------------
+def _reports_only(opts, output_dir: Path, level: str) -> int:
+    """``--reports-only``: rebuild the reports from OUTPUT_DIR; no BOLD read, no data written."""
+    from bids_fmristore.report import rebuild_reports
+
+    if getattr(opts, "no_report", False):
+        raise UsageError("--reports-only and --no-report contradict each other")
+    if not output_dir.is_dir():
+        raise InputError(f"OUTPUT_DIR {output_dir} does not exist: run the {level} level first")
+    _start(opts, level, output_dir)
+    pages = rebuild_reports(output_dir, level, participants=opts.participant_label)
+    log.info("%d report(s) rebuilt", len(pages))
     return EXIT_OK
