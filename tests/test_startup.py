@@ -66,7 +66,9 @@ def content(out: Path) -> dict:
         rel = path.relative_to(out).as_posix()
         if path.is_dir() or rel.startswith("logs/") or path.name.startswith("."):
             continue
-        if path.suffix == ".h5":
+        if path.suffix == ".html":  # the report: its header gives the time each run took
+            files[rel] = "report"
+        elif path.suffix == ".h5":
             files[rel] = h5_content(path)
         elif path.suffix == ".json":
             # the OUTPUT_DIR's own path (DatasetLinks) and timestamps (MTime of its copy of
