@@ -414,7 +414,7 @@ def main() -> None:
             cpu = {m: statistics.median(r["cpu"] for r in results[m])
                    for m in ("participant", "participant-report")}
             print(f"{'':16s} CPU s: participant {cpu['participant']:.2f}, participant-report "
-                  f"{cpu['participant-report']:.2f}, h/g "
+                  f"{cpu['participant-report']:.2f}, m/l "
                   f"{cpu['participant-report'] / cpu['participant']:.3f}")
     print("\nratios (median wall time):")
     for case, med, _ in rows:

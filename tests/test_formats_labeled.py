@@ -113,7 +113,7 @@ def test_on_disk_layout(written):
         assert sorted(f["data"]) == LABELS
         for label, vol in zip(LABELS, vols, strict=True):
             ds = f["data"][label]
-            assert ds.shape == (n,) and ds.chunks == (min(1024, n),)
+            assert ds.shape == (n,) and ds.chunks == (min(65536, n),)
             assert ds.compression == "gzip" and ds.compression_opts == 4 and ds.shuffle
             assert np.array_equal(ds[()], fortran_voxels(vol, mask))
             # C order over the on-disk (Z, Y, X) mask is the same sequence

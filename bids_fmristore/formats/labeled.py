@@ -39,6 +39,10 @@ DTYPES = tuple(np.dtype(t) for t in ("f4", "f8", "i1", "i2", "i4", "u1", "u2"))
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 _QFIELDS = ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")
 _GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+#: Values per chunk of a volume (fmristore writes 1024: at 2 mm, 230 chunks of 4 KB a volume,
+#: whose per-chunk overhead was most of the time to write a subject's maps). Readers, R's
+#: included, read whole volumes.
+CHUNK = 65536
 
 
 def sanitize_label(text: str) -> str:
@@ -239,7 +243,7 @@ def write_labeled(
             if count > len(names):
                 raise ValueError(f"more volumes than the {len(names)} labels")
             vec = _masked(np.asarray(volume), mask.shape, order, labels[count - 1])
-            _write_vector(data, names[count - 1], vec.astype(dtype, copy=False), min(1024, n))
+            _write_vector(data, names[count - 1], vec.astype(dtype, copy=False), min(CHUNK, n))
         if count != len(names):
             raise ValueError(f"got {count} volumes for {len(names)} labels")
     return Path(path)
