@@ -12,11 +12,61 @@ import numpy as np
 
 from bids_fmristore.errors import FormatError
 
-__all__ = ["H5Reader", "open_h5", "decode", "str_attr", "read_group_datasets",
-           "write_metadata_value"]
+__all__ = ["AtomicH5Writer", "H5Reader", "open_h5", "decode", "str_attr",
+           "read_group_datasets", "write_metadata_value"]
 
 #: What h5py and the readers' checks raise on a damaged file or a missing object.
 _DAMAGE = (KeyError, OSError, ValueError, TypeError, IndexError)
+
+
+class AtomicH5Writer:
+    """Base of the writers: an HDF5 file written under a temporary name in the destination
+    folder and renamed to :attr:`path` only if the ``with`` block and :meth:`_finish` succeed
+    (:func:`bids_fmristore.atomic.atomic_path`); on any error the temporary is removed.
+
+    Subclasses set ``path`` and ``_overwrite`` and implement :meth:`_start` (what the file holds
+    from the start) and :meth:`_finish` (last writes and completeness checks).
+    """
+
+    path: Path
+    _overwrite: bool = False
+    _file: h5py.File | None = None
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        from bids_fmristore.atomic import atomic_path
+
+        self._atomic = atomic_path(self.path, overwrite=self._overwrite)
+        tmp = self._atomic.__enter__()
+        try:
+            self._file = h5py.File(tmp, "w")
+            self._start()
+        except BaseException as exc:
+            self._abort(exc)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self._abort(exc)
+            return
+        try:
+            self._finish()
+            self._file.close()
+        except BaseException as err:
+            self._abort(err)
+            raise
+        self._atomic.__exit__(None, None, None)
+
+    def _abort(self, exc: BaseException) -> None:
+        if self._file is not None and self._file.id.valid:
+            self._file.close()
+        self._atomic.__exit__(type(exc), exc, exc.__traceback__)
 
 
 def open_h5(path: str | Path) -> h5py.File:

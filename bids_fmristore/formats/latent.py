@@ -22,9 +22,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from bids_fmristore.atomic import atomic_path
 from bids_fmristore.errors import FormatError
-from bids_fmristore.formats._h5 import H5Reader, read_group_datasets, str_attr, write_metadata_value
+from bids_fmristore.formats._h5 import (
+    AtomicH5Writer,
+    H5Reader,
+    read_group_datasets,
+    str_attr,
+    write_metadata_value,
+)
 from bids_fmristore.formats.header import (
     Geometry,
     mask_coords,
@@ -231,7 +236,7 @@ def _read_csc(group: h5py.Group, name: Path):
     return data, indices, indptr, (int(shape[0]), int(shape[1]))
 
 
-class LatentWriter:
+class LatentWriter(AtomicH5Writer):
     """Write a one-scan LatentNeuroVec file, loadings block by block, atomically.
 
     Use as a context manager; the file appears under ``path`` only if the block exits without
@@ -276,38 +281,13 @@ class LatentWriter:
         self._rows = 0
         self._done = {"offset": False, "embedding": False}
 
-    def __enter__(self) -> LatentWriter:
-        self._atomic = atomic_path(self.path, overwrite=self._overwrite)
-        tmp = self._atomic.__enter__()
-        try:
-            self._file = h5py.File(tmp, "w")
-            self._write_static()
-        except BaseException as exc:
-            self._abort(exc)
-            raise
-        return self
+    def _finish(self) -> None:
+        if self._rows != self.n_mask or not all(self._done.values()):
+            missing = [k for k, v in self._done.items() if not v]
+            raise RuntimeError(f"{self.path.name}: incomplete ({self._rows} of "
+                               f"{self.n_mask} loadings rows; missing {missing})")
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is not None:
-            self._abort(exc)
-            return
-        try:
-            if self._rows != self.n_mask or not all(self._done.values()):
-                missing = [k for k, v in self._done.items() if not v]
-                raise RuntimeError(f"{self.path.name}: incomplete ({self._rows} of "
-                                   f"{self.n_mask} loadings rows; missing {missing})")
-            self._file.close()
-        except BaseException as err:
-            self._abort(err)
-            raise
-        self._atomic.__exit__(None, None, None)
-
-    def _abort(self, exc: BaseException) -> None:
-        if getattr(self, "_file", None) is not None and self._file.id.valid:
-            self._file.close()
-        self._atomic.__exit__(type(exc), exc, exc.__traceback__)
-
-    def _write_static(self) -> None:
+    def _start(self) -> None:
         f = self._file
         f.attrs["latent_spec_version"] = "1.0"  # R warns without it
         f.attrs["rtype"] = FMRISTORE_CLASS

@@ -13,9 +13,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from bids_fmristore.atomic import atomic_path
 from bids_fmristore.formats._chunks import encode_chunk, pool
 from bids_fmristore.formats._h5 import (
+    AtomicH5Writer,
     write_metadata_value,
 )
 from bids_fmristore.formats.header import (
@@ -43,7 +43,7 @@ PENDING_VALUES = 4_000_000
 _GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 
 
-class MultiScanWriter:
+class MultiScanWriter(AtomicH5Writer):
     """Write an H5ParcellatedMultiScan file scan by scan, atomically.
 
     Use as a context manager; the file appears under ``path`` only if the block exits without
@@ -93,35 +93,7 @@ class MultiScanWriter:
         self._scans: list[ScanWriter] = []
         self._file: h5py.File | None = None
 
-    def __enter__(self) -> MultiScanWriter:
-        self._atomic = atomic_path(self.path, overwrite=self._overwrite)
-        tmp = self._atomic.__enter__()
-        try:
-            self._file = h5py.File(tmp, "w")
-            self._write_static()
-        except BaseException as exc:
-            self._abort(exc)
-            raise
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is not None:
-            self._abort(exc)
-            return
-        try:
-            self._finish()
-            self._file.close()
-        except BaseException as err:
-            self._abort(err)
-            raise
-        self._atomic.__exit__(None, None, None)
-
-    def _abort(self, exc: BaseException) -> None:
-        if self._file is not None and self._file.id.valid:
-            self._file.close()
-        self._atomic.__exit__(type(exc), exc, exc.__traceback__)
-
-    def _write_static(self) -> None:
+    def _start(self) -> None:
         f, lay = self._file, self.layout
         f.attrs["fmristore_class"] = FMRISTORE_CLASS
         for key, value in self._attrs.items():

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from bids_fmristore.atomic import atomic_path
 from bids_fmristore.formats._chunks import encode_whole_chunk, pool
+from bids_fmristore.formats._h5 import AtomicH5Writer
 from bids_fmristore.formats.neurovec import _GZIP, _check, _write_root
 
 __all__ = ["NeuroVecWriter", "STREAM_CHUNK"]
@@ -19,7 +18,7 @@ __all__ = ["NeuroVecWriter", "STREAM_CHUNK"]
 STREAM_CHUNK = (32, 8, 8, 8)
 
 
-class NeuroVecWriter:
+class NeuroVecWriter(AtomicH5Writer):
     """Stream a 4-D run into an H5NeuroVec file, volumes in time order, atomically.
 
     The 4-D array goes to ``/data`` (h5py ``(T, Z, Y, X)``, float32), where fmristore's
@@ -65,43 +64,21 @@ class NeuroVecWriter:
         self._filled = self._written = 0
         self.chunks_stored = 0
 
-    def __enter__(self) -> NeuroVecWriter:
-        self._atomic = atomic_path(self.path, overwrite=self._overwrite)
-        tmp = self._atomic.__enter__()
-        try:
-            self._file = h5py.File(tmp, "w")
-            _write_root(self._file, "DenseNeuroVec", "H5NeuroVec", self.shape, self.affine)
-            for key, value in self._attrs.items():
-                self._file.attrs[key] = value
-            x, y, z, t = self.shape
-            self._ds = self._file.create_dataset(
-                "data", shape=(t, z, y, x), dtype=np.float32, chunks=self.chunks, fillvalue=0,
-                **(_GZIP if self._compress else {}))
-        except BaseException as exc:
-            self._abort(exc)
-            raise
-        return self
+    def _start(self) -> None:
+        _write_root(self._file, "DenseNeuroVec", "H5NeuroVec", self.shape, self.affine)
+        for key, value in self._attrs.items():
+            self._file.attrs[key] = value
+        x, y, z, t = self.shape
+        self._ds = self._file.create_dataset(
+            "data", shape=(t, z, y, x), dtype=np.float32, chunks=self.chunks, fillvalue=0,
+            **(_GZIP if self._compress else {}))
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is not None:
-            self._abort(exc)
-            return
-        try:
-            if self._written + self._filled != self.shape[3]:
-                raise RuntimeError(f"{self.path.name}: {self._written + self._filled} of "
-                                   f"{self.shape[3]} volumes written")
-            if self._filled:
-                self._flush()
-            self._file.close()
-        except BaseException as err:
-            self._abort(err)
-            raise
-        self._atomic.__exit__(None, None, None)
-
-    def _abort(self, exc: BaseException) -> None:
-        if getattr(self, "_file", None) is not None and self._file.id.valid:
-            self._file.close()
-        self._atomic.__exit__(type(exc), exc, exc.__traceback__)
+    def _finish(self) -> None:
+        if self._written + self._filled != self.shape[3]:
+            raise RuntimeError(f"{self.path.name}: {self._written + self._filled} of "
+                               f"{self.shape[3]} volumes written")
+        if self._filled:
+            self._flush()
 
     def write(self, t0: int, block: np.ndarray) -> None:
         """Volumes ``t0 : t0 + k``: ``block`` shape (k, Z*Y*X) (NIfTI order, x fastest), float32
