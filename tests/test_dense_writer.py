@@ -80,3 +80,22 @@ def test_an_incomplete_stream_leaves_no_file(tmp_path, rng):
         with NeuroVecWriter(tmp_path / "d.h5", shape=SHAPE, affine=np.eye(4)) as w:
             w.write(1, np.zeros((1, 13 * 11 * 10), np.float32))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", [">i2", "<i2", "<u2", "u1", "i1"])
+def test_scaling_table_equals_float64_scaling(rng, dtype):
+    """The look-up table of --dense gives float32(x * slope + inter) computed in float64, for
+    every stored value and byte order."""
+    from types import SimpleNamespace
+
+    from bids_fmristore.participant.dense import _scaling_table
+
+    dt = np.dtype(dtype)
+    info = SimpleNamespace(scaled=True, dtype=dt, slope=0.0371, inter=-12.5)
+    stored = rng.integers(np.iinfo(dt).min, np.iinfo(dt).max, size=(3, 500),
+                          endpoint=True).astype(dt)
+    table, index = _scaling_table(info)
+    want = (stored.astype(np.float64) * 0.0371 - 12.5).astype(np.float32)
+    np.testing.assert_array_equal(np.take(table, stored.view(index)), want)
+    assert _scaling_table(SimpleNamespace(scaled=True, dtype=np.dtype("i4"), slope=2.0,
+                                          inter=0.0)) is None

@@ -152,9 +152,13 @@ def run_outputs_sink(plan: RunOutputs | None, name: str, run: BoldRun, info: Nif
                     plan.dense, shape=info.shape, affine=info.affine, compress=DENSE_COMPRESS,
                     attrs={"writer": f"bids_fmristore {__version__}"}))
 
+            table = _scaling_table(info)
+
             def sink(t0: int, block: np.ndarray) -> None:
                 # scaled in float64 as nibabel does, then rounded once: float32(nibabel's value)
-                if info.scaled:
+                if table is not None:  # 8- and 16-bit data: one look-up per value
+                    values = np.take(table[0], block.view(table[1]))
+                elif info.scaled:
                     values = (block * info.slope + info.inter).astype(np.float32)
                 else:
                     values = block.astype(np.float32, copy=False)
@@ -173,6 +177,20 @@ def run_outputs_sink(plan: RunOutputs | None, name: str, run: BoldRun, info: Nif
                                "fmristore::H5NeuroVec(file) opens it"})
         if store is not None:
             _write_latent(plan, store, name, run, info, components, common)
+
+
+def _scaling_table(info: NiftiInfo) -> tuple[np.ndarray, np.dtype] | None:
+    """For scaled 8- and 16-bit integer data, float32(value * slope + inter) (computed in
+    float64, as nibabel does) of every possible stored value, indexed by the unsigned view of
+    the stored bits (the table, and that unsigned dtype): the same numbers as scaling each
+    block, at a fraction of the cost (a block of 8 MNI volumes was 70 MB of float64
+    temporaries)."""
+    if not info.scaled or info.dtype.kind not in "iu" or info.dtype.itemsize > 2:
+        return None
+    unsigned = np.dtype(f"u{info.dtype.itemsize}").newbyteorder(info.dtype.byteorder)
+    codes = np.arange(1 << (8 * info.dtype.itemsize)).astype(unsigned.newbyteorder("="))
+    stored = codes.astype(unsigned).view(info.dtype)
+    return (stored * float(info.slope) + float(info.inter)).astype(np.float32), unsigned
 
 
 def _write_latent(plan: RunOutputs, store: TileStore, name: str, run: BoldRun,
