@@ -213,6 +213,11 @@ def participant_dataset(bold: Path, atlas: Path, mask: Path, n_runs: int = 2) ->
 
 
 def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
+    # Outputs of an earlier round are removed first: renaming a new file over an old one makes
+    # ext4 write the new file's data out at once (auto_da_alloc), which a new output never
+    # costs.
+    for name in ("b.h5", "d.h5", "l.lv.h5"):
+        (out_dir / name).unlink(missing_ok=True)
     if mode == "floor4":
         command.floor(bold)
     elif mode in ("participant", "participant-report"):

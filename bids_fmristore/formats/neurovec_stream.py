@@ -59,8 +59,11 @@ class NeuroVecWriter(AtomicH5Writer):
         self.chunks = tuple(min(c, n) for c, n in zip(chunks, (t, z, y, x), strict=True))
         self._attrs, self._overwrite, self._compress = dict(attrs or {}), overwrite, compress
         #: the current time-row's chunks that hold a non-zero value, by chunk index (z, y, x)
-        self._staged: dict[tuple, np.ndarray] = {}
-        self._free: list[np.ndarray] = []
+        #: the current time-row's chunks that hold a non-zero value: chunk index (z, y, x) →
+        #: slot of ``_buf`` (slots, *chunks), reused from row to row (fresh memory would
+        #: page-fault again)
+        self._slots: dict[tuple[int, int, int], int] = {}
+        self._buf = np.empty((0, *self.chunks), dtype=np.float32)
         self._filled = self._written = 0
         self.chunks_stored = 0
 
@@ -101,8 +104,9 @@ class NeuroVecWriter(AtomicH5Writer):
 
     def _stage(self, volumes: np.ndarray) -> None:
         """Copy the volumes' part of every chunk that is not all zero into that chunk's
-        staging array (created, zero-filled, when the chunk first holds a non-zero value):
-        only occupied chunks are ever copied, and each is contiguous when it is stored."""
+        staging slot (zero-filled when the chunk first holds a non-zero value in this
+        time-row): only occupied chunks are ever copied, and each is contiguous when it is
+        stored. Chunks entirely inside the grid are copied in one gather."""
         k, z, y, x = volumes.shape
         _, cz, cy, cx = self.chunks
         padded = np.zeros((-(-z // cz) * cz, -(-y // cy) * cy, -(-x // cx) * cx), dtype=bool)
@@ -110,28 +114,47 @@ class NeuroVecWriter(AtomicH5Writer):
         padded[:z, :y, :x] = np.bitwise_or.reduce(volumes.view(np.uint32), axis=0) != 0
         nz, ny, nx = (n // c for n, c in zip(padded.shape, (cz, cy, cx), strict=True))
         busy = padded.reshape(nz, cz, ny, cy, nx, cx).any(axis=(1, 3, 5))
+        keys = [tuple(int(v) for v in key) for key in np.argwhere(busy)]
+        self._allocate([key for key in keys if key not in self._slots])
         rows = slice(self._filled, self._filled + k)
-        for key in zip(*np.nonzero(busy), strict=True):
-            chunk = self._staged.get(key)
-            if chunk is None:  # a recycled array is cleared: earlier rows of the chunk are 0
-                chunk = self._free.pop() if self._free else np.empty(self.chunks, np.float32)
-                chunk.fill(0)
-                self._staged[key] = chunk
+        fz, fy, fx = z // cz, y // cy, x // cx  # chunks wholly inside the grid, per axis
+        inner = [key for key in keys if key[0] < fz and key[1] < fy and key[2] < fx]
+        if inner:
+            blocks = volumes[:, : fz * cz, : fy * cy, : fx * cx].reshape(
+                k, fz, cz, fy, cy, fx, cx).transpose(1, 3, 5, 0, 2, 4, 6)
+            iz, iy, ix = np.array(inner).T
+            self._buf[[self._slots[key] for key in inner], rows] = blocks[iz, iy, ix]
+        for key in keys:  # the grid's edge chunks, rarely occupied
+            if key[0] < fz and key[1] < fy and key[2] < fx:
+                continue
             z0, y0, x0 = key[0] * cz, key[1] * cy, key[2] * cx
             piece = volumes[:, z0 : z0 + cz, y0 : y0 + cy, x0 : x0 + cx]
-            chunk[rows, : piece.shape[1], : piece.shape[2], : piece.shape[3]] = piece
+            self._buf[self._slots[key], rows, : piece.shape[1], : piece.shape[2],
+                      : piece.shape[3]] = piece
+
+    def _allocate(self, keys: list[tuple[int, int, int]]) -> None:
+        """Zero-filled slots for chunks that become occupied (earlier rows of a chunk are 0)."""
+        if not keys:
+            return
+        first = len(self._slots)
+        if first + len(keys) > self._buf.shape[0]:
+            grown = np.empty((max(first + len(keys), 2 * self._buf.shape[0]), *self.chunks),
+                             dtype=np.float32)
+            grown[:first] = self._buf[:first]
+            self._buf = grown
+        self._buf[first : first + len(keys)] = 0
+        self._slots.update((key, first + i) for i, key in enumerate(keys))
 
     def _flush(self) -> None:
         """Store the staged chunks of the current time-row (all-zero chunks never were)."""
         t0 = self._written
         _, cz, cy, cx = self.chunks
-        staged = sorted(self._staged.items())
-        payloads = (pool().map(lambda item: encode_whole_chunk(item[1]), staged)
-                    if self._compress else (chunk for _, chunk in staged))
+        staged = sorted(self._slots.items())
+        payloads = (pool().map(lambda item: encode_whole_chunk(self._buf[item[1]]), staged)
+                    if self._compress else (self._buf[slot] for _, slot in staged))
         for ((iz, iy, ix), _), payload in zip(staged, payloads, strict=True):
             self._ds.id.write_direct_chunk((t0, iz * cz, iy * cy, ix * cx), payload)
             self.chunks_stored += 1
-        self._free = list(self._staged.values())  # fresh arrays would page-fault again
-        self._staged = {}
+        self._slots = {}
         self._written += self._filled
         self._filled = 0
