@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import platform
 import sys
+import tomllib
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10: pytest's own dependency
-    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = ("test", "fast")
