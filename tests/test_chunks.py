@@ -100,3 +100,25 @@ def test_whole_cluster_writes_wait_for_nothing_lost(tmp_path, rng):
         for block, got in zip(series, f.iter_cluster_series("run", range(1, 7), ahead=1),
                               strict=True):
             np.testing.assert_array_equal(got, block)
+
+
+def test_chunks_never_written_read_as_fill_value(tmp_path, rng):
+    """A valid file whose chunks were not all written (HDF5 returns the fill value for them) is
+    read, not refused."""
+    data = rng.normal(size=(200, 50)).astype(np.float32)
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        ds = f.create_dataset("x", shape=data.shape, dtype="f4", chunks=(100, 50),
+                              compression="gzip", shuffle=True)
+        ds[:100] = data[:100]
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        got = read_float32(f["x"])
+    np.testing.assert_array_equal(got[:100], data[:100])
+    assert not got[100:].any()
+
+
+def test_zero_columns_clean_to_an_empty_array():
+    from bids_fmristore.compute.denoise import CleanOptions, clean_voxels
+
+    out = clean_voxels(np.zeros((40, 0)), np.ones((40, 1)).cumsum(axis=0), None,
+                       CleanOptions(t_r=2.0))
+    assert out.shape == (40, 0)

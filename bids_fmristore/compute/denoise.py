@@ -25,6 +25,9 @@ STANDARDIZE: tuple[str | None, ...] = ("zscore_sample", "psc", None)
 
 @cache
 def _blas():
+    # The controller sees only the BLAS libraries already loaded: scipy's OpenBLAS is its own.
+    import nilearn.signal  # noqa: F401
+    import scipy.linalg  # noqa: F401
     from threadpoolctl import ThreadpoolController
 
     return ThreadpoolController()
@@ -139,7 +142,7 @@ def _clean(signals, confounds, sample_mask, opts: CleanOptions, cleaner) -> np.n
         if partly.size:
             raise ValueError(f"columns {partly.tolist()} are partly NaN")
     good = ~nan_cols
-    out = None if good.all() else np.full((n_kept, n_cols), np.nan)
+    out = None if good.all() and n_cols else np.full((n_kept, n_cols), np.nan)
     if good.any():
         with warnings.catch_warnings():
             # A parcel whose mean is 0 cannot be expressed in percent: nilearn sets it to 0 and

@@ -24,11 +24,13 @@ try:
 except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same format
     _deflate, _inflate, _InflateError = zlib.compress, zlib.decompress, zlib.error
 
-__all__ = ["DIRECT_LEVEL", "encode_chunk", "encode_whole_chunk", "pool", "read_float32",
+__all__ = ["DIRECT_LEVEL", "GZIP", "encode_chunk", "encode_whole_chunk", "pool", "read_float32",
            "start_read"]
 
 #: Deflate level of direct chunks: isal's level 1 compresses like zlib's 4, ~10x faster.
 DIRECT_LEVEL = 1
+#: HDF5's standard filters, as every writer declares them (fmristore's gzip level).
+GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 #: The filter pipeline handled here, in order.
 _PIPELINE = (h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_DEFLATE)
 _POOL: ThreadPoolExecutor | None = None
@@ -38,7 +40,9 @@ def pool() -> ThreadPoolExecutor:
     """The process's coding threads (one per core), created on first use."""
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+        # the CPUs this process may run on (a SLURM allocation, taskset), not the machine's
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        _POOL = ThreadPoolExecutor(max_workers=cpus or os.cpu_count() or 1,
                                    thread_name_prefix="bids_fmristore-deflate")
     return _POOL
 
@@ -112,6 +116,9 @@ def start_read(ds: h5py.Dataset) -> Callable[[], np.ndarray]:
     rows, width = ds.chunks
     offsets = [(t0, c0) for t0 in range(0, ds.shape[0], rows)
                for c0 in range(0, ds.shape[1], width)]
+    if ds.id.get_num_chunks() != len(offsets):  # chunks never written read as the fill value
+        data = ds[()]
+        return lambda: data
     raw = []
     for offset in offsets:  # HDF5 is not thread safe: the reads stay in this thread
         mask, payload = ds.id.read_direct_chunk(offset)

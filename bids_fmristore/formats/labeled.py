@@ -20,7 +20,7 @@ import numpy as np
 
 from bids_fmristore.atomic import atomic_path
 from bids_fmristore.errors import FormatError
-from bids_fmristore.formats._chunks import encode_chunk, pool
+from bids_fmristore.formats._chunks import GZIP, encode_chunk, pool
 from bids_fmristore.formats._h5 import H5Reader
 from bids_fmristore.formats.header import (
     Geometry,
@@ -38,7 +38,6 @@ FMRISTORE_CLASS = "LabeledVolumeSet"
 DTYPES = tuple(np.dtype(t) for t in ("f4", "f8", "i1", "i2", "i4", "u1", "u2"))
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 _QFIELDS = ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")
-_GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 #: Values per chunk of a volume (fmristore writes 1024: at 2 mm, 230 chunks of 4 KB a volume,
 #: whose per-chunk overhead was most of the time to write a subject's maps). Readers, R's
 #: included, read whole volumes.
@@ -252,7 +251,7 @@ def write_labeled(
 def _write_vector(group: h5py.Group, name: str, vec: np.ndarray, chunk: int) -> None:
     """One volume's (N,) vector, shuffled and deflated; float32 chunks are encoded in the
     coding threads (HDF5's filters, one 4 KB chunk at a time, took 0.7 s for 15 maps)."""
-    ds = group.create_dataset(name, shape=vec.shape, dtype=vec.dtype, chunks=(chunk,), **_GZIP)
+    ds = group.create_dataset(name, shape=vec.shape, dtype=vec.dtype, chunks=(chunk,), **GZIP)
     if vec.dtype != np.float32:
         ds[...] = vec
         return

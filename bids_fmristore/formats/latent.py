@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from bids_fmristore.errors import FormatError
+from bids_fmristore.formats._chunks import GZIP
 from bids_fmristore.formats._h5 import (
     AtomicH5Writer,
     H5Reader,
@@ -43,7 +44,6 @@ from bids_fmristore.formats.header import (
 __all__ = ["LatentNeuroVec", "LatentWriter", "write_latent", "FMRISTORE_CLASS"]
 
 FMRISTORE_CLASS = "LatentNeuroVec"
-_GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 #: Loadings rows per chunk, as fmristore's writer (R chunk ``c(k, min(1024, nvox))``).
 VOXEL_CHUNK = 1024
 #: Voxels reconstructed at a time by :meth:`LatentNeuroVec.volume` (bounded memory).
@@ -303,7 +303,7 @@ class LatentWriter(AtomicH5Writer):
         n = max(self.n_mask, 1)
         self._loadings = f.create_group("basis").create_dataset(
             "basis_matrix", shape=(self.n_mask, self.k), dtype=np.float32,
-            chunks=(min(VOXEL_CHUNK, n), self.k), **_GZIP)
+            chunks=(min(VOXEL_CHUNK, n), self.k), **GZIP)
         meta = f.create_group(f"scans/{self.scan}/metadata")
         meta.create_dataset("run_length", data=np.int32(self.n_time))
         if self.tr:
@@ -337,7 +337,7 @@ class LatentWriter(AtomicH5Writer):
             raise ValueError(f"basis shape {basis.shape} != {(self.n_time, self.k)}")
         self._file.create_dataset(
             f"scans/{self.scan}/embedding", data=np.ascontiguousarray(basis.T, dtype=np.float32),
-            chunks=(self.k, min(128, self.n_time)), **_GZIP)
+            chunks=(self.k, min(128, self.n_time)), **GZIP)
         self._done["embedding"] = True
 
 

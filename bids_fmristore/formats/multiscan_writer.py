@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from bids_fmristore.formats._chunks import encode_chunk, pool
+from bids_fmristore.formats._chunks import GZIP, encode_chunk, pool
 from bids_fmristore.formats._h5 import (
     AtomicH5Writer,
     write_metadata_value,
@@ -40,7 +40,6 @@ TIME_CHUNK = 128
 VOXEL_CHUNK = 1024
 #: Values of whole-cluster writes (float32) that may wait for their encoding: 16 MB.
 PENDING_VALUES = 4_000_000
-_GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 
 
 class MultiScanWriter(AtomicH5Writer):
@@ -121,6 +120,11 @@ class MultiScanWriter(AtomicH5Writer):
         scans = f.create_group("scans")
         scans.attrs["summary_only"] = np.bool_(self.store == "summary")
 
+    def _abort(self, exc: BaseException) -> None:
+        for scan in self._scans:  # chunks still being encoded are not wanted any more
+            scan.drop_pending()
+        super()._abort(exc)
+
     def _finish(self) -> None:
         for scan in self._scans:  # chunks still being encoded belong in the file
             scan.store_pending()
@@ -154,7 +158,7 @@ class MultiScanWriter(AtomicH5Writer):
         if tr:
             self._trs.append(float(tr))
         scan = ScanWriter(group, self.layout, int(n_time), self.store)
-        self._scans = [s for s in self._scans if s.pending] + [scan]
+        self._scans.append(scan)
         return scan
 
     def copy_scan(self, source: str | Path, name: str) -> None:
@@ -208,7 +212,7 @@ class ScanWriter:
                 self._datasets.append(
                     clusters.create_dataset(
                         f"cluster_{int(cid)}", shape=(n_time, int(n)), dtype=np.float32,
-                        chunks=(self._chunk_t, int(min(n, VOXEL_CHUNK))), **_GZIP,
+                        chunks=(self._chunk_t, int(min(n, VOXEL_CHUNK))), **GZIP,
                     )
                 )
         self.wants_voxels = bool(self._datasets)
@@ -259,7 +263,7 @@ class ScanWriter:
         ds = self._datasets[k]
         if self._written or self._filled or block.shape != ds.shape:
             raise ValueError(f"cluster block {block.shape} does not fit {ds.name} {ds.shape}")
-        block = np.asarray(block, dtype=np.float32)
+        block = np.array(block, dtype=np.float32)  # own copy: encoded after this returns
         rows, width = ds.chunks
         for t0 in range(0, block.shape[0], rows):
             for c0 in range(0, block.shape[1], width):
@@ -325,7 +329,7 @@ class ScanWriter:
         # No attributes on summary_data: fmristore's constructor fails on some (pitfall 6).
         grp.create_dataset(
             "summary_data", data=np.ascontiguousarray(summary.T),
-            chunks=(min(k, 256), min(self.n_time, TIME_CHUNK)), **_GZIP,
+            chunks=(min(k, 256), min(self.n_time, TIME_CHUNK)), **GZIP,
         )
         self._summary_written = True
 

@@ -16,13 +16,13 @@ import numpy as np
 
 from bids_fmristore.atomic import atomic_path
 from bids_fmristore.errors import FormatError
+from bids_fmristore.formats._chunks import GZIP
 from bids_fmristore.formats._h5 import H5Reader, str_attr
 from bids_fmristore.formats.labeled import DTYPES
 
 __all__ = ["H5NeuroVol", "H5NeuroVec", "write_neurovol", "write_neurovec"]
 
 DATA_PATH = "data/elements"
-_GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 
 
 class _DenseImage(H5Reader):
@@ -190,7 +190,7 @@ def write_neurovol(
     with atomic_path(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
         _write_root(f, "DenseNeuroVol", "H5NeuroVol", data.shape, affine)
         f.create_dataset(
-            DATA_PATH, data=np.ascontiguousarray(data.T, dtype=dtype), chunks=chunks, **_GZIP
+            DATA_PATH, data=np.ascontiguousarray(data.T, dtype=dtype), chunks=chunks, **GZIP
         )
     return Path(path)
 
@@ -233,7 +233,7 @@ def write_neurovec(
     with atomic_path(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
         _write_root(f, "DenseNeuroVec", "H5NeuroVec", data.shape, affine)
         ds = f.create_dataset(
-            DATA_PATH, shape=(t, z, y, x), dtype=dtype, chunks=chunks, fillvalue=0, **_GZIP
+            DATA_PATH, shape=(t, z, y, x), dtype=dtype, chunks=chunks, fillvalue=0, **GZIP
         )
         # One chunk-row of z at a time: every chunk is compressed once, memory stays one slab.
         for z0 in range(0, z, chunks[1]):

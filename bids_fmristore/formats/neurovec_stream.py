@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_fmristore.formats._chunks import encode_whole_chunk, pool
+from bids_fmristore.formats._chunks import GZIP, encode_whole_chunk, pool
 from bids_fmristore.formats._h5 import AtomicH5Writer
-from bids_fmristore.formats.neurovec import _GZIP, _check, _write_root
+from bids_fmristore.formats.neurovec import _check, _write_root
 
 __all__ = ["NeuroVecWriter", "STREAM_CHUNK"]
 
@@ -58,7 +58,6 @@ class NeuroVecWriter(AtomicH5Writer):
         x, y, z, t = self.shape
         self.chunks = tuple(min(c, n) for c, n in zip(chunks, (t, z, y, x), strict=True))
         self._attrs, self._overwrite, self._compress = dict(attrs or {}), overwrite, compress
-        #: the current time-row's chunks that hold a non-zero value, by chunk index (z, y, x)
         #: the current time-row's chunks that hold a non-zero value: chunk index (z, y, x) →
         #: slot of ``_buf`` (slots, *chunks), reused from row to row (fresh memory would
         #: page-fault again)
@@ -74,7 +73,7 @@ class NeuroVecWriter(AtomicH5Writer):
         x, y, z, t = self.shape
         self._ds = self._file.create_dataset(
             "data", shape=(t, z, y, x), dtype=np.float32, chunks=self.chunks, fillvalue=0,
-            **(_GZIP if self._compress else {}))
+            **(GZIP if self._compress else {}))
 
     def _finish(self) -> None:
         if self._written + self._filled != self.shape[3]:
