@@ -132,4 +132,14 @@ def test_out_of_date_database_is_one_error_line(tmp_path, capsys):
     (index,) = db.rglob("layout_index.sqlite")
     assert line == (f"bids_fmristore: ERROR: {index.parent}: the pybids index of "
                     f"{ds.fmriprep} in --bids-database-dir is out of date (sub-00004 was "
-                    f"added since it was built); delete {index.parent} to have it rebuilt")
+                    f"added since it was built); rebuild it with --index-only (or delete "
+                    f"{index.parent})")
+    # the command that builds the index refreshes it; the job then finds the new subject's
+    # run (a 0-byte stub here, so that run is what fails now)
+    assert main([str(ds.bids), str(tmp_path / "out"), "participant", "-d",
+                 f"fmriprep={ds.fmriprep}", "--bids-database-dir", str(db), "--index-only",
+                 "-q"]) == EXIT_OK, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(argv) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "out of date" not in err and "sub-00004_task-rest_run-01" in err, err

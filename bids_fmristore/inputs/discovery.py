@@ -295,20 +295,19 @@ def build_index(bids_dir: Path, database_dir: Path, *,
     """Build (once) the shared ``--bids-database-dir`` index of every dataset that BOLD would
     come from, with all their subjects; return the index files.
 
-    An index that exists is reused after checking it is up to date (see
+    An index that exists is reused if it is up to date, else rebuilt (see
     :func:`bids_fmristore.inputs.indexing.load_layout`).
 
     Raises
     ------
     InputError
-        Missing or invalid datasets, an out-of-date index, or a database that cannot be
-        written.
+        Missing or invalid datasets, or a database that cannot be written.
     """
     built = []
     for ds in _sources(_datasets(bids_dir, derivatives)):
         database = Path(database_dir) / ds.name
         load_layout(ds.root, derivative=ds.is_derivative, validate=validate, exclude=exclude,
-                    database=database, shared=True)
+                    database=database, shared=True, refresh=True)
         built.append(database_file(database, ds.root, derivative=ds.is_derivative,
                                    validate=validate and not ds.is_derivative, exclude=exclude))
     return built

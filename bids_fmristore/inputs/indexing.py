@@ -206,7 +206,7 @@ def database_file(database: Path, root: Path, *, derivative: bool, validate: boo
 
 def load_layout(root: Path, *, derivative: bool, validate: bool,
                 subjects: Sequence[str] | None = None, exclude: Sequence[Path] = (),
-                database: Path | None = None, shared: bool = False):
+                database: Path | None = None, shared: bool = False, refresh: bool = False):
     """A pybids ``BIDSLayout`` of the files a job reads, with our errors instead of pybids'.
 
     Parameters
@@ -222,6 +222,9 @@ def load_layout(root: Path, *, derivative: bool, validate: bool,
     database, shared
         The folder of this dataset's pybids databases; ``shared`` for ``--bids-database-dir``
         (see the module's description), else a private database of ``subjects``.
+    refresh
+        Rebuild a shared database that is out of date instead of refusing it (``--index-only``:
+        the command that builds it, run before the jobs that read it).
 
     Raises
     ------
@@ -235,10 +238,14 @@ def load_layout(root: Path, *, derivative: bool, validate: bool,
         return _layout(root, derivative, validate, _indexer(root, exclude, validate, subjects))
     sqlite_file = database_file(database, root, derivative=derivative, validate=validate,
                                 exclude=exclude, subjects=None if shared else subjects)
-    if not shared or not sqlite_file.is_file():
+    def stale() -> bool:
+        return refresh and sqlite_file.is_file() and _out_of_date(sqlite_file, root,
+                                                                  None) is not None
+
+    if not shared or not sqlite_file.is_file() or stale():
         with _build_lock(sqlite_file) as locked:
             # another job may have built it while this one waited for the lock
-            if not shared or not sqlite_file.is_file():
+            if not shared or not sqlite_file.is_file() or stale():
                 indexed = None if shared else subjects
                 _build(sqlite_file, root, derivative, validate,
                        _indexer(root, exclude, validate, indexed), indexed, locked)
@@ -249,8 +256,8 @@ def load_layout(root: Path, *, derivative: bool, validate: bool,
         reason = _out_of_date(sqlite_file, root, subjects)
         if reason is not None:
             raise InputError(f"{sqlite_file.parent}: the pybids index of {root} in "
-                             f"--bids-database-dir is out of date ({reason}); delete "
-                             f"{sqlite_file.parent} to have it rebuilt")
+                             f"--bids-database-dir is out of date ({reason}); rebuild it with "
+                             f"--index-only (or delete {sqlite_file.parent})")
     layout = _layout(root, derivative, validate, None, sqlite_file)
     _read_only(layout, sqlite_file)
     return layout

@@ -125,6 +125,8 @@ def subject_outputs(output_dir: Path, subject: str) -> SubjectOutputs:
         h5 = sidecar_path.with_suffix(".h5")
         if ent.get("sub") != subject or not h5.exists() or "stat" in ent:
             continue
+        if ent.get("desc") != "voxelstats" and "atlas" not in ent:  # per-run --dense files
+            continue
         key = (ent.get("ses"), ent.get("space"), ent.get("res"))
         grid = grids.setdefault(key, GridOutputs(key))
         sidecar = _read_json(sidecar_path)
