@@ -325,3 +325,23 @@ def test_group_mean_tsnr_and_fd_match_nibabel_and_pandas(dataset):
     assert (runs, failed) == ("2", "1")
     assert float(tsnr_cell) == pytest.approx(np.mean(average), abs=0.051)
     assert float(fd_cell) == pytest.approx(np.mean(fds), abs=0.0006)
+
+
+def test_a_rerun_that_keeps_every_file_keeps_the_page(tmp_path):
+    """Pages are redrawn for subjects whose files changed (or that have none): a plain rerun
+    that keeps everything leaves them as they are; --overwrite redraws them."""
+    paths = build_example(tmp_path / "example")
+    out = tmp_path / "out"
+    argv = [str(paths.bids), str(out), "participant", "-d", f"fmriprep={paths.fmriprep}",
+            "--atlas", f"Demo={paths.atlas}", "--participant-label", "01", "-q"]
+    assert main(argv) == 0
+    page = out / "sub-01.html"
+    first = page.stat().st_mtime_ns
+    assert main(argv) == 0  # every file kept
+    assert page.stat().st_mtime_ns == first
+    page.unlink()
+    assert main(argv) == 0  # kept files, but no page: it is written
+    assert page.is_file()
+    second = page.stat().st_mtime_ns
+    assert main(argv + ["--overwrite"]) == 0
+    assert page.stat().st_mtime_ns > second

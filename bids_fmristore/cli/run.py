@@ -270,9 +270,15 @@ def participant(opts) -> int:
         skipped += len(result.skipped)
     if not getattr(opts, "no_report", False):  # -- reports (bids_fmristore.report) --
         from bids_fmristore.report import write_participant_reports
+        from bids_fmristore.report.participant import report_path
 
-        write_participant_reports(output_dir, sorted({job.subject for job in jobs}),
-                                  log_file=getattr(opts, "log_file", None))
+        # A subject whose files were all kept keeps its page (--reports-only redraws it).
+        changed = {job.subject for job, result in zip(jobs, results, strict=True)
+                   if result.written or result.failures}
+        write_participant_reports(
+            output_dir, sorted(s for s in {job.subject for job in jobs}
+                               if s in changed or not report_path(output_dir, s).exists()),
+            log_file=getattr(opts, "log_file", None))
     subjects = len({job.subject for job in jobs})
     log.log(logging.WARNING if problems else logging.INFO,
             "finished in %.0f s: %d subject(s), %d file(s) written, %d kept, %d problem(s)%s",
