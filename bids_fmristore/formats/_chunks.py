@@ -24,8 +24,7 @@ try:
 except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same format
     _deflate, _inflate, _InflateError = zlib.compress, zlib.decompress, zlib.error
 
-__all__ = ["DIRECT_LEVEL", "GZIP", "encode_chunk", "encode_whole_chunk", "pool", "read_float32",
-           "start_read"]
+__all__ = ["DIRECT_LEVEL", "GZIP", "encode_chunk", "pool", "read_float32", "start_read"]
 
 #: Deflate level of direct chunks: isal's level 1 compresses like zlib's 4, ~10x faster.
 DIRECT_LEVEL = 1
@@ -70,13 +69,6 @@ def _unshuffle(planes: np.ndarray, out: np.ndarray) -> None:
     for j in (2, 1, 0):
         np.left_shift(planes[j], 8 * j, out=part, dtype=np.uint32, casting="unsafe")
         words |= part
-
-
-def encode_whole_chunk(chunk: np.ndarray) -> bytes:
-    """HDF5 shuffle then deflate of a contiguous float32 array that is a whole chunk already
-    (any number of dimensions)."""
-    planes = np.ascontiguousarray(chunk.reshape(-1).view(np.uint8).reshape(-1, 4).T)
-    return _deflate(planes, DIRECT_LEVEL)
 
 
 def _direct(ds: h5py.Dataset) -> bool:

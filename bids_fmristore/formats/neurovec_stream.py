@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_fmristore.formats._chunks import GZIP, encode_whole_chunk, pool
+from bids_fmristore.formats._chunks import GZIP, encode_chunk, pool
 from bids_fmristore.formats._h5 import AtomicH5Writer
 from bids_fmristore.formats.neurovec import _check, _write_root
 
@@ -149,7 +149,8 @@ class NeuroVecWriter(AtomicH5Writer):
         t0 = self._written
         _, cz, cy, cx = self.chunks
         staged = sorted(self._slots.items())
-        payloads = (pool().map(lambda item: encode_whole_chunk(self._buf[item[1]]), staged)
+        flat = self._buf.reshape(self._buf.shape[0], 1, -1)  # a chunk as one row of values
+        payloads = (pool().map(lambda item: encode_chunk(flat[item[1]], flat.shape[1:]), staged)
                     if self._compress else (self._buf[slot] for _, slot in staged))
         for ((iz, iy, ix), _), payload in zip(staged, payloads, strict=True):
             self._ds.id.write_direct_chunk((t0, iz * cz, iy * cy, ix * cx), payload)
