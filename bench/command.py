@@ -22,6 +22,13 @@ from pathlib import Path
 
 N_RUNS = 4
 SPACE = "MNI152NLin2009cAsym"
+#: bench/run.py's whole-command modes: --store value and further options
+CLI_MODES = {
+    "cli-means": ("summary", ()),
+    "cli-full": ("both", ()),
+    "cli-dense": ("summary", ("--dense",)),
+    "cli-full-denoise": ("both", ("--denoise", "simple")),
+}
 
 
 def make_dataset(bold: Path, atlas: Path, mask: Path, root: Path) -> dict[str, Path]:
@@ -48,7 +55,40 @@ def make_dataset(bold: Path, atlas: Path, mask: Path, root: Path) -> dict[str, P
             shutil.copy(mask, f"{base}_desc-brain_mask.nii.gz")
             Path(f"{base}_desc-preproc_bold.json").write_text(
                 json.dumps({"RepetitionTime": 2.0, "TaskName": "rest"}))
+    for run in range(1, N_RUNS + 1):  # --denoise: fMRIPrep's confounds beside each run
+        func = prep / "sub-01" / "func"
+        tsv = func / f"sub-01_task-rest_run-{run:02d}_desc-confounds_timeseries.tsv"
+        if not tsv.exists():
+            write_confounds(tsv, _n_volumes(bold))
     return {"bids": raw, "fmriprep": prep, "atlas": atlas}
+
+
+def _n_volumes(bold: Path) -> int:
+    import nibabel as nib
+
+    return nib.load(bold).shape[3]
+
+
+def write_confounds(tsv: Path, n_t: int) -> None:
+    """The columns nilearn's ``simple`` strategy takes, as fMRIPrep names them."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(n_t)
+    cols = {}
+    for base in ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "white_matter",
+                 "csf", "global_signal"):
+        series = np.cumsum(rng.normal(0, 0.01, n_t))
+        cols[base] = series
+        cols[f"{base}_derivative1"] = np.r_[np.nan, np.diff(series)]
+        cols[f"{base}_power2"] = series ** 2
+        cols[f"{base}_derivative1_power2"] = cols[f"{base}_derivative1"] ** 2
+    for k in range(max(1, n_t // 60)):
+        cols[f"cosine{k:02d}"] = np.cos(np.pi * (k + 1) * (np.arange(n_t) + 0.5) / n_t)
+    cols["framewise_displacement"] = np.r_[np.nan, np.abs(rng.normal(0.1, 0.05, n_t - 1))]
+    cols["std_dvars"] = np.r_[np.nan, np.abs(rng.normal(1, 0.2, n_t - 1))]
+    pd.DataFrame(cols).to_csv(tsv, sep="\t", index=False, na_rep="n/a")
+    tsv.with_suffix(".json").write_text("{}\n")
 
 
 def floor(bold: Path) -> None:
@@ -62,13 +102,13 @@ def floor(bold: Path) -> None:
                 pass
 
 
-def run_command(ds: dict[str, Path], out: Path, store: str) -> dict:
+def run_command(ds: dict[str, Path], out: Path, store: str, extra: tuple = ()) -> dict:
     """Wall time and peak RSS (MB) of the whole command in a fresh process."""
     if out.exists():
         shutil.rmtree(out)
     argv = [sys.executable, "-m", "bids_fmristore", str(ds["bids"]), str(out), "participant",
             "-d", f"fmriprep={ds['fmriprep']}", "--atlas", f"Bench={ds['atlas']}",
-            "--store", store, "-q"]
+            "--store", store, *extra, "-q"]
     t0 = time.perf_counter()
     before = os.wait4  # the child's own peak RSS, not this process's
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

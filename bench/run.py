@@ -26,6 +26,9 @@ module imports excluded, reading the atlas and mask included), the peak RSS of t
     (j) cli-means  the whole command (``python -m bids_fmristore ... participant --store
                 summary``) on one subject with 4 such runs, timed from outside its process
     (k) cli-full   the same with ``--store both`` (see bench/command.py)
+    (n) cli-dense  (j) with ``--dense``: each run also as an H5NeuroVec
+    (o) cli-full-denoise  (k) with ``--denoise simple``: the denoised companion with voxel
+                series (confounds tables beside the runs)
     (l) participant     the whole participant level (pybids indexing included) of one subject
                         with 2 runs of the case, --no-report
     (m) participant-report  the same with the HTML report (the report's imports included)
@@ -58,7 +61,8 @@ CASES = {
     "f32-T1000-L400": ("float32", 1000, 400),
 }
 MODES = ("floor", "means", "h5", "nilearn", "denoise", "h5-denoise", "dense", "latent",
-         "floor4", "cli-means", "cli-full", "participant", "participant-report")
+         "floor4", "cli-means", "cli-full", "cli-dense", "cli-full-denoise", "participant",
+         "participant-report")
 #: components of the latent case
 LATENT_K = 20
 #: (label, numerator, denominator) of the ratios printed, letters as in the docstring
@@ -66,6 +70,9 @@ RATIOS = (("b/a", "means", "floor"), ("c/a", "h5", "floor"), ("d/b", "nilearn", 
           ("e/b", "denoise", "means"), ("f/c", "h5-denoise", "h5"), ("g/a", "dense", "floor"),
           ("h/a", "latent", "floor"), ("j/i", "cli-means", "floor4"),
           ("k/i", "cli-full", "floor4"), ("m/l", "participant-report", "participant"))
+#: (label, minuend, subtrahend, unit): what an option adds to the whole command, in floors
+ADDED = (("(n-j)/i", "cli-dense", "cli-means", "floor4"),
+         ("(o-k)/i", "cli-full-denoise", "cli-full", "floor4"))
 
 
 def mni_affine() -> np.ndarray:
@@ -157,7 +164,6 @@ def fmriprep_named(bold: Path) -> Path:
     """The run under an fMRIPrep name, with a confounds table of its length beside it (nilearn
     finds confounds from the BOLD's name)."""
     import nibabel as nib
-    import pandas as pd
 
     folder = bold.parent / f"fmriprep-{bold.name.split('.')[0]}"
     named = folder / "sub-01_task-rest_space-MNI152NLin2009cAsym_desc-preproc_bold.nii.gz"
@@ -166,22 +172,7 @@ def fmriprep_named(bold: Path) -> Path:
         folder.mkdir(exist_ok=True)
         if not named.exists():
             named.symlink_to(bold.resolve())
-        n_t = nib.load(bold).shape[3]
-        rng = np.random.default_rng(n_t)
-        cols = {}
-        for base in ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z",
-                     "white_matter", "csf", "global_signal"):
-            series = np.cumsum(rng.normal(0, 0.01, n_t))
-            cols[base] = series
-            cols[f"{base}_derivative1"] = np.r_[np.nan, np.diff(series)]
-            cols[f"{base}_power2"] = series ** 2
-            cols[f"{base}_derivative1_power2"] = cols[f"{base}_derivative1"] ** 2
-        for k in range(max(1, n_t // 60)):
-            cols[f"cosine{k:02d}"] = np.cos(np.pi * (k + 1) * (np.arange(n_t) + 0.5) / n_t)
-        cols["framewise_displacement"] = np.r_[np.nan, np.abs(rng.normal(0.1, 0.05, n_t - 1))]
-        cols["std_dvars"] = np.r_[np.nan, np.abs(rng.normal(1, 0.2, n_t - 1))]
-        pd.DataFrame(cols).to_csv(tsv, sep="\t", index=False, na_rep="n/a")
-        tsv.with_suffix(".json").write_text("{}\n")
+        command.write_confounds(tsv, nib.load(bold).shape[3])
     return named
 
 
@@ -375,7 +366,7 @@ def peak_rss_mb() -> float:
 def measure(mode: str, paths, out_dir: Path) -> dict:
     if mode.startswith("cli-"):
         ds = command.make_dataset(*paths, out_dir.parent / f"e2e-{paths[0].name.split('.')[0]}")
-        return command.run_command(ds, out_dir / mode, "summary" if mode == "cli-means" else "both")
+        return command.run_command(ds, out_dir / mode, *command.CLI_MODES[mode])
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run(
         [sys.executable, __file__, "--child", mode, *map(str, paths), str(out_dir)],
@@ -425,6 +416,8 @@ def main() -> None:
     for case, med, _ in rows:
         parts = [f"{label}: {med[num] / med[den]:.2f}" for label, num, den in RATIOS
                  if num in med and den in med]
+        parts += [f"{label}: {(med[a] - med[b]) / med[u]:.2f}" for label, a, b, u in ADDED
+                  if a in med and b in med and u in med]
         print(f"  {case:16s} " + "   ".join(parts))
 
 

@@ -89,3 +89,67 @@ def test_two_atlases_read_each_run_once(dataset, monkeypatch):
     assert len(opened) == 6  # 2 subjects x 3 runs, not x 2 atlases
     assert {n for _, n in opened} == {2}
     assert len({p for p, _ in opened}) == 6
+
+
+def test_runs_read_in_threads_give_the_serial_files(dataset, monkeypatch):
+    """Two runs at a time (the default on 2 CPUs) write what one at a time writes."""
+    import threading
+
+    import bids_fmristore.cli.run as cli_run
+    import bids_fmristore.participant.build as build
+
+    tmp_path, atlases = dataset
+    monkeypatch.setattr(cli_run, "available_cpus", lambda: 1)
+    assert cli(tmp_path, atlases, "serial", "--store", "both") == 0
+    running, most = set(), []
+    lock = threading.Lock()
+    write_scans = build.write_scans
+
+    def counted(run, *args, **kwargs):
+        with lock:
+            running.add(run.path)
+            most.append(len(running))
+        try:
+            return write_scans(run, *args, **kwargs)
+        finally:
+            with lock:
+                running.discard(run.path)
+
+    monkeypatch.setattr(build, "write_scans", counted)
+    monkeypatch.setattr(cli_run, "available_cpus", lambda: 2)
+    assert cli(tmp_path, atlases, "threads", "--store", "both") == 0
+    assert max(most) == 2  # the runs did overlap
+    for a in sorted((tmp_path / "serial").rglob("*.h5")):
+        b = tmp_path / "threads" / a.relative_to(tmp_path / "serial")
+        if "_atlas-" in a.name:
+            (scans_a, meta_a), (scans_b, meta_b) = contents(a), contents(b)
+            assert scans_a.keys() == scans_b.keys() and len(scans_a) == 3
+            for name in scans_a:
+                assert np.array_equal(scans_a[name][0], scans_b[name][0], equal_nan=True)
+                assert np.array_equal(scans_a[name][1], scans_b[name][1])
+            assert meta_a.equals(meta_b)
+        else:  # the voxel maps
+            with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+                for n in _datasets(fa):
+                    a_n, b_n = np.asarray(fa[n][()]), np.asarray(fb[n][()])
+                    assert np.array_equal(a_n, b_n, equal_nan=a_n.dtype.kind == "f"), n
+
+
+def _datasets(f: h5py.File) -> list[str]:
+    names: list[str] = []
+    f.visititems(lambda n, obj: names.append(n) if isinstance(obj, h5py.Dataset) else None)
+    return names
+
+
+def test_damaged_run_among_threads_is_left_out(dataset):
+    tmp_path, atlases = dataset
+    bad = sorted((tmp_path / "fmriprep" / "sub-01" / "func").glob("*run-01*preproc_bold.nii.gz"))[0]
+    raw = gzip.decompress(bad.read_bytes())
+    bad.write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    assert cli(tmp_path, atlases, "out", "--store", "both") == 5
+    for path in (tmp_path / "out").rglob("sub-01*_atlas-*.h5"):
+        with ParcellatedMultiScan(path) as f:
+            assert f.scan_names == ["sub-01_task-rest_run-02", "sub-01_task-rest_run-03"]
+            assert f.series("sub-01_task-rest_run-02").shape[0] == 140
+    assert not [p for p in (tmp_path / "out").rglob("*") if ".tmp" in p.name
+                or "partial" in p.name]

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bids_fmristore.cpus import available_cpus
 from bids_fmristore.errors import (
     EXIT_BUG,
     EXIT_INPUT,
@@ -257,7 +258,8 @@ def participant(opts) -> int:
     options = Options(store=opts.store, overwrite=opts.overwrite,
                       min_coverage=opts.min_coverage,
                       tables_dir=output_dir if opts.tsv else None,
-                      denoise=denoise, dense=opts.dense, latent=opts.latent)
+                      denoise=denoise, dense=opts.dense, latent=opts.latent,
+                      run_threads=2 if opts.nprocs == 1 and available_cpus() >= 2 else 1)
     results = run_jobs(jobs, options, nprocs=opts.nprocs, scratch=opts.work_dir)
     written = skipped = 0
     for result in results:

@@ -9,13 +9,15 @@ is the same as HDF5's filters would have made it.
 
 from __future__ import annotations
 
-import os
+import threading
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
+
+from bids_fmristore.cpus import available_cpus
 
 try:
     from isal.isal_zlib import compress as _deflate
@@ -33,16 +35,16 @@ GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 #: The filter pipeline handled here, in order.
 _PIPELINE = (h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_DEFLATE)
 _POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()  # runs read in threads may ask for it at the same time
 
 
 def pool() -> ThreadPoolExecutor:
     """The process's coding threads (one per core), created on first use."""
     global _POOL
-    if _POOL is None:
-        # the CPUs this process may run on (a SLURM allocation, taskset), not the machine's
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        _POOL = ThreadPoolExecutor(max_workers=cpus or os.cpu_count() or 1,
-                                   thread_name_prefix="bids_fmristore-deflate")
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=available_cpus(),
+                                       thread_name_prefix="bids_fmristore-deflate")
     return _POOL
 
 

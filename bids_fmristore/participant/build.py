@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 
 import numpy as np
 
@@ -37,6 +38,7 @@ from bids_fmristore.participant.targets import (
     prepare_targets,
     writer_for,
 )
+from bids_fmristore.participant.threads import Abandoned, each_run, stoppable
 from bids_fmristore.progress import Progress, run_label
 from bids_fmristore.resume import sidecar_of
 from bids_fmristore.tables import write_run_tables
@@ -49,12 +51,14 @@ log = logging.getLogger(__name__)
 
 
 def write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prepared,
-                writers: list[MultiScanWriter], opts: Options) -> tuple[dict | None, list]:
+                writers: list[MultiScanWriter], opts: Options,
+                stop: threading.Event | None = None) -> tuple[dict | None, list]:
     """Parcellate one run for every target in one pass; on a read error no scan is kept.
 
     Returns the run's voxel maps (when the job writes them) and, per target, its parcel means
     (T, K) when the target has denoised companions (else None). With ``opts.tables_dir`` the
-    run's per-atlas TSV tables are written once all its scans are complete."""
+    run's per-atlas TSV tables are written once all its scans are complete. Once ``stop`` is
+    set the run is abandoned at its next block (:class:`Abandoned`)."""
     targets = prep.targets
     if info.shape[3] == 1:
         log.warning("%s has one volume; fmristore (R) cannot read a one-row summary", run.path)
@@ -71,12 +75,12 @@ def write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prep
                 prep.run_outputs.get(run.path), name, run, info, components=opts.latent,
                 space=prep.job.space) as block_sink:
             means = parcellate_run(info, [t.parcels for t in targets], sinks, moments=moments,
-                                   progress=progress, block_sink=block_sink)
+                                   progress=stoppable(progress, stop), block_sink=block_sink)
         for scan, values, target in zip(scans, means, targets, strict=True):
             values[:, target.low_coverage] = np.nan  # too little of the parcel was imaged
             scan.write_summary(values)
             scan.check_complete()
-    except RunError:
+    except (RunError, Abandoned):
         for w in writers:
             w.discard_scan(name)
         raise
@@ -126,11 +130,12 @@ def run_job(job: Job, opts: Options | None = None) -> JobResult:
             writers = [stack.enter_context(writer_for(t, opts.store, t.output))
                        for t in prep.targets]
             done = {}
-            for i, (run, info, name) in enumerate(zip(job.runs, job.infos, names,
-                                                      strict=True)):
+            outcomes = each_run(stack, opts.run_threads, len(job.runs), lambda i, stop: (
+                write_scans(job.runs[i], job.infos[i], names[i], i, prep, writers, opts, stop)))
+            for run, info, name, outcome in zip(job.runs, job.infos, names, outcomes,
+                                                strict=True):
                 try:
-                    done[name] = (run, info, *write_scans(run, info, name, i, prep, writers,
-                                                          opts))
+                    done[name] = (run, info, *outcome())
                 except RunError as err:
                     log.debug("%s", run.path, exc_info=True)
                     failed.append((run, str(err)))
@@ -198,7 +203,8 @@ def _finish_denoised(prep: Prepared, target: Target, index: int, denoising: Deno
         scans, failed, cleaned = write_denoised(
             path, denoising, voxels=voxels if with_voxels else None,
             make_writer=lambda p: writer_for(target, "both" if with_voxels else "summary", p),
-            runs=[(name, run, means[index]) for name, (run, _, _, means) in done.items()])
+            runs=[(name, run, means[index]) for name, (run, _, _, means) in done.items()],
+            threads=opts.run_threads)
     finally:
         if raw is not None:
             raw.close()

@@ -48,6 +48,9 @@ class Options:
     #: per run, a LatentNeuroVec with this many components, or this fraction (0, 1) of the
     #: variance (``--latent``); None: none
     latent: int | float | None = None
+    #: runs of a job read at the same time, in threads of the process (the command line: 2
+    #: when the process may use 2 CPUs or more and ``--nprocs`` is 1)
+    run_threads: int = 1
 
 
 @dataclass(frozen=True)
