@@ -114,3 +114,21 @@ def test_time_chunks_have_no_padding_row(tmp_path, rng, n_time, rows):
         ds = f["scans/run/clusters/cluster_1"]
         assert ds.chunks == (rows, 12)
         np.testing.assert_array_equal(ds[()], data[:, layout.by_cluster[:12]])
+
+
+def test_complete_scan_refuses_more_voxel_data(tmp_path):
+    """check_complete lets go of the scan's datasets (their HDF5 metadata would otherwise
+    stay in memory for every scan of the file); a late write is an error, not a lost block."""
+    mask = np.ones((3, 2, 2), dtype=bool)
+    cmap = np.repeat([1, 2], 6).astype(np.int32)
+    layout = ClusterLayout(mask, cmap)
+    block = np.arange(5 * 12, dtype=np.float32).reshape(5, 12)
+    with MultiScanWriter(tmp_path / "f.h5", geometry=Geometry((3, 2, 2), np.eye(4)),
+                         layout=layout, store="full") as w:
+        scan = w.add_scan("a", 5)
+        scan.write_voxels(block)
+        scan.check_complete()
+        with pytest.raises(ValueError, match="complete"):
+            scan.write_cluster(0, block[:, :6])
+    with ParcellatedMultiScan(tmp_path / "f.h5") as f:
+        np.testing.assert_array_equal(f.series("a"), block)

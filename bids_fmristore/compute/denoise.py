@@ -97,13 +97,18 @@ def clean_voxels(signals: np.ndarray, confounds: np.ndarray | None,
     equals ``clean``'s to rounding. ``standardize="psc"`` depends on the signals' mean before
     cleaning, which only ``clean`` itself keeps; it is left to ``clean``.
 
-    Parameters and returns are those of :func:`clean_signals`, with voxels for parcels.
+    Parameters and returns are those of :func:`clean_signals`, with voxels for parcels,
+    except that float32 signals are cleaned, and returned, in float32 (as ``clean`` returns
+    them); the projection is then taken of the series less their means (the z-scored
+    regressors have none), so that rounding scales with the fluctuations, not the baseline.
     """
-    return _clean(signals, confounds, sample_mask, opts, _split_clean)
+    return _clean(signals, confounds, sample_mask, opts, _split_clean,
+                  keep_float32=np.asarray(signals).dtype == np.float32)
 
 
-def _clean(signals, confounds, sample_mask, opts: CleanOptions, cleaner) -> np.ndarray:
-    signals = np.asarray(signals, dtype=np.float64)
+def _clean(signals, confounds, sample_mask, opts: CleanOptions, cleaner, *,
+           keep_float32: bool = False) -> np.ndarray:
+    signals = np.asarray(signals, dtype=np.float32 if keep_float32 else np.float64)
     if signals.ndim != 2:
         raise ValueError(f"signals must be (T, K), got shape {signals.shape}")
     n_time, n_cols = signals.shape
@@ -133,7 +138,7 @@ def _clean(signals, confounds, sample_mask, opts: CleanOptions, cleaner) -> np.n
             f"minimum {MIN_KEPT_VOLUMES})")
 
     # A column with a NaN has a non-finite sum: only those columns are examined.
-    odd = ~np.isfinite(signals.sum(axis=0))
+    odd = ~np.isfinite(signals.sum(axis=0, dtype=np.float64))
     nan_cols = np.zeros(n_cols, dtype=bool)
     if odd.any():
         isnan = np.isnan(signals[:, odd])
@@ -142,7 +147,8 @@ def _clean(signals, confounds, sample_mask, opts: CleanOptions, cleaner) -> np.n
         if partly.size:
             raise ValueError(f"columns {partly.tolist()} are partly NaN")
     good = ~nan_cols
-    out = None if good.all() and n_cols else np.full((n_kept, n_cols), np.nan)
+    out = None if good.all() and n_cols else np.full((n_kept, n_cols), np.nan,
+                                                     dtype=signals.dtype)
     if good.any():
         with warnings.catch_warnings():
             # A parcel whose mean is 0 cannot be expressed in percent: nilearn sets it to 0 and
@@ -188,7 +194,12 @@ def _split_clean(signals, confounds, sample_mask, opts: CleanOptions) -> np.ndar
     # As ``clean``: pivoted QR, columns of a rank-deficient set dropped at the same tolerance.
     q, r, _ = linalg.qr(regressors, mode="economic", pivoting=True)
     q = q[:, np.abs(np.diag(r)) > np.finfo(np.float64).eps * 100.0]
-    cleaned = prepared - q @ (q.T @ prepared)
+    if prepared.dtype == np.float32:  # half the memory and time of float64 products
+        q = q.astype(np.float32)
+        centre = prepared.mean(axis=0, dtype=np.float64).astype(np.float32)
+        cleaned = prepared - q @ (q.T @ (prepared - centre))
+    else:
+        cleaned = prepared - q @ (q.T @ prepared)
     if opts.standardize is None:
         return cleaned
     return standardize_signal(cleaned, standardize=opts.standardize, detrend=False)

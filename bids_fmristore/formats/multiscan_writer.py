@@ -223,6 +223,7 @@ class ScanWriter:
         self._whole: set[int] = set()
         self._pending: deque = deque()  # (dataset, offset, values, future of the bytes)
         self._pending_values = 0
+        self._complete = False
 
     def write_voxels(self, block: np.ndarray) -> None:
         """Append time points: ``block`` shape (k, N), mask order, the next k volumes."""
@@ -234,6 +235,7 @@ class ScanWriter:
         mask order within a cluster): the clusters' datasets laid end to end."""
         if not self.wants_voxels:
             return
+        self._check_open()
         block = np.asarray(block)
         n_vox = self.layout.by_cluster.size
         if self._written + self._filled + block.shape[0] > self.n_time or block.shape[1] != n_vox:
@@ -260,6 +262,7 @@ class ScanWriter:
         :meth:`check_complete` stores the rest."""
         if not self.wants_voxels:
             return
+        self._check_open()
         ds = self._datasets[k]
         if self._written or self._filled or block.shape != ds.shape:
             raise ValueError(f"cluster block {block.shape} does not fit {ds.name} {ds.shape}")
@@ -273,6 +276,10 @@ class ScanWriter:
                 self._pending_values += part.size
         self._whole.add(k)
         self.store_pending(PENDING_VALUES)
+
+    def _check_open(self) -> None:
+        if self._complete:
+            raise ValueError(f"{self._group.name} is complete: no more voxel data")
 
     @property
     def pending(self) -> int:
@@ -334,10 +341,17 @@ class ScanWriter:
         self._summary_written = True
 
     def check_complete(self) -> None:
-        """Store what is pending; raise if fewer time points than announced were written."""
+        """Store what is pending; raise if fewer time points than announced were written.
+
+        A complete scan lets go of its datasets: HDF5 keeps the metadata of every open
+        dataset in memory (about 80 kB each, one per cluster), which would otherwise grow with
+        the number of scans written."""
         self.store_pending()
         by_cluster = len(self._whole) == len(self._datasets)
         if self.wants_voxels and not by_cluster and self._written + self._filled != self.n_time:
             raise RuntimeError(f"{self._group.name}: {self._written} of {self.n_time} volumes")
         if self.wants_summary and not self._summary_written:
             raise RuntimeError(f"{self._group.name}: summary missing")
+        self._datasets = []
+        self._whole = set()
+        self._complete = True

@@ -203,8 +203,7 @@ def _finish_denoised(prep: Prepared, target: Target, index: int, denoising: Deno
         scans, failed, cleaned = write_denoised(
             path, denoising, voxels=voxels if with_voxels else None,
             make_writer=lambda p: writer_for(target, "both" if with_voxels else "summary", p),
-            runs=[(name, run, means[index]) for name, (run, _, _, means) in done.items()],
-            threads=opts.run_threads)
+            runs=[(name, run, means[index]) for name, (run, _, _, means) in done.items()])
     finally:
         if raw is not None:
             raw.close()

@@ -12,9 +12,7 @@ the denoised files only.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,6 @@ from bids_fmristore.errors import RunError
 from bids_fmristore.formats.multiscan_writer import MultiScanWriter
 from bids_fmristore.inputs.confounds import ConfoundsSpec, confounds_path, load_run_confounds
 from bids_fmristore.inputs.discovery import BoldRun
-from bids_fmristore.participant.threads import Abandoned, each_run
 from bids_fmristore.resume import file_stamp
 
 __all__ = ["Denoising", "denoised_path", "confounds_record", "write_denoised"]
@@ -61,7 +58,7 @@ def _options(denoising: Denoising, run: BoldRun) -> CleanOptions:
 
 
 #: Values (time points × voxels) cleaned in one call: nilearn's per-call overhead is paid once
-#: per batch of clusters, and memory stays bounded (32 MB of float64).
+#: per batch of clusters, and memory stays bounded (16 MB of float32).
 BATCH_VALUES = 4_000_000
 
 
@@ -76,8 +73,8 @@ def clean_clusters(blocks: Iterator[np.ndarray], confounds: np.ndarray | None,
     size = 0
 
     def flush():
-        cleaned = clean_voxels(np.concatenate([b for _, b in pending], axis=1,
-                                              dtype=np.float64),
+        # float32 blocks stay float32 (the values stored; clean returns float32 for them)
+        cleaned = clean_voxels(np.concatenate([b for _, b in pending], axis=1),
                                confounds, sample_mask, options)
         start = 0
         for k, b in pending:
@@ -115,7 +112,7 @@ def write_denoised(path: Path, denoising: Denoising, *,
                    make_writer: Callable[[Path], MultiScanWriter],
                    runs: list[tuple[str, BoldRun, np.ndarray]],
                    voxels: Callable[[str], Iterator[np.ndarray]] | None = None,
-                   threads: int = 1) -> tuple[dict, list, list]:
+                   ) -> tuple[dict, list, list]:
     """Write one denoised file from the runs' raw parcel means.
 
     Parameters
@@ -128,9 +125,6 @@ def write_denoised(path: Path, denoising: Denoising, *,
         they are cleaned like the means, one cluster in memory at a time (a second pass over
         the written raw file).
     runs : list of (scan name, run, means (T, K) with NaN columns for blanked parcels)
-    threads : int
-        Runs whose voxel series are cleaned at the same time
-        (:func:`~bids_fmristore.participant.threads.each_run`).
 
     Returns
     -------
@@ -160,9 +154,7 @@ def write_denoised(path: Path, denoising: Denoising, *,
                        "CensoredVolumes": int(means.shape[0] - kept.size)}
     if not cleaned:
         return scans, failed, cleaned
-    with contextlib.ExitStack() as stack:
-        writer = stack.enter_context(make_writer(path))
-        added = []
+    with make_writer(path) as writer:
         for name, run, values, kept in cleaned:
             scan = writer.add_scan(name, values.shape[0], {
                 "TR": run.tr, "subject": run.subject, "session": run.entities.get("session"),
@@ -170,19 +162,10 @@ def write_denoised(path: Path, denoising: Denoising, *,
                 "source": run.uri(), "kept_volumes": kept,  # 0-based, as nilearn's sample_mask
                 "n_censored": scans[name]["CensoredVolumes"]})
             scan.write_summary(values)
-            added.append((name, run, scan))
-
-        def clean(i: int, stop: threading.Event | None) -> None:
-            name, run, scan = added[i]
             if voxels is not None:
                 confounds = kept_confounds[name]
                 for k, block in clean_clusters(voxels(name), confounds.table,
                                                confounds.sample_mask, _options(denoising, run)):
-                    if stop is not None and stop.is_set():
-                        raise Abandoned
                     scan.write_cluster(k, block)
             scan.check_complete()
-
-        for outcome in each_run(stack, threads, len(added), clean):
-            outcome()
     return scans, failed, cleaned
