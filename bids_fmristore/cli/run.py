@@ -12,7 +12,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from bids_fmristore.cpus import available_cpus
 from bids_fmristore.errors import (
     EXIT_BUG,
     EXIT_INPUT,
@@ -23,6 +22,7 @@ from bids_fmristore.errors import (
     UserError,
 )
 from bids_fmristore.interrupt import Terminated, handle_signals
+from bids_fmristore.resources import available_cpus
 
 __all__ = ["main", "run_command"]
 

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import h5py
 import numpy as np
 
-from bids_fmristore.cpus import available_cpus
+from bids_fmristore.resources import available_cpus
 
 try:
     from isal.isal_zlib import compress as _deflate
