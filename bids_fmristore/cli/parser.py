@@ -281,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
                    help="scratch folder (holds the pybids database unless --bids-database-dir)")
     g.add_argument("--nprocs", "--nthreads", "--n_cpus", type=_positive_int, default=1,
-                   dest="nprocs", metavar="N", help="runs parcellated in parallel processes")
+                   dest="nprocs", metavar="N",
+                   help="runs parcellated in parallel processes (1: a subject's runs are read "
+                        "two at a time in threads when 2 CPUs are available)")
     g.add_argument("-v", "--verbose", action="count", default=0,
                    help="DEBUG detail on stderr (each file written), no tracebacks")
     g.add_argument("-q", "--quiet", action="store_true",

@@ -40,6 +40,7 @@ from bids_fmristore.participant.targets import (
 )
 from bids_fmristore.participant.threads import Abandoned, each_run, stoppable
 from bids_fmristore.progress import Progress, run_label
+from bids_fmristore.resources import release_free_memory
 from bids_fmristore.resume import sidecar_of
 from bids_fmristore.tables import write_run_tables
 from bids_fmristore.voxelmaps import STATS, run_maps, write_maps
@@ -91,6 +92,7 @@ def write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prep
                 ids=target.layout.cluster_ids, means=values, coverage=target.coverage,
                 min_coverage=opts.min_coverage, sources=_run_sources(run) + [target.atlas_uri],
             )
+    release_free_memory()
     kept_means = [m if t.denoise else None for m, t in zip(means, targets, strict=True)]
     if moments is None:
         return None, kept_means
@@ -192,6 +194,7 @@ def _finish_denoised(prep: Prepared, target: Target, index: int, denoising: Deno
     """The denoised companion of ``target`` (the ``index``-th) and its sidecar."""
     import nilearn
 
+    release_free_memory()  # what the runs' pass freed, before this pass adds its own
     path = denoised_path(target.output, denoising.desc)
     with_voxels = opts.store in ("full", "both")
     raw = ParcellatedMultiScan(target.output) if with_voxels else None
