@@ -40,6 +40,16 @@ def contents(path):
         return {n: (f.summary(n).to_numpy(), f.series(n)) for n in f.scan_names}, f.cluster_meta
 
 
+def assert_same_scans(a, b) -> None:
+    """The two parcellated files hold the same 3 scans (summaries, voxel series, clusters)."""
+    (scans_a, meta_a), (scans_b, meta_b) = contents(a), contents(b)
+    assert scans_a.keys() == scans_b.keys() and len(scans_a) == 3
+    for name in scans_a:
+        assert np.array_equal(scans_a[name][0], scans_b[name][0], equal_nan=True)
+        assert np.array_equal(scans_a[name][1], scans_b[name][1])
+    assert meta_a.equals(meta_b)
+
+
 def test_nprocs_gives_identical_files(dataset):
     tmp_path, atlases = dataset
     assert cli(tmp_path, atlases, "serial") == 0
@@ -51,28 +61,35 @@ def test_nprocs_gives_identical_files(dataset):
         p.relative_to(tmp_path / "parallel") for p in parallel]
     assert len(serial) == 4  # 2 subjects x 2 atlases
     for a, b in zip(serial, parallel, strict=True):
-        (scans_a, meta_a), (scans_b, meta_b) = contents(a), contents(b)
-        assert scans_a.keys() == scans_b.keys() and len(scans_a) == 3
-        for name in scans_a:
-            assert np.array_equal(scans_a[name][0], scans_b[name][0], equal_nan=True)
-            assert np.array_equal(scans_a[name][1], scans_b[name][1])
-        assert meta_a.equals(meta_b)
+        assert_same_scans(a, b)
         with h5py.File(b, "r") as h:
             assert h["header/dim"][4] == 3
     assert not list((tmp_path / "work").glob(".bids_fmristore-work-*"))  # pieces removed
 
 
-def test_parallel_damaged_run_is_left_out(dataset):
-    tmp_path, atlases = dataset
-    bad = sorted((tmp_path / "fmriprep" / "sub-02" / "func").glob("*run-02*preproc_bold.nii.gz"))[0]
+def _truncate(tmp_path, sub: str, run: str) -> None:
+    """Cut a run's BOLD stream in half (a valid gzip file whose data end early)."""
+    func = tmp_path / "fmriprep" / f"sub-{sub}" / "func"
+    bad = sorted(func.glob(f"*run-{run}*preproc_bold.nii.gz"))[0]
     raw = gzip.decompress(bad.read_bytes())
     bad.write_bytes(gzip.compress(raw[: len(raw) // 2]))
-    assert cli(tmp_path, atlases, "out", "--nprocs", "2") == 5
-    for path in (tmp_path / "out").rglob("sub-02*_atlas-*.h5"):
+
+
+@pytest.mark.parametrize("sub, run, extra", [
+    ("02", "02", ("--nprocs", "2")),  # runs in worker processes
+    ("01", "01", ("--store", "both")),  # runs read two at a time in threads (2 CPUs)
+], ids=["processes", "threads"])
+def test_damaged_run_is_left_out(dataset, sub, run, extra):
+    tmp_path, atlases = dataset
+    _truncate(tmp_path, sub, run)
+    assert cli(tmp_path, atlases, "out", *extra) == 5
+    kept = [f"sub-{sub}_task-rest_run-{r:02d}" for r in (1, 2, 3) if f"{r:02d}" != run]
+    for path in (tmp_path / "out").rglob(f"sub-{sub}*_atlas-*.h5"):
         with ParcellatedMultiScan(path) as f:
-            assert f.scan_names == ["sub-02_task-rest_run-01", "sub-02_task-rest_run-03"]
-    assert not [p for p in (tmp_path / "out").rglob("*") if "partial" in p.name or
-                "work" in p.name]
+            assert f.scan_names == kept
+            assert f.summary(kept[0]).shape[0] == 140
+    assert not [p for p in (tmp_path / "out").rglob("*") if "partial" in p.name
+                or "work" in p.name or ".tmp" in p.name]
 
 
 def test_two_atlases_read_each_run_once(dataset, monkeypatch):
@@ -122,12 +139,7 @@ def test_runs_read_in_threads_give_the_serial_files(dataset, monkeypatch):
     for a in sorted((tmp_path / "serial").rglob("*.h5")):
         b = tmp_path / "threads" / a.relative_to(tmp_path / "serial")
         if "_atlas-" in a.name:
-            (scans_a, meta_a), (scans_b, meta_b) = contents(a), contents(b)
-            assert scans_a.keys() == scans_b.keys() and len(scans_a) == 3
-            for name in scans_a:
-                assert np.array_equal(scans_a[name][0], scans_b[name][0], equal_nan=True)
-                assert np.array_equal(scans_a[name][1], scans_b[name][1])
-            assert meta_a.equals(meta_b)
+            assert_same_scans(a, b)
         else:  # the voxel maps
             with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
                 for n in _datasets(fa):
@@ -139,17 +151,3 @@ def _datasets(f: h5py.File) -> list[str]:
     names: list[str] = []
     f.visititems(lambda n, obj: names.append(n) if isinstance(obj, h5py.Dataset) else None)
     return names
-
-
-def test_damaged_run_among_threads_is_left_out(dataset):
-    tmp_path, atlases = dataset
-    bad = sorted((tmp_path / "fmriprep" / "sub-01" / "func").glob("*run-01*preproc_bold.nii.gz"))[0]
-    raw = gzip.decompress(bad.read_bytes())
-    bad.write_bytes(gzip.compress(raw[: len(raw) // 2]))
-    assert cli(tmp_path, atlases, "out", "--store", "both") == 5
-    for path in (tmp_path / "out").rglob("sub-01*_atlas-*.h5"):
-        with ParcellatedMultiScan(path) as f:
-            assert f.scan_names == ["sub-01_task-rest_run-02", "sub-01_task-rest_run-03"]
-            assert f.series("sub-01_task-rest_run-02").shape[0] == 140
-    assert not [p for p in (tmp_path / "out").rglob("*") if ".tmp" in p.name
-                or "partial" in p.name]
