@@ -1,7 +1,7 @@
 """Runs of one job read at the same time, in threads of the process.
 
-One run's decompression is a single thread, and the rest of its work (gathers, sums, cleaning,
-encoding) would wait for it; two runs in flight keep two cores busy. The threads write
+One run's decompression is a single thread, and the rest of its work (gathers, sums, voxel
+blocks, encoding) would wait for it; two runs in flight keep two cores busy. The threads write
 different scans of the same files (h5py serialises its calls), and stop at their next block
 once the job is being abandoned, so that no thread outlives the files it writes.
 """
