@@ -58,8 +58,8 @@ def _options(denoising: Denoising, run: BoldRun) -> CleanOptions:
 
 
 #: Values (time points × voxels) cleaned in one call: nilearn's per-call overhead is paid once
-#: per batch of clusters, and memory stays bounded (16 MB of float32).
-BATCH_VALUES = 4_000_000
+#: per batch of clusters, and memory stays bounded (8 MB of float32).
+BATCH_VALUES = 2_000_000
 
 
 def clean_clusters(blocks: Iterator[np.ndarray], confounds: np.ndarray | None,
