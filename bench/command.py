@@ -55,11 +55,13 @@ def make_dataset(bold: Path, atlas: Path, mask: Path, root: Path) -> dict[str, P
             shutil.copy(mask, f"{base}_desc-brain_mask.nii.gz")
             Path(f"{base}_desc-preproc_bold.json").write_text(
                 json.dumps({"RepetitionTime": 2.0, "TaskName": "rest"}))
-    for run in range(1, N_RUNS + 1):  # --denoise: fMRIPrep's confounds beside each run
-        func = prep / "sub-01" / "func"
-        tsv = func / f"sub-01_task-rest_run-{run:02d}_desc-confounds_timeseries.tsv"
-        if not tsv.exists():
-            write_confounds(tsv, _n_volumes(bold))
+    func = prep / "sub-01" / "func"
+    tables = [func / f"sub-01_task-rest_run-{run:02d}_desc-confounds_timeseries.tsv"
+              for run in range(1, N_RUNS + 1)]  # --denoise: fMRIPrep's confounds beside runs
+    if not all(tsv.exists() for tsv in tables):
+        n_t = _n_volumes(bold)
+        for tsv in tables:
+            write_confounds(tsv, n_t)
     return {"bids": raw, "fmriprep": prep, "atlas": atlas}
 
 
