@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import OBLIQUE_AFFINE
 
-from bids_fmristore.compute.latent import TileStore, choose_k, decompose, loadings
+from bids_fmristore.compute.latent import choose_k, decompose, loadings
+from bids_fmristore.compute.tiles import TileStore
 from bids_fmristore.formats.header import mask_order
 from bids_fmristore.formats.latent import LatentNeuroVec, write_latent
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from bids_fmristore import __version__
-from bids_fmristore.compute.latent import TileStore, decompose, loadings
+from bids_fmristore.compute.latent import decompose, loadings
+from bids_fmristore.compute.tiles import TileStore
 from bids_fmristore.derivatives import write_json
 from bids_fmristore.formats.header import Geometry, mask_order
 from bids_fmristore.formats.latent import LatentWriter
