@@ -16,8 +16,9 @@ module imports excluded, reading the atlas and mask included), the peak RSS of t
     (d) nilearn NiftiLabelsMasker(resampling_target="data").fit_transform
     (e) denoise our means + fMRIPrep confounds (nilearn's "simple" strategy) + cleaning, as
                 --denoise simple does (synthetic confounds with fMRIPrep's column names)
-    (f) h5-denoise (c), then its denoised companion with voxel series (a second pass over the
-                written file, one cluster at a time), as --denoise simple --store both does
+    (f) h5-denoise (c), then its denoised companion with voxel series, as --denoise simple
+                --store both does: the run's in-mask series staged in a scratch file during
+                the pass, then cleaned band by band (a few clusters at a time)
     (g) dense  our means + the run as an H5NeuroVec from the same pass, as --dense does
     (h) latent our means + the run's PCA as a LatentNeuroVec (K = LATENT_K components), as
                 --latent does: in-mask values kept in a scratch file during the pass, then
@@ -71,7 +72,8 @@ RATIOS = (("b/a", "means", "floor"), ("c/a", "h5", "floor"), ("d/b", "nilearn", 
           ("h/a", "latent", "floor"), ("j/i", "cli-means", "floor4"),
           ("k/i", "cli-full", "floor4"), ("m/l", "participant-report", "participant"))
 #: (label, minuend, subtrahend, unit): what an option adds to the whole command, in floors
-ADDED = (("(n-j)/i", "cli-dense", "cli-means", "floor4"),
+ADDED = (("(f-c)/a", "h5-denoise", "h5", "floor"), ("(g-b)/a", "dense", "means", "floor"),
+         ("(n-j)/i", "cli-dense", "cli-means", "floor4"),
          ("(o-k)/i", "cli-full-denoise", "cli-full", "floor4"))
 
 
@@ -266,27 +268,37 @@ def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
             return
         layout = ClusterLayout(file_mask, cmap)
         geom = Geometry(info.shape[:3], info.affine)
+        stage = None
+        if mode == "h5-denoise":  # the run's series staged for the second pass, as the CLI
+            from bids_fmristore.participant.denoised import stage_voxels
+
+            stage = stage_voxels(info.shape[3], layout.counts, out_dir)
         with MultiScanWriter(out_dir / "b.h5", geometry=geom, layout=layout, store="both",
                              overwrite=True) as w:
             scan = w.add_scan("run", info.shape[3], {"TR": 2.0})
-            (means,) = parcellate_run(info, [parcels], [lambda t0, b: scan.write_grouped(b)])
+
+            def sink(t0, block):
+                scan.write_grouped(block)
+                if stage is not None:
+                    stage.write(t0, block)
+
+            (means,) = parcellate_run(info, [parcels], [sink])
             scan.write_summary(means)
         if mode == "h5-denoise":
             from bids_fmristore.compute.denoise import CleanOptions, clean_signals
-            from bids_fmristore.formats.multiscan import ParcellatedMultiScan
             from bids_fmristore.inputs.confounds import ConfoundsSpec, load_run_confounds
             from bids_fmristore.participant.denoised import clean_clusters
 
             confounds = load_run_confounds(fmriprep_named(bold), ConfoundsSpec("simple"),
                                            info.shape[3])
             opts = CleanOptions(t_r=2.0)
-            with ParcellatedMultiScan(out_dir / "b.h5") as raw, MultiScanWriter(
-                    out_dir / "d.h5", geometry=geom, layout=layout, store="both",
-                    overwrite=True) as w:
+            with stage, MultiScanWriter(out_dir / "d.h5", geometry=geom, layout=layout,
+                                        store="both", overwrite=True) as w:
                 scan = w.add_scan("run", info.shape[3], {"TR": 2.0})
                 scan.write_summary(clean_signals(means, confounds.table, None, opts))
-                blocks = raw.iter_cluster_series("run", layout.cluster_ids)
-                for k, block in clean_clusters(blocks, confounds.table, None, opts):
+                bands = (band for _, band in stage.series())
+                for k, block in clean_clusters(bands, layout.counts, confounds.table, None,
+                                               opts):
                     scan.write_cluster(k, block)
     elif mode == "nilearn":
         from nilearn.maskers import NiftiLabelsMasker

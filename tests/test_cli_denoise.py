@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -177,10 +178,23 @@ def test_filters_need_a_denoising(tmp_path, rng, capsys):
     assert not ds["out"].exists()
 
 
-def test_worker_processes_give_the_same_denoised_file(tmp_path, rng, capsys):
+def _open_scratch_files() -> list[str]:
+    fds = Path("/proc/self/fd")
+    return [t for t in (os.readlink(fd) for fd in fds.iterdir() if fd.is_symlink())
+            if ".bids_fmristore-" in t]
+
+
+def test_worker_processes_give_the_same_denoised_file(tmp_path, rng, capsys, monkeypatch):
+    """In one process the denoised voxel series are cleaned from the runs' series staged in a
+    scratch file; worker processes' jobs read them back from the written files instead."""
+    from bids_fmristore.formats.multiscan import ParcellatedMultiScan
+
     ds = dataset(tmp_path, rng)
     serial = dict(ds, out=tmp_path / "serial")
-    assert main(argv(serial, "--denoise", "scrubbing")) == 0
+    with monkeypatch.context() as m:  # the staged series, not the written file, are read
+        m.setattr(ParcellatedMultiScan, "iter_cluster_series", None)
+        assert main(argv(serial, "--denoise", "scrubbing")) == 0, capsys.readouterr().err
+    assert not _open_scratch_files()  # closed, so gone (unlinked files)
     assert main(argv(ds, "--denoise", "scrubbing", "--nprocs", "2")) == 0, capsys.readouterr().err
     for sub in ("01", "02"):
         with bids_fmristore.open(out(ds, sub, "denoised")) as a, \
@@ -189,6 +203,8 @@ def test_worker_processes_give_the_same_denoised_file(tmp_path, rng, capsys):
             for scan in a.scan_names:
                 np.testing.assert_array_equal(a.summary(scan).to_numpy(),
                                               b.summary(scan).to_numpy())
+                assert a.has_voxels(scan)
+                np.testing.assert_array_equal(a.series(scan), b.series(scan))
 
 
 def test_tsv_tables_of_the_denoised_signals(tmp_path, rng, capsys):

@@ -10,22 +10,63 @@ from bids_fmristore.compute.denoise import CleanOptions
 from bids_fmristore.formats.header import Geometry
 from bids_fmristore.formats.multiscan import ClusterLayout, ParcellatedMultiScan
 from bids_fmristore.formats.multiscan_writer import MultiScanWriter
-from bids_fmristore.participant.denoised import clean_clusters
+from bids_fmristore.participant.denoised import band_starts, clean_clusters, stage_voxels
+
+SIZES = (7, 1, 30, 12)
 
 
 def test_batches_of_clusters_equal_nilearn_per_cluster(rng):
     n_t = 40
     confounds = rng.normal(size=(n_t, 3))
-    blocks = [rng.normal(100, 5, size=(n_t, n)) for n in (7, 1, 30, 12)]
+    blocks = [rng.normal(100, 5, size=(n_t, n)) for n in SIZES]
     opts = CleanOptions(t_r=2.0, detrend=True, standardize="zscore_sample")
     kept = np.r_[0:10, 15:n_t]
     for batch in (1, 50, 10_000):  # one cluster per call, a few, all at once
-        got = list(clean_clusters(iter(blocks), confounds, kept, opts, batch=batch))
+        got = list(clean_clusters(iter(blocks), SIZES, confounds, kept, opts, batch=batch))
         assert [k for k, _ in got] == [0, 1, 2, 3]
         for (_, cleaned), block in zip(got, blocks, strict=True):
             want = clean(block, confounds=confounds, sample_mask=kept, t_r=2.0, detrend=True,
                          standardize="zscore_sample", standardize_confounds=True)
             np.testing.assert_allclose(cleaned, want, atol=1e-10)
+
+
+def test_band_starts_close_a_band_once_it_holds_a_batch():
+    assert band_starts(SIZES, 10, batch=1) == [0, 7, 8, 38]  # every cluster its own band
+    assert band_starts(SIZES, 10, batch=75) == [0, 8, 38]  # 7+1 voxels x 10 volumes >= 75
+    assert band_starts(SIZES, 10, batch=10_000) == [0]
+
+
+@pytest.mark.parametrize("batch", [1, 200, 10_000])
+def test_staged_bands_give_the_series_written_and_their_cleaning(tmp_path, rng, batch):
+    """Series staged in uneven blocks of volumes come back in bands of whole clusters, each
+    the columns written; cleaned band by band they equal nilearn's clean of each cluster."""
+    n_t = 33
+    data = rng.normal(800, 5, size=(n_t, sum(SIZES))).astype(np.float32)
+    confounds = rng.normal(size=(n_t, 4))
+    opts = CleanOptions(t_r=2.0)
+    with stage_voxels(n_t, np.array(SIZES), tmp_path, batch=batch) as store:
+        for t0 in (0, 2, 3, 13, 32):  # blocks of 2, 1, 10, 19 and 1 volumes
+            stop = {0: 2, 2: 3, 3: 13, 13: 32, 32: 33}[t0]
+            store.write(t0, data[t0:stop])
+        bands = [band for _, band in store.series()]
+        assert np.array_equal(np.concatenate(bands, axis=1), data)
+        got = dict(clean_clusters(iter(bands), SIZES, confounds, None, opts, batch=batch))
+    assert not list(tmp_path.iterdir())  # an unlinked file
+    edges = np.cumsum((0, *SIZES))
+    for k in range(len(SIZES)):
+        block = data[:, edges[k] : edges[k + 1]].astype(np.float64)
+        want = clean(block, confounds=confounds, t_r=2.0, detrend=False, standardize=None,
+                     standardize_confounds=True)
+        np.testing.assert_allclose(got[k], want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_blocks_must_hold_whole_clusters(rng):
+    blocks = [rng.normal(size=(20, 8))]  # 7 + 1 voxels, but told 7 + 2
+    opts = CleanOptions(t_r=2.0)
+    with pytest.raises(ValueError, match="whole clusters"):
+        list(clean_clusters(iter(blocks), (7, 2), None, None, opts))
+    with pytest.raises(ValueError, match="1 of 2 clusters"):
+        list(clean_clusters(iter([rng.normal(size=(20, 7))]), (7, 2), None, None, opts))
 
 
 def test_write_cluster_round_trip(tmp_path, rng):

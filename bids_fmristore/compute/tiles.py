@@ -38,16 +38,28 @@ class TileStore:
         Where the scratch file lives (4 * T * N bytes; removed when closed or the process dies).
     tile : int, optional
         Voxels per tile; default ``TILE_VALUES // T`` within [256, 4096].
+    starts : sequence of int, optional
+        The first voxel of each tile instead (ascending, from 0), for tiles of chosen widths,
+        e.g. whole parcels.
+    prefix : str, optional
+        Name prefix of the scratch file (seen only while it is open, on systems that cannot
+        unlink an open file).
     """
 
     def __init__(self, n_time: int, voxels: np.ndarray, *, directory: Path | None = None,
-                 tile: int | None = None) -> None:
+                 tile: int | None = None, starts=None,
+                 prefix: str = ".bids_fmristore-latent-") -> None:
         if tile is None:
             tile = min(TILE, max(_MIN_TILE, TILE_VALUES // max(int(n_time), 1)))
         self.n_time, self.voxels, self.tile = int(n_time), np.asarray(voxels), int(tile)
         self.n_vox = int(self.voxels.size)
-        self._starts = list(range(0, self.n_vox, self.tile))
-        self._file = tempfile.TemporaryFile(dir=directory, prefix=".bids_fmristore-latent-")
+        if starts is None:
+            starts = range(0, self.n_vox, self.tile)
+        self._starts = [int(s) for s in starts]
+        self._widths = np.diff([*self._starts, self.n_vox]).tolist()
+        if self.n_vox and (not self._starts or self._starts[0] != 0 or min(self._widths) < 1):
+            raise ValueError("tile starts must rise from 0 below the number of voxels")
+        self._file = tempfile.TemporaryFile(dir=directory, prefix=prefix)
         self._fd = self._file.fileno()
         self._written = 0
         self._bad: dict[int, int] = {}
@@ -74,26 +86,34 @@ class TileStore:
         values = np.asarray(values, dtype=np.float32)
         if t0 != self._written or values.shape[1] != self.n_vox:
             raise ValueError(f"block {values.shape} at t={t0} does not follow t={self._written}")
-        for start in self._starts:
-            width = min(self.tile, self.n_vox - start)
+        for start, width in zip(self._starts, self._widths, strict=True):
             piece = np.ascontiguousarray(values[:, start : start + width])
             os.pwrite(self._fd, piece.data, self._offset(start, t0, width))
         self._written += values.shape[0]
+
+    @property
+    def complete(self) -> bool:
+        """Whether all T volumes were written."""
+        return self._written == self.n_time
+
+    def series(self) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, series)`` of each tile in order, ``series`` shape (T, width) float32, as
+        written (a new array each)."""
+        if not self.complete:
+            raise ValueError(f"{self._written} of {self.n_time} volumes were written")
+        for start, width in zip(self._starts, self._widths, strict=True):
+            x = np.empty((self.n_time, width), dtype=np.float32)
+            if os.preadv(self._fd, [x], self._offset(start, 0, width)) != x.nbytes:
+                raise OSError("scratch file shorter than written")
+            yield start, x
 
     def tiles(self) -> Iterator[tuple[int, np.ndarray]]:
         """``(start, series)`` of each tile in order, ``series`` shape (T, width) float64.
 
         NaN and ±Inf are read as 0 (as in the parcel means, nilearn's convention); the voxels
         that held one are counted in :attr:`nonfinite_voxels` (after a full pass)."""
-        if self._written != self.n_time:
-            raise ValueError(f"{self._written} of {self.n_time} volumes were written")
-        for start in self._starts:
-            width = min(self.tile, self.n_vox - start)
-            raw = os.pread(self._fd, 4 * self.n_time * width, self._offset(start, 0, width))
-            if len(raw) != 4 * self.n_time * width:
-                raise OSError("scratch file shorter than written")
-            x = np.frombuffer(raw, dtype=np.float32).reshape(self.n_time, width).astype(
-                np.float64)
+        for start, x32 in self.series():
+            x = x32.astype(np.float64)
             finite = np.isfinite(x)
             if not finite.all():  # one NaN would make the whole Gram matrix NaN
                 self._bad[start] = int((~finite.all(axis=0)).sum())

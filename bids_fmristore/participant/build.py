@@ -15,6 +15,7 @@ import threading
 import numpy as np
 
 from bids_fmristore.compute.parcellate import parcellate_run
+from bids_fmristore.compute.tiles import TileStore
 from bids_fmristore.derivatives import scan_names, write_json
 from bids_fmristore.errors import RunError
 from bids_fmristore.formats.multiscan import ParcellatedMultiScan
@@ -24,6 +25,7 @@ from bids_fmristore.inputs.nifti_stream import NiftiInfo
 from bids_fmristore.participant.denoised import (
     Denoising,
     denoised_path,
+    stage_voxels,
     write_denoised,
 )
 from bids_fmristore.participant.dense import run_outputs_sink
@@ -53,13 +55,16 @@ log = logging.getLogger(__name__)
 
 def write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prepared,
                 writers: list[MultiScanWriter], opts: Options,
-                stop: threading.Event | None = None) -> tuple[dict | None, list]:
+                stop: threading.Event | None = None, *, stage: bool = False,
+                ) -> tuple[dict | None, list, list]:
     """Parcellate one run for every target in one pass; on a read error no scan is kept.
 
-    Returns the run's voxel maps (when the job writes them) and, per target, its parcel means
-    (T, K) when the target has denoised companions (else None). With ``opts.tables_dir`` the
-    run's per-atlas TSV tables are written once all its scans are complete. Once ``stop`` is
-    set the run is abandoned at its next block (:class:`Abandoned`)."""
+    Returns the run's voxel maps (when the job writes them); per target, its parcel means
+    (T, K) when the target has denoised companions (else None); and per target, with
+    ``stage``, the scratch store of its grouped voxel series when its denoised companions
+    hold voxels (else None; the caller closes them). With ``opts.tables_dir`` the run's
+    per-atlas TSV tables are written once all its scans are complete. Once ``stop`` is set
+    the run is abandoned at its next block (:class:`Abandoned`)."""
     targets = prep.targets
     if info.shape[3] == 1:
         log.warning("%s has one volume; fmristore (R) cannot read a one-row summary", run.path)
@@ -67,8 +72,11 @@ def write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prep
                 "task": run.entities.get("task"), "run": run.entities.get("run"),
                 "source": run.uri()}
     scans = [w.add_scan(name, info.shape[3], metadata) for w in writers]
-    sinks = [(lambda t0, block, s=s: s.write_grouped(block)) if s.wants_voxels else None
-             for s in scans]
+    staged = [stage_voxels(info.shape[3], t.layout.counts, t.output.parent)
+              if stage and t.denoise and s.wants_voxels else None
+              for t, s in zip(targets, scans, strict=True)]
+    sinks = [_voxel_sink(s, st) if s.wants_voxels else None
+             for s, st in zip(scans, staged, strict=True)]
     moments = prep.maps.moments() if prep.maps is not None else None
     label = run_label(prep.job.label, index, len(prep.job.runs), name)
     try:
@@ -81,9 +89,11 @@ def write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prep
             values[:, target.low_coverage] = np.nan  # too little of the parcel was imaged
             scan.write_summary(values)
             scan.check_complete()
-    except (RunError, Abandoned):
-        for w in writers:
-            w.discard_scan(name)
+    except BaseException as err:
+        _close(staged)
+        if isinstance(err, RunError | Abandoned):
+            for w in writers:
+                w.discard_scan(name)
         raise
     if opts.tables_dir is not None:
         for target, values in zip(targets, means, strict=True):
@@ -95,8 +105,24 @@ def write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prep
     release_free_memory()
     kept_means = [m if t.denoise else None for m, t in zip(means, targets, strict=True)]
     if moments is None:
-        return None, kept_means
-    return run_maps(prep.maps, index, moments, info.slope, info.inter), kept_means
+        return None, kept_means, staged
+    return run_maps(prep.maps, index, moments, info.slope, info.inter), kept_means, staged
+
+
+def _voxel_sink(scan, store: TileStore | None):
+    if store is None:
+        return lambda t0, block: scan.write_grouped(block)
+
+    def sink(t0: int, block: np.ndarray) -> None:
+        scan.write_grouped(block)
+        store.write(t0, block)
+    return sink
+
+
+def _close(stores) -> None:
+    for store in stores or ():
+        if store is not None:
+            store.close()
 
 
 def _run_sources(run: BoldRun) -> list[str]:
@@ -127,13 +153,14 @@ def run_job(job: Job, opts: Options | None = None) -> JobResult:
     job, result = prep.job, prep.result
     names = scan_names(job.runs)
     failed = []
+    done = {}
     try:
         with contextlib.ExitStack() as stack:
             writers = [stack.enter_context(writer_for(t, opts.store, t.output))
                        for t in prep.targets]
-            done = {}
             outcomes = each_run(stack, opts.run_threads, len(job.runs), lambda i, stop: (
-                write_scans(job.runs[i], job.infos[i], names[i], i, prep, writers, opts, stop)))
+                write_scans(job.runs[i], job.infos[i], names[i], i, prep, writers, opts, stop,
+                            stage=True)))
             for run, info, name, outcome in zip(job.runs, job.infos, names, outcomes,
                                                 strict=True):
                 try:
@@ -144,20 +171,23 @@ def run_job(job: Job, opts: Options | None = None) -> JobResult:
             result.failures += [reason for _, reason in failed]
             if not done:
                 raise _NothingRead  # leaving the block discards the files
+        # Sidecars after the renames: an .h5 without its sidecar is not done, so a kill
+        # between the two makes the next run rebuild it (an old .h5 never meets a new sidecar).
+        finish_job(prep, opts, done, failed)
     except _NothingRead:
         nothing_read(job)
-        return result
-    # Sidecars after the renames: an .h5 without its sidecar is not done, so a kill between
-    # the two makes the next run rebuild it (an old .h5 never meets a new sidecar).
-    finish_job(prep, opts, done, failed)
+    finally:
+        for *_, staged in done.values():
+            _close(staged)
     return result
 
 
 def finish_job(prep: Prepared, opts: Options, done: dict, failed: list) -> None:
     """Sidecars of the parcellated files, and the maps file with its sidecar.
 
-    ``done`` maps each scan that was read to (run, its header, its voxel maps or None);
-    ``failed`` lists (run, reason) of the job's runs that could not be read."""
+    ``done`` maps each scan that was read to (run, its header, its voxel maps or None, per
+    target its means or None, per target its staged voxel series or None); ``failed`` lists
+    (run, reason) of the job's runs that could not be read."""
     job, result = prep.job, prep.result
     for run, *_ in done.values():  # written by write_scans (in a worker, with --nprocs)
         if run.path in prep.run_outputs:
@@ -173,9 +203,10 @@ def finish_job(prep: Prepared, opts: Options, done: dict, failed: list) -> None:
         result.written.append(target.output)
         for denoising in target.denoise:
             _finish_denoised(prep, target, i, denoising, opts, done, failed_runs)
+        _close(staged[i] for *_, staged in done.values() if staged)  # its scratch space
     if prep.maps is not None:
         labels = write_maps(prep.maps, job.label,
-                            [(name, stats) for name, (_, _, stats, _) in done.items()],
+                            [(name, stats) for name, (_, _, stats, *_) in done.items()],
                             overwrite=True)
         sources = [uri for run, *_ in done.values() for uri in _run_sources(run)]
         write_json(sidecar_of(prep.maps.output), {
@@ -197,16 +228,22 @@ def _finish_denoised(prep: Prepared, target: Target, index: int, denoising: Deno
     release_free_memory()  # what the runs' pass freed, before this pass adds its own
     path = denoised_path(target.output, denoising.desc)
     with_voxels = opts.store in ("full", "both")
+    staged = {name: entry[4][index] for name, entry in done.items() if entry[4]}
     raw = ParcellatedMultiScan(target.output) if with_voxels else None
 
     def voxels(name: str):
+        store = staged.get(name)
+        if store is not None and store.complete:  # the run's series, read back as written
+            return (band for _, band in store.series())
         return raw.iter_cluster_series(name, target.layout.cluster_ids)
 
     try:
         scans, failed, cleaned = write_denoised(
             path, denoising, voxels=voxels if with_voxels else None,
+            sizes=target.layout.counts,
             make_writer=lambda p: writer_for(target, "both" if with_voxels else "summary", p),
-            runs=[(name, run, means[index]) for name, (run, _, _, means) in done.items()])
+            runs=[(name, run, means[index])
+                  for name, (run, _, _, means, _) in done.items()])
     finally:
         if raw is not None:
             raw.close()

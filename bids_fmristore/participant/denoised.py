@@ -20,13 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from bids_fmristore.compute.denoise import CleanOptions, clean_signals, clean_voxels
+from bids_fmristore.compute.tiles import TileStore
 from bids_fmristore.errors import RunError
 from bids_fmristore.formats.multiscan_writer import MultiScanWriter
 from bids_fmristore.inputs.confounds import ConfoundsSpec, confounds_path, load_run_confounds
 from bids_fmristore.inputs.discovery import BoldRun
 from bids_fmristore.resume import file_stamp
 
-__all__ = ["Denoising", "denoised_path", "confounds_record", "write_denoised"]
+__all__ = ["Denoising", "denoised_path", "confounds_record", "write_denoised", "stage_voxels",
+           "clean_clusters", "band_starts"]
 
 log = logging.getLogger(__name__)
 
@@ -62,33 +64,69 @@ def _options(denoising: Denoising, run: BoldRun) -> CleanOptions:
 BATCH_VALUES = 2_000_000
 
 
-def clean_clusters(blocks: Iterator[np.ndarray], confounds: np.ndarray | None,
-                   sample_mask: np.ndarray | None, options: CleanOptions,
-                   batch: int = BATCH_VALUES) -> Iterator[tuple[int, np.ndarray]]:
-    """Clean each cluster's (T, n) voxel series; yields (cluster index, cleaned (T', n)).
+def band_starts(sizes: np.ndarray, n_time: int, batch: int = BATCH_VALUES) -> list[int]:
+    """First voxel of each band of whole clusters (``sizes``: voxels per cluster, in order)
+    that :func:`clean_clusters` cleans in one call: a band closes once it holds ``batch``
+    values, so a band read whole is cleaned without being copied."""
+    starts, size, first = [], 0, 0
+    for n in np.asarray(sizes, dtype=np.int64).tolist():
+        if size == 0:
+            starts.append(first)
+        first += n
+        size += n * n_time
+        if size >= batch:
+            size = 0
+    return starts
 
-    Clusters are cleaned together, up to ``batch`` values at a time: cleaning is per column,
-    so a batch gives what each cluster alone would."""
-    pending: list[tuple[int, np.ndarray]] = []
+
+def clean_clusters(blocks: Iterator[np.ndarray], sizes: np.ndarray,
+                   confounds: np.ndarray | None, sample_mask: np.ndarray | None,
+                   options: CleanOptions, batch: int = BATCH_VALUES,
+                   ) -> Iterator[tuple[int, np.ndarray]]:
+    """Clean voxel series cluster by cluster; yields (cluster index, cleaned (T', n_k)).
+
+    ``blocks`` are (T, n) arrays of whole consecutive clusters, in order (one cluster each,
+    or bands of several), whose widths add up to ``sizes`` (voxels per cluster). They are
+    cleaned together, up to ``batch`` values at a time: cleaning is per column, so a batch
+    gives what each cluster alone would."""
+    sizes = np.asarray(sizes, dtype=np.int64).tolist()
+    pending: list[np.ndarray] = []
     size = 0
+    k = 0
 
     def flush():
+        nonlocal k
         # float32 blocks stay float32 (the values stored; clean returns float32 for them)
-        cleaned = clean_voxels(np.concatenate([b for _, b in pending], axis=1),
-                               confounds, sample_mask, options)
+        joined = pending[0] if len(pending) == 1 else np.concatenate(pending, axis=1)
+        cleaned = clean_voxels(joined, confounds, sample_mask, options)
         start = 0
-        for k, b in pending:
-            yield k, cleaned[:, start : start + b.shape[1]]
-            start += b.shape[1]
+        while start < cleaned.shape[1]:
+            if k >= len(sizes) or start + sizes[k] > cleaned.shape[1]:
+                raise ValueError("voxel blocks do not hold whole clusters of the sizes given")
+            yield k, cleaned[:, start : start + sizes[k]]
+            start += sizes[k]
+            k += 1
 
-    for k, block in enumerate(blocks):
-        pending.append((k, block))
+    for block in blocks:
+        pending.append(block)
         size += block.size
         if size >= batch:
             yield from flush()
             pending, size = [], 0
     if pending:
         yield from flush()
+    if k != len(sizes):
+        raise ValueError(f"voxel blocks held {k} of {len(sizes)} clusters")
+
+
+def stage_voxels(n_time: int, sizes: np.ndarray, directory: Path,
+                 batch: int = BATCH_VALUES) -> TileStore:
+    """A scratch store of a run's grouped voxel series (clusters end to end), laid out in the
+    bands :func:`clean_clusters` cleans: the denoised pass then reads each band once from the
+    page cache instead of inflating the written file's chunks again."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    return TileStore(n_time, np.arange(int(sizes.sum())), directory=directory,
+                     starts=band_starts(sizes, n_time, batch), prefix=".bids_fmristore-denoise-")
 
 
 def denoised_path(output: Path, desc: str) -> Path:
@@ -112,7 +150,7 @@ def write_denoised(path: Path, denoising: Denoising, *,
                    make_writer: Callable[[Path], MultiScanWriter],
                    runs: list[tuple[str, BoldRun, np.ndarray]],
                    voxels: Callable[[str], Iterator[np.ndarray]] | None = None,
-                   ) -> tuple[dict, list, list]:
+                   sizes: np.ndarray | None = None) -> tuple[dict, list, list]:
     """Write one denoised file from the runs' raw parcel means.
 
     Parameters
@@ -121,9 +159,12 @@ def write_denoised(path: Path, denoising: Denoising, *,
         The writer of a path, with the raw file's mask, clusters and tables (summary only,
         or summary and voxels when ``voxels`` is given).
     voxels : callable, optional
-        For a scan name, its raw voxel series cluster by cluster (ascending id), each (T, n):
-        they are cleaned like the means, one cluster in memory at a time (a second pass over
-        the written raw file).
+        For a scan name, its raw voxel series by whole clusters (ascending id), each (T, n):
+        one cluster or a band of consecutive ones (see :func:`clean_clusters`). They are
+        cleaned like the means, one batch in memory at a time (a second pass, over the
+        written raw file or a :func:`stage_voxels` store).
+    sizes : numpy.ndarray, optional
+        Voxels per cluster (ascending id); needed with ``voxels``.
     runs : list of (scan name, run, means (T, K) with NaN columns for blanked parcels)
 
     Returns
@@ -164,7 +205,7 @@ def write_denoised(path: Path, denoising: Denoising, *,
             scan.write_summary(values)
             if voxels is not None:
                 confounds = kept_confounds[name]
-                for k, block in clean_clusters(voxels(name), confounds.table,
+                for k, block in clean_clusters(voxels(name), sizes, confounds.table,
                                                confounds.sample_mask, _options(denoising, run)):
                     scan.write_cluster(k, block)
             scan.check_complete()

@@ -135,7 +135,7 @@ def _run_piece(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prepa
         with contextlib.ExitStack() as stack:
             writers = [stack.enter_context(writer_for(t, opts.store, p, full=False))
                        for t, p in zip(prep.targets, paths, strict=True)]
-            maps, means = write_scans(run, info, name, index, prep, writers, opts)
+            maps, means, _ = write_scans(run, info, name, index, prep, writers, opts)
     except RunError as err:
         return str(err)
     return paths, maps, means
@@ -154,7 +154,7 @@ def _assemble(prep: Prepared, names: list[str], futures, opts: Options) -> JobRe
             failed.append((run, outcome))
         else:
             pieces[name], maps, means = outcome
-            done[name] = (run, info, maps, means)
+            done[name] = (run, info, maps, means, None)  # no staged series across processes
     result.failures += [reason for _, reason in failed]
     if not done:
         nothing_read(job)
