@@ -37,6 +37,12 @@ def test_direct_chunks_read_back_through_hdf5_filters(tmp_path, rng, n_time):
             ds = h[f"scans/s/clusters/cluster_{cid}"]
             assert ds.compression == "gzip" and ds.shuffle
             assert np.array_equal(ds[()], data[:, cmap == cid])
+        # chunks split each dimension evenly under fmristore's 128 x 1024: least padding
+        n_vox = [int((cmap == 2).sum()), int((cmap == 5).sum())]
+        assert n_vox == [3085, 515]
+        rows = {1: 1, 130: 65, 256: 128}[n_time]
+        assert h["scans/s/clusters/cluster_2"].chunks == (rows, 772)  # 4 x 772 >= 3085
+        assert h["scans/s/clusters/cluster_5"].chunks == (rows, 515)
     with ParcellatedMultiScan(path) as f:
         assert np.array_equal(f.series("s"), data)
 

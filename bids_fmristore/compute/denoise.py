@@ -137,8 +137,10 @@ def _clean(signals, confounds, sample_mask, opts: CleanOptions, cleaner, *,
             f"{max(MIN_KEPT_VOLUMES, n_regressors + 1)} needed ({n_regressors} regressors, "
             f"minimum {MIN_KEPT_VOLUMES})")
 
-    # A column with a NaN has a non-finite sum: only those columns are examined.
-    odd = ~np.isfinite(signals.sum(axis=0, dtype=np.float64))
+    # A column with a NaN has a non-finite sum: only those columns are examined. (In float32
+    # a sum may also overflow: such a column is examined and found to hold no NaN.)
+    sums = signals.sum(axis=0)
+    odd = ~np.isfinite(sums)
     nan_cols = np.zeros(n_cols, dtype=bool)
     if odd.any():
         isnan = np.isnan(signals[:, odd])
@@ -159,12 +161,14 @@ def _clean(signals, confounds, sample_mask, opts: CleanOptions, cleaner, *,
             # machine).
             with _blas().limit(limits=1, user_api="blas"):
                 if out is None:  # no copy of a batch of voxels
-                    return cleaner(signals, confounds, sample_mask, opts)
-                out[:, good] = cleaner(signals[:, good], confounds, sample_mask, opts)
+                    return cleaner(signals, confounds, sample_mask, opts, sums)
+                out[:, good] = cleaner(signals[:, good], confounds, sample_mask, opts,
+                                       sums[good])
     return out
 
 
-def _nilearn_clean(signals, confounds, sample_mask, opts: CleanOptions) -> np.ndarray:
+def _nilearn_clean(signals, confounds, sample_mask, opts: CleanOptions,
+                   sums=None) -> np.ndarray:
     from nilearn.signal import clean
 
     return clean(signals, detrend=opts.detrend, standardize=opts.standardize,
@@ -172,7 +176,8 @@ def _nilearn_clean(signals, confounds, sample_mask, opts: CleanOptions) -> np.nd
                  t_r=opts.t_r, low_pass=opts.low_pass, high_pass=opts.high_pass)
 
 
-def _split_clean(signals, confounds, sample_mask, opts: CleanOptions) -> np.ndarray:
+def _split_clean(signals, confounds, sample_mask, opts: CleanOptions,
+                 sums: np.ndarray | None = None) -> np.ndarray:
     if confounds is None or opts.standardize == "psc":
         return _nilearn_clean(signals, confounds, sample_mask, opts)
     from nilearn.signal import clean, standardize_signal
@@ -196,8 +201,14 @@ def _split_clean(signals, confounds, sample_mask, opts: CleanOptions) -> np.ndar
     q = q[:, np.abs(np.diag(r)) > np.finfo(np.float64).eps * 100.0]
     if prepared.dtype == np.float32:  # half the memory and time of float64 products
         q = q.astype(np.float32)
-        centre = prepared.mean(axis=0, dtype=np.float64).astype(np.float32)
-        cleaned = prepared - q @ (q.T @ (prepared - centre))
+        # Any per-column constant will do as the centre, since the columns of q have no mean:
+        # the column sums of the signals serve when nothing was done to them before.
+        centre = (sums / np.float32(prepared.shape[0]) if identity and sums is not None
+                  else prepared.mean(axis=0))
+        work = np.subtract(prepared, centre, dtype=np.float32)
+        coef = q.T @ work
+        np.matmul(q, coef, out=work)  # one buffer for the centred series and the projection
+        cleaned = np.subtract(prepared, work, out=work)
     else:
         cleaned = prepared - q @ (q.T @ prepared)
     if opts.standardize is None:

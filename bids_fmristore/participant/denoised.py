@@ -88,7 +88,8 @@ def clean_clusters(blocks: Iterator[np.ndarray], sizes: np.ndarray,
     ``blocks`` are (T, n) arrays of whole consecutive clusters, in order (one cluster each,
     or bands of several), whose widths add up to ``sizes`` (voxels per cluster). They are
     cleaned together, up to ``batch`` values at a time: cleaning is per column, so a batch
-    gives what each cluster alone would."""
+    gives what each cluster alone would. The yielded arrays are views of new arrays, which
+    nothing changes afterwards."""
     sizes = np.asarray(sizes, dtype=np.int64).tolist()
     pending: list[np.ndarray] = []
     size = 0
@@ -207,6 +208,6 @@ def write_denoised(path: Path, denoising: Denoising, *,
                 confounds = kept_confounds[name]
                 for k, block in clean_clusters(voxels(name), sizes, confounds.table,
                                                confounds.sample_mask, _options(denoising, run)):
-                    scan.write_cluster(k, block)
+                    scan.write_cluster(k, block, copy=False)  # a new array each
             scan.check_complete()
     return scans, failed, cleaned
