@@ -36,10 +36,15 @@ def test_band_starts_close_a_band_once_it_holds_a_batch():
     assert band_starts(SIZES, 10, batch=10_000) == [0]
 
 
-@pytest.mark.parametrize("batch", [1, 200, 10_000])
-def test_staged_bands_give_the_series_written_and_their_cleaning(tmp_path, rng, batch):
-    """Series staged in uneven blocks of volumes come back in bands of whole clusters, each
-    the columns written; cleaned band by band they equal nilearn's clean of each cluster."""
+@pytest.mark.parametrize("batch, buffered", [(1, 33), (200, 3), (10_000, 1)])
+def test_staged_bands_give_the_series_written_and_their_cleaning(tmp_path, rng, monkeypatch,
+                                                                  batch, buffered):
+    """Series staged in uneven blocks of volumes (gathered ``buffered`` at a time before they
+    are written) come back in bands of whole clusters, each the columns written; cleaned band
+    by band they equal nilearn's clean of each cluster."""
+    import bids_fmristore.compute.tiles as tiles
+
+    monkeypatch.setattr(tiles, "WRITE_VALUES", buffered * sum(SIZES))
     n_t = 33
     data = rng.normal(800, 5, size=(n_t, sum(SIZES))).astype(np.float32)
     confounds = rng.normal(size=(n_t, 4))
@@ -47,7 +52,9 @@ def test_staged_bands_give_the_series_written_and_their_cleaning(tmp_path, rng, 
     with stage_voxels(n_t, np.array(SIZES), tmp_path, batch=batch) as store:
         for t0 in (0, 2, 3, 13, 32):  # blocks of 2, 1, 10, 19 and 1 volumes
             stop = {0: 2, 2: 3, 3: 13, 13: 32, 32: 33}[t0]
+            assert not store.complete
             store.write(t0, data[t0:stop])
+        assert store.complete
         bands = [band for _, band in store.series()]
         assert np.array_equal(np.concatenate(bands, axis=1), data)
         got = dict(clean_clusters(iter(bands), SIZES, confounds, None, opts, batch=batch))

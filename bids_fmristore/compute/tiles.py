@@ -20,6 +20,8 @@ __all__ = ["TileStore", "TILE", "TILE_VALUES"]
 
 #: Values per tile (T x width): 2**20 float64 = 8 MB whatever T, so memory stays flat in T.
 TILE_VALUES = 1 << 20
+#: Values of the volumes gathered before they are written (16 MB of float32).
+WRITE_VALUES = 1 << 22
 #: Tile width bounds (voxels): wide enough for efficient BLAS, narrow enough for long runs.
 TILE = 4096
 _MIN_TILE = 256
@@ -61,7 +63,9 @@ class TileStore:
             raise ValueError("tile starts must rise from 0 below the number of voxels")
         self._file = tempfile.TemporaryFile(dir=directory, prefix=prefix)
         self._fd = self._file.fileno()
-        self._written = 0
+        self._written = 0  # volumes given; those not yet in the file wait in the buffer
+        self._buffer: np.ndarray | None = None
+        self._filled = 0
         self._bad: dict[int, int] = {}
 
     def close(self) -> None:
@@ -82,14 +86,38 @@ class TileStore:
         return 4 * (self.n_time * start + t * width)
 
     def write(self, t0: int, values: np.ndarray) -> None:
-        """Volumes ``t0 : t0 + k`` of the kept voxels, ``values`` shape (k, N) float32."""
+        """Volumes ``t0 : t0 + k`` of the kept voxels, ``values`` shape (k, N) float32.
+
+        Volumes are gathered in a buffer of a few and written tile by tile, one system call
+        per tile for all of them (``pwritev``): one call per tile and volume block made
+        50,000 calls for 1000 volumes of 100 tiles, 0.9 s where the copies take 0.2 s."""
         values = np.asarray(values, dtype=np.float32)
         if t0 != self._written or values.shape[1] != self.n_vox:
             raise ValueError(f"block {values.shape} at t={t0} does not follow t={self._written}")
-        for start, width in zip(self._starts, self._widths, strict=True):
-            piece = np.ascontiguousarray(values[:, start : start + width])
-            os.pwrite(self._fd, piece.data, self._offset(start, t0, width))
+        if self._buffer is None:
+            self._buffer = np.empty((max(1, min(32, WRITE_VALUES // max(self.n_vox, 1))),
+                                     self.n_vox), dtype=np.float32)
+        done = 0
+        while done < values.shape[0]:
+            take = min(values.shape[0] - done, self._buffer.shape[0] - self._filled)
+            self._buffer[self._filled : self._filled + take] = values[done : done + take]
+            self._filled += take
+            done += take
+            if self._filled == self._buffer.shape[0] or (
+                    self._written + done == self.n_time):
+                self._flush(self._written + done - self._filled)
         self._written += values.shape[0]
+
+    def _flush(self, t0: int) -> None:
+        rows = self._buffer[: self._filled]
+        for start, width in zip(self._starts, self._widths, strict=True):
+            pieces = [row[start : start + width] for row in rows]  # contiguous in the file
+            wrote = os.pwritev(self._fd, pieces, self._offset(start, t0, width))
+            if wrote != 4 * rows.shape[0] * width:
+                raise OSError("short write to the scratch file")
+        self._filled = 0
+        if t0 + rows.shape[0] == self.n_time:
+            self._buffer = None
 
     @property
     def complete(self) -> bool:
