@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bids_fmristore.errors import FormatError
-from bids_fmristore.formats._chunks import encode_chunk, read_float32, start_read
+from bids_fmristore.formats._chunks import deflate_planes, encode_chunk, read_float32, start_read
 from bids_fmristore.formats.header import Geometry
 from bids_fmristore.formats.multiscan import ClusterLayout, ParcellatedMultiScan
 from bids_fmristore.formats.multiscan_writer import MultiScanWriter
@@ -51,6 +51,46 @@ def test_encoded_chunks_decode_with_hdf5(tmp_path, rng):
                 ds.id.write_direct_chunk((t0, c0), encode_chunk(part, (rows, width)))
     with h5py.File(tmp_path / "f.h5", "r") as f:
         np.testing.assert_array_equal(f["x"][()], data)  # HDF5's filters decode them
+
+
+@pytest.mark.parametrize("stored", [0, 1, 2, 4])
+@pytest.mark.parametrize("n", [0, 700, 150_000])  # empty, one stored block, three of them
+def test_stored_planes_are_one_zlib_stream(rng, stored, n):
+    """Stored planes then compressed ones: the standard inflater gives the bytes back; stored
+    planes cost their length plus 5 bytes per 64 KB block, and the others are compressed."""
+    import zlib
+
+    noise = rng.integers(0, 256, (stored, n))
+    smooth = rng.integers(60, 64, (4 - stored, n))
+    planes = np.concatenate([noise, smooth]).astype(np.uint8)
+    out = deflate_planes(planes, stored)
+    assert zlib.decompress(out) == planes.tobytes()
+    blocks = -(-n // 65535)
+    deflated = len(zlib.compress(planes[stored:].tobytes(), 1))
+    assert stored * n <= len(out) <= stored * (n + 5 * blocks) + deflated + 16
+
+
+def test_noise_bytes_chunks_decode_with_hdf5(tmp_path, rng):
+    """Cleaned-residual chunks (two low bytes stored) through HDF5's own filters and our
+    reader; within 3 % of the size of fully deflated ones, since noise hardly compresses."""
+    data = rng.normal(0, 5, size=(130, 1500)).astype(np.float32)
+    rows, width = 65, 750
+    sizes = {}
+    for noise_bytes in (0, 2):
+        path = tmp_path / f"f{noise_bytes}.h5"
+        with h5py.File(path, "w") as f:
+            ds = f.create_dataset("x", shape=data.shape, dtype="f4", chunks=(rows, width),
+                                  compression="gzip", shuffle=True)
+            for t0 in range(0, 130, rows):
+                for c0 in range(0, 1500, width):
+                    part = data[t0 : t0 + rows, c0 : c0 + width]
+                    ds.id.write_direct_chunk((t0, c0), encode_chunk(part, (rows, width),
+                                                                    noise_bytes=noise_bytes))
+            sizes[noise_bytes] = ds.id.get_storage_size()
+        with h5py.File(path, "r") as f:
+            np.testing.assert_array_equal(f["x"][()], data)
+            np.testing.assert_array_equal(read_float32(f["x"]), data)
+    assert sizes[2] <= 1.03 * sizes[0]
 
 
 def test_damaged_chunk(tmp_path, rng):

@@ -261,7 +261,8 @@ class ScanWriter:
             if self._filled == self._chunk_t or self._written + self._filled == self.n_time:
                 self._flush()
 
-    def write_cluster(self, k: int, block: np.ndarray, *, copy: bool = True) -> None:
+    def write_cluster(self, k: int, block: np.ndarray, *, copy: bool = True,
+                      noise_bytes: int = 0) -> None:
         """Store the whole series of the ``k``-th cluster (ascending id) at once: ``block``
         shape (T, n_k), mask order within the cluster. An alternative to the time blocks of
         :meth:`write_grouped` for data that come cluster by cluster.
@@ -269,7 +270,9 @@ class ScanWriter:
         Chunks are encoded in the thread pool while the caller goes on (the next cluster is
         computed meanwhile); at most :data:`PENDING_VALUES` values wait to be stored, and
         :meth:`check_complete` stores the rest. With ``copy=False`` a float32 ``block`` is
-        encoded where it is: the caller must not change it afterwards."""
+        encoded where it is: the caller must not change it afterwards. ``noise_bytes``: the
+        low bytes of the values are noise (e.g. regression residuals), stored in the chunks
+        rather than compressed (:func:`~bids_fmristore.formats._chunks.deflate_planes`)."""
         if not self.wants_voxels:
             return
         self._check_open()
@@ -283,7 +286,8 @@ class ScanWriter:
             for c0 in range(0, block.shape[1], width):
                 part = block[t0 : t0 + rows, c0 : c0 + width]
                 self._pending.append((ds, (t0, c0), part.size,
-                                      pool().submit(encode_chunk, part, (rows, width))))
+                                      pool().submit(encode_chunk, part, (rows, width),
+                                                    noise_bytes=noise_bytes)))
                 self._pending_values += part.size
         self._whole.add(k)
         self.store_pending(PENDING_VALUES)
