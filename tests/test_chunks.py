@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from bids_fmristore.errors import FormatError
-from bids_fmristore.formats._chunks import deflate_planes, encode_chunk, read_float32, start_read
+from bids_fmristore.formats._chunks import (
+    GZIP,
+    ChunkedFloat32,
+    deflate_planes,
+    encode_chunk,
+    read_float32,
+    start_read,
+)
 from bids_fmristore.formats.header import Geometry
 from bids_fmristore.formats.multiscan import ClusterLayout, ParcellatedMultiScan
 from bids_fmristore.formats.multiscan_writer import MultiScanWriter
@@ -162,3 +169,32 @@ def test_zero_columns_clean_to_an_empty_array():
     out = clean_voxels(np.zeros((40, 0)), np.ones((40, 1)).cumsum(axis=0), None,
                        CleanOptions(t_r=2.0))
     assert out.shape == (40, 0)
+
+
+def test_chunked_datasets_are_the_bytes_h5py_writes(tmp_path, rng):
+    # Same shapes, chunks and data through h5py's create_dataset and through ChunkedFloat32
+    # (one property list per chunk shape): the two files must be identical byte for byte.
+    shapes = [((30, 7), (10, 7)), ((30, 1500), (10, 750)), ((30, 9), (10, 7)), ((4, 3), (4, 3))]
+    data = [rng.normal(size=s).astype(np.float32) for s, _ in shapes]
+    maker = ChunkedFloat32()
+    for how in ("h5py", "ours"):
+        with h5py.File(tmp_path / f"{how}.h5", "w") as f:
+            group = f.create_group("clusters")
+            for i, ((shape, chunks), values) in enumerate(zip(shapes, data, strict=True)):
+                if how == "h5py":
+                    ds = group.create_dataset(f"cluster_{i}", shape=shape, dtype=np.float32,
+                                              chunks=chunks, **GZIP)
+                else:
+                    ds = maker.create(group, f"cluster_{i}", shape, chunks)
+                ds[...] = values
+    assert (tmp_path / "ours.h5").read_bytes() == (tmp_path / "h5py.h5").read_bytes()
+    with h5py.File(tmp_path / "ours.h5", "r") as f:
+        ds = f["clusters/cluster_1"]
+        assert ds.chunks == (10, 750) and ds.compression == "gzip" and ds.shuffle
+        assert ds.compression_opts == 4 and ds.dtype == np.dtype("<f4")
+        np.testing.assert_array_equal(ds[()], data[1])
+
+
+def test_chunked_datasets_refuse_chunks_larger_than_the_shape(tmp_path):
+    with h5py.File(tmp_path / "x.h5", "w") as f, pytest.raises(ValueError, match="do not fit"):
+        ChunkedFloat32().create(f, "a", (10, 5), (10, 6))

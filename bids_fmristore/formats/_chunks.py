@@ -26,8 +26,8 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the s
     _zlib = zlib
 _deflate, _inflate, _InflateError = _zlib.compress, _zlib.decompress, _zlib.error
 
-__all__ = ["DIRECT_LEVEL", "GZIP", "deflate_planes", "encode_chunk", "pool", "read_float32",
-           "start_read"]
+__all__ = ["DIRECT_LEVEL", "GZIP", "ChunkedFloat32", "deflate_planes", "encode_chunk", "pool",
+           "read_float32", "start_read"]
 
 #: Deflate level of direct chunks: isal's level 1 compresses like zlib's 4, ~10x faster.
 DIRECT_LEVEL = 1
@@ -37,6 +37,38 @@ GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 _PIPELINE = (h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_DEFLATE)
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()  # runs read in threads may ask for it at the same time
+
+
+class ChunkedFloat32:
+    """Creates many chunked float32 datasets with the :data:`GZIP` filters.
+
+    The same datasets as ``group.create_dataset(name, shape=…, dtype=np.float32, chunks=…,
+    **GZIP)`` (the file's bytes are identical), but one creation property list per chunk
+    shape: h5py builds and checks a new one each time, which took 0.15 s of a writer's
+    400 cluster datasets.
+    """
+
+    def __init__(self) -> None:
+        self._plists: dict[tuple[int, ...], h5py.h5p.PropDCID] = {}
+        self._type = h5py.h5t.py_create(np.dtype("<f4"))
+
+    def create(self, group: h5py.Group, name: str, shape: tuple[int, ...],
+               chunks: tuple[int, ...]) -> h5py.Dataset:
+        """``group[name]``, shape ``shape`` and chunks ``chunks`` (each ≤ the shape)."""
+        if len(chunks) != len(shape) or not all(
+                0 < c <= n for c, n in zip(chunks, shape, strict=True)):
+            raise ValueError(f"chunks {chunks} do not fit shape {shape}")
+        dcpl = self._plists.get(chunks)
+        if dcpl is None:
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_chunk(chunks)
+            dcpl.set_shuffle()
+            dcpl.set_deflate(GZIP["compression_opts"])
+            dcpl.set_obj_track_times(False)  # as h5py: no time stamps in the file
+            self._plists[chunks] = dcpl
+        dsid = h5py.h5d.create(group.id, name.encode(), self._type,
+                               h5py.h5s.create_simple(shape), dcpl=dcpl)
+        return h5py.Dataset(dsid)
 
 
 def pool() -> ThreadPoolExecutor:

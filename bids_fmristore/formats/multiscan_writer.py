@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from bids_fmristore.formats._chunks import GZIP, encode_chunk, pool
+from bids_fmristore.formats._chunks import GZIP, ChunkedFloat32, encode_chunk, pool
 from bids_fmristore.formats._h5 import (
     AtomicH5Writer,
     write_metadata_value,
@@ -217,13 +217,11 @@ class ScanWriter:
         self._chunk_t = _even_split(n_time, TIME_CHUNK)
         if store in ("full", "both"):
             clusters = group.create_group("clusters")
+            maker = ChunkedFloat32()
             for cid, n in zip(layout.cluster_ids, layout.counts, strict=True):
-                self._datasets.append(
-                    clusters.create_dataset(
-                        f"cluster_{int(cid)}", shape=(n_time, int(n)), dtype=np.float32,
-                        chunks=(self._chunk_t, _even_split(int(n), VOXEL_CHUNK)), **GZIP,
-                    )
-                )
+                self._datasets.append(maker.create(
+                    clusters, f"cluster_{int(cid)}", (n_time, int(n)),
+                    (self._chunk_t, _even_split(int(n), VOXEL_CHUNK))))
         self.wants_voxels = bool(self._datasets)
         self.wants_summary = store in ("summary", "both")
         self._summary_written = False
