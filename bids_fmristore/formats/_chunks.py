@@ -44,8 +44,8 @@ class ChunkedFloat32:
 
     The same datasets as ``group.create_dataset(name, shape=…, dtype=np.float32, chunks=…,
     **GZIP)`` (the file's bytes are identical), but one creation property list per chunk
-    shape: h5py builds and checks a new one each time, which took 0.15 s of a writer's
-    400 cluster datasets.
+    shape: h5py builds and checks a new one each time (400 cluster datasets took 0.095 s
+    that way, 0.065 s this way; 0.15 s per writer inside a busy run).
     """
 
     def __init__(self) -> None:
