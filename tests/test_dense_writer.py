@@ -99,3 +99,66 @@ def test_scaling_table_equals_float64_scaling(rng, dtype):
     np.testing.assert_array_equal(np.take(table, stored.view(index)), want)
     assert _scaling_table(SimpleNamespace(scaled=True, dtype=np.dtype("i4"), slope=2.0,
                                           inter=0.0)) is None
+
+
+def _sparse(rng, shape=(21, 19, 17, 100)) -> np.ndarray:
+    """Data that chunks acquire part-way through time-rows: each 8x8x8 chunk holds values 20
+    volumes on, 20 off, from its own phase on (so a chunk often starts a time-row empty after
+    holding data in the row before), some voxels never; the x range of occupied chunks in a
+    chunk row grows and has holes."""
+    x, y, z, t = shape
+    phase = rng.integers(0, 40, size=(-(-x // 8), -(-y // 8), -(-z // 8)))
+    ix, iy, iz = np.meshgrid(*(np.arange(n) // 8 for n in (x, y, z)), indexing="ij")
+    on = ((np.arange(t) + phase[ix, iy, iz][..., None]) // 20) % 2 == 0
+    on &= rng.random((x, y, z, 1)) < 0.9
+    data = np.zeros(shape, np.float32)
+    data[on] = rng.normal(0, 50, on.sum()).astype(np.float32)
+    data[:, :, 8:16] = 0  # a whole layer of empty chunks between occupied ones
+    data[3, 4, 9, min(40, t - 1)] = 7.5  # one value in one volume, inside the empty layer
+    data[8:16, 8:16, :8] = 0  # a hole in the middle of chunk rows
+    return data
+
+
+@pytest.mark.parametrize("blocks", [[2] * 50, [1, 5, 31, 33, 30], [100]])
+def test_chunks_occupied_part_way_through_a_time_row_are_exact(tmp_path, rng, blocks):
+    data = _sparse(rng)
+    w = _stream(tmp_path / "d.h5", data, blocks)
+    with H5NeuroVec(tmp_path / "d.h5") as vec:
+        np.testing.assert_array_equal(vec.data(), data)
+    # stored: exactly the chunks with a non-zero value in their time-row
+    x, y, z, t = data.shape
+    want = 0
+    for t0 in range(0, t, 32):
+        for z0 in range(0, z, 8):
+            for y0 in range(0, y, 8):
+                for x0 in range(0, x, 8):
+                    want += bool(data[x0:x0 + 8, y0:y0 + 8, z0:z0 + 8, t0:t0 + 32].any())
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        assert sum(1 for _ in _allocated(f["data"])) == w.chunks_stored == want
+        # the last time-row's chunks hold zeros past the run's end (deterministic bytes,
+        # not the volumes of an earlier row)
+        last = [info for info in _allocated(f["data"]) if info.chunk_offset[0] == 96]
+        assert last
+        for info in last:
+            _, raw = f["data"].id.read_direct_chunk(info.chunk_offset)
+            assert not np.frombuffer(raw, np.float32).reshape(32, -1)[t - 96 :].any()
+
+
+@pytest.mark.parametrize("inter", [0.0, -3.25])
+def test_decoded_blocks_store_float32_of_the_scaled_values(tmp_path, rng, inter):
+    """int16 blocks with a decode function (NIfTI scaling): the file holds float32 of the
+    float64 scaled values; with an intercept the background is data too (stored 0 is not
+    0.0), so every chunk is stored."""
+    stored = (_sparse(rng, (13, 11, 10, 37)) * 10).astype(np.int16)
+    values = (stored * 0.25 + inter).astype(np.float32)
+    flat = stored.reshape(-1, 37, order="F").T
+    with NeuroVecWriter(tmp_path / "d.h5", shape=stored.shape, affine=np.eye(4),
+                        dtype=np.int16,
+                        decode=lambda a: (a * 0.25 + inter).astype(np.float32)) as w:
+        for t0 in range(0, 37, 3):
+            w.write(t0, flat[t0 : t0 + 3])
+    with H5NeuroVec(tmp_path / "d.h5") as vec:
+        np.testing.assert_array_equal(vec.data(), values)
+    assert (w.chunks_stored == 2 * 2 * 2 * 2) is (inter != 0)
+    with pytest.raises(ValueError, match="decode"):
+        NeuroVecWriter(tmp_path / "e.h5", shape=stored.shape, affine=np.eye(4), dtype=np.int16)

@@ -148,26 +148,21 @@ def run_outputs_sink(plan: RunOutputs | None, name: str, run: BoldRun, info: Nif
             store = outer.enter_context(TileStore(info.shape[3], voxels,
                                                   directory=plan.latent.parent))
         with contextlib.ExitStack() as inner:
+            decode = _decoder(info)
             dense = None
             if plan.dense is not None:
                 dense = inner.enter_context(NeuroVecWriter(
                     plan.dense, shape=info.shape, affine=info.affine, compress=DENSE_COMPRESS,
-                    attrs={"writer": f"bids_fmristore {__version__}"}))
-
-            table = _scaling_table(info)
+                    attrs={"writer": f"bids_fmristore {__version__}"}, dtype=info.dtype,
+                    decode=decode))
 
             def sink(t0: int, block: np.ndarray) -> None:
-                # scaled in float64 as nibabel does, then rounded once: float32(nibabel's value)
-                if table is not None:  # 8- and 16-bit data: one look-up per value
-                    values = np.take(table[0], block.view(table[1]))
-                elif info.scaled:
-                    values = (block * info.slope + info.inter).astype(np.float32)
-                else:
-                    values = block.astype(np.float32, copy=False)
+                # the dense file decodes only the chunks it stores, when it stores them
                 if dense is not None:
-                    dense.write(t0, values)
+                    dense.write(t0, block)
                 if store is not None:
-                    store.write(t0, np.take(values, voxels, axis=1))
+                    inside = np.take(block, voxels, axis=1)
+                    store.write(t0, inside if decode is None else decode(inside))
 
             yield sink
         # The sidecar after the rename: an .h5 without one is rebuilt by the next run.
@@ -179,6 +174,20 @@ def run_outputs_sink(plan: RunOutputs | None, name: str, run: BoldRun, info: Nif
                                "fmristore::H5NeuroVec(file) opens it"})
         if store is not None:
             _write_latent(plan, store, name, run, info, components, common)
+
+
+def _decoder(info: NiftiInfo) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Stored values → float32 values, scaled in float64 as nibabel does, then rounded once
+    (float32 of nibabel's value); None for unscaled float32 data."""
+    table = _scaling_table(info)
+    if table is not None:  # 8- and 16-bit data: one look-up per value
+        values, index = table
+        return lambda stored: np.take(values, stored.view(index))
+    if info.scaled:
+        return lambda stored: (stored * info.slope + info.inter).astype(np.float32)
+    if info.dtype != np.float32:
+        return lambda stored: stored.astype(np.float32)
+    return None
 
 
 def _scaling_table(info: NiftiInfo) -> tuple[np.ndarray, np.dtype] | None:
