@@ -108,6 +108,7 @@ def run_command(ds: dict[str, Path], out: Path, store: str, extra: tuple = ()) -
     """Wall time and peak RSS (MB) of the whole command in a fresh process."""
     if out.exists():
         shutil.rmtree(out)
+    os.sync()  # no earlier command's writeback during this one (see run.remove_outputs)
     argv = [sys.executable, "-m", "bids_fmristore", str(ds["bids"]), str(out), "participant",
             "-d", f"fmriprep={ds['fmriprep']}", "--atlas", f"Bench={ds['atlas']}",
             "--store", store, *extra, "-q"]

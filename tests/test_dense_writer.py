@@ -24,11 +24,15 @@ def _data(rng, shape=SHAPE) -> np.ndarray:
     return data
 
 
-def _stream(path, data, blocks, **kwargs):
+def _stream(path, data, blocks, ahead=False, **kwargs):
+    """Write ``data`` in blocks of the given sizes; ``ahead``: each block's occupancy first
+    found by :meth:`NeuroVecWriter.ahead`, as the reading thread does."""
     flat = data.reshape(-1, data.shape[3], order="F").T  # (T, Z*Y*X), NIfTI order
     with NeuroVecWriter(path, shape=data.shape, affine=OBLIQUE_AFFINE, **kwargs) as w:
         t0 = 0
         for k in blocks:
+            if ahead:
+                w.ahead(t0, flat[t0 : t0 + k])
             w.write(t0, flat[t0 : t0 + k])
             t0 += k
     return w
@@ -119,10 +123,11 @@ def _sparse(rng, shape=(21, 19, 17, 100)) -> np.ndarray:
     return data
 
 
+@pytest.mark.parametrize("ahead", [False, True])
 @pytest.mark.parametrize("blocks", [[2] * 50, [1, 5, 31, 33, 30], [100]])
-def test_chunks_occupied_part_way_through_a_time_row_are_exact(tmp_path, rng, blocks):
+def test_chunks_occupied_part_way_through_a_time_row_are_exact(tmp_path, rng, blocks, ahead):
     data = _sparse(rng)
-    w = _stream(tmp_path / "d.h5", data, blocks)
+    w = _stream(tmp_path / "d.h5", data, blocks, ahead=ahead)
     with H5NeuroVec(tmp_path / "d.h5") as vec:
         np.testing.assert_array_equal(vec.data(), data)
     # stored: exactly the chunks with a non-zero value in their time-row

@@ -33,6 +33,27 @@ def test_blocks_equal_nibabel(name, per_chunk):
     assert np.array_equal(got, expected)
 
 
+@pytest.mark.parametrize("name", ["example4d.nii.gz", "functional.nii"])
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_on_read_sees_every_block_first_in_the_reading_thread(name, read_ahead):
+    """``on_read`` gets each block, in order, before it is yielded: in the decompressing
+    thread when a .nii.gz is read ahead, else in the caller's."""
+    import threading
+
+    info = read_info(f"{NIBABEL_DATA}/{name}")
+    seen = []
+
+    def on_read(t0, block):
+        seen.append((t0, block.copy(), threading.current_thread()))
+
+    for t0, block in iter_volumes(info, 3, read_ahead=read_ahead, on_read=on_read):
+        earlier = [s for s in seen if s[0] == t0]
+        assert len(earlier) == 1 and np.array_equal(earlier[0][1], block)
+    assert [s[0] for s in seen] == list(range(0, info.shape[3], 3))
+    other = name.endswith(".gz") and read_ahead
+    assert all((s[2] is not threading.main_thread()) is other for s in seen)
+
+
 def test_big_endian_and_scaled(tmp_path, rng):
     data = rng.integers(-500, 500, size=(4, 3, 5, 7)).astype(">i2")
     img = nib.Nifti1Image(data, np.eye(4))

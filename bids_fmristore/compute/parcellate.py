@@ -137,6 +137,7 @@ def parcellate_run(
     per_chunk: int = VOLUMES_PER_CHUNK,
     progress: Callable[[int], None] | None = None,
     block_sink: VoxelSink | None = None,
+    on_read: VoxelSink | None = None,
 ) -> RunMeans:
     """Read a run once and compute every target's parcel means (and voxel blocks).
 
@@ -157,6 +158,9 @@ def parcellate_run(
     block_sink : callable, optional
         ``block_sink(t0, block)`` receives every block as read, (k, Z*Y*X) stored (unscaled)
         values, valid only during the call (the dense and latent outputs, issue 12).
+    on_read : callable, optional
+        ``on_read(t0, block)`` receives the same blocks earlier, in the thread that read them
+        (see :func:`~bids_fmristore.inputs.nifti_stream.iter_volumes`).
 
     Returns
     -------
@@ -178,7 +182,7 @@ def parcellate_run(
     finite = _Finite(parcels) if info.dtype.kind == "f" else None
     # The first target's voxels lead the moments' gather: one gather serves both.
     lead = bool(parcels) and moments is not None and moments.lead_with(parcels[0].grouped)
-    for t0, block in iter_volumes(info, per_chunk):
+    for t0, block in iter_volumes(info, per_chunk, on_read=on_read):
         t1 = t0 + block.shape[0]
         gathered = None
         if moments is not None:

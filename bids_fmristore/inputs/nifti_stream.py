@@ -13,7 +13,7 @@ import gzip
 import queue
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,13 +254,18 @@ def _reason(err: BaseException, path: Path) -> str:
 
 
 def iter_volumes(
-    info: NiftiInfo, per_chunk: int, *, read_ahead: bool = True
+    info: NiftiInfo, per_chunk: int, *, read_ahead: bool = True,
+    on_read: Callable[[int, np.ndarray], None] | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(t0, block)`` with ``block`` of shape ``(k, Z*Y*X)``, k ≤ ``per_chunk``.
 
     For gzipped files a background thread decompresses the next block while the caller works
     on the current one (two reused buffers, so memory does not grow with run length). A block
     stays valid only until the next one is requested: copy what must outlive it.
+
+    ``on_read(t0, block)``, if given, is called with each block, in order, by the thread that
+    read it (the background one when reading ahead) before the block is yielded: work on it
+    there overlaps the caller's work on the block before.
 
     Raises
     ------
@@ -272,7 +277,10 @@ def iter_volumes(
     if info.path.name.endswith(".nii.zarr"):
         from bids_fmristore.inputs import nifti_zarr
 
-        yield from nifti_zarr.iter_volumes(info, per_chunk, read_ahead=read_ahead)
+        for item in nifti_zarr.iter_volumes(info, per_chunk, read_ahead=read_ahead):
+            if on_read is not None:
+                on_read(*item)
+            yield item
         return
     n_t = info.shape[3]
     per_chunk = max(1, min(per_chunk, n_t))
@@ -284,11 +292,17 @@ def iter_volumes(
             raise RunError(f"{info.path}: truncated or damaged: {_reason(err, info.path)}"
                            ) from None
         for t0 in range(0, n_t, per_chunk):
-            yield t0, np.asarray(data[t0 : t0 + per_chunk])
+            block = np.asarray(data[t0 : t0 + per_chunk])
+            if on_read is not None:
+                on_read(t0, block)
+            yield t0, block
         return
     if not read_ahead:
         buffer = np.empty((per_chunk, info.n_vox), dtype=info.dtype)
-        yield from _read_gz(info, per_chunk, lambda: buffer)
+        for item in _read_gz(info, per_chunk, lambda: buffer):
+            if on_read is not None:
+                on_read(*item)
+            yield item
         return
     free: queue.Queue = queue.Queue()
     ready: queue.Queue = queue.Queue()
@@ -298,6 +312,8 @@ def iter_volumes(
     def produce() -> None:
         try:
             for item in _read_gz(info, per_chunk, free.get):
+                if on_read is not None:
+                    on_read(*item)
                 ready.put(item)
             ready.put(None)
         except _Stop:

@@ -82,9 +82,11 @@ def write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prep
     try:
         with Progress(label, info.shape[3]) as progress, run_outputs_sink(
                 prep.run_outputs.get(run.path), name, run, info, components=opts.latent,
-                space=prep.job.space) as block_sink:
+                space=prep.job.space) as run_sink:
             means = parcellate_run(info, [t.parcels for t in targets], sinks, moments=moments,
-                                   progress=stoppable(progress, stop), block_sink=block_sink)
+                                   progress=stoppable(progress, stop),
+                                   block_sink=run_sink and run_sink.write,
+                                   on_read=run_sink and run_sink.on_read)
         for scan, values, target in zip(scans, means, targets, strict=True):
             values[:, target.low_coverage] = np.nan  # too little of the parcel was imaged
             scan.write_summary(values)

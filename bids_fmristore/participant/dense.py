@@ -37,8 +37,8 @@ from bids_fmristore.inputs.discovery import ENTITY_KEYS, BoldRun
 from bids_fmristore.inputs.nifti_stream import NiftiInfo
 from bids_fmristore.resume import inputs_record, should_build, sidecar_of
 
-__all__ = ["RunOutputs", "dense_path", "latent_path", "plan_run_outputs", "run_outputs_sink",
-           "LATENT_DESC", "DENSE_COMPRESS"]
+__all__ = ["RunOutputs", "RunSink", "dense_path", "latent_path", "plan_run_outputs",
+           "run_outputs_sink", "LATENT_DESC", "DENSE_COMPRESS"]
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +122,22 @@ def plan_run_outputs(folder: Path, runs, *, dense: bool, latent: int | float | N
     return out
 
 
+@dataclass(frozen=True)
+class RunSink:
+    """What the run's pass feeds: ``write(t0, stored_block)`` in the pass's thread, and
+    ``on_read(t0, stored_block)`` (or None) in the thread that reads the run, earlier (the
+    dense file's occupancy of each block)."""
+
+    write: Callable[[int, np.ndarray], None]
+    on_read: Callable[[int, np.ndarray], None] | None
+
+
 @contextlib.contextmanager
 def run_outputs_sink(plan: RunOutputs | None, name: str, run: BoldRun, info: NiftiInfo, *,
                      components: int | float | None, space: str | None = None,
-                     ) -> Iterator[Callable[[int, np.ndarray], None] | None]:
-    """A block sink for the run's stream (``sink(t0, stored_block)``), or None.
+                     ) -> Iterator[RunSink | None]:
+    """The sinks for the run's stream (``parcellate_run(block_sink=s.write,
+    on_read=s.on_read)``), or None.
 
     On a clean exit the dense file is complete, the latent decomposition is computed and
     written, and each sidecar follows its file; on an exception nothing is left behind.
@@ -164,7 +175,7 @@ def run_outputs_sink(plan: RunOutputs | None, name: str, run: BoldRun, info: Nif
                     inside = np.take(block, voxels, axis=1)
                     store.write(t0, inside if decode is None else decode(inside))
 
-            yield sink
+            yield RunSink(sink, dense.ahead if dense is not None else None)
         # The sidecar after the rename: an .h5 without one is rebuilt by the next run.
         if plan.dense is not None:
             write_json(sidecar_of(plan.dense), {
