@@ -150,8 +150,9 @@ class NeuroVecWriter(AtomicH5Writer):
 
     def _new_scratch(self) -> tuple[np.ndarray, np.ndarray]:
         x, y, z, _ = self.shape
-        padded = tuple(n * c for n, c in zip(self._grid, self.chunks[1:], strict=True))
-        return np.empty((z, y, x), self._bits), np.zeros(padded, dtype=bool)
+        nz, ny, nx = self._grid
+        _, _, cy, cx = self.chunks
+        return np.empty((nz, y * x), self._bits), np.zeros((nz, ny * cy, nx * cx), bool)
 
     def ahead(self, t0: int, block: np.ndarray) -> None:
         """Find which chunks ``block`` (as :meth:`write` will receive it) occupies, before it
@@ -166,30 +167,28 @@ class NeuroVecWriter(AtomicH5Writer):
     def _occupied(self, volumes: np.ndarray,
                   scratch: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         """Chunks (nz, ny, nx) holding a non-zero bit pattern in ``volumes`` (k, Z, Y, X): -0.0
-        counts as data (it is stored exactly). One OR over the block, then the voxel grid is
-        reduced axis by axis (a reduction over three strided axes at once took 8 ms a block,
-        this 1 ms)."""
+        counts as data (it is stored exactly). The block is read once, OR-ed over volumes and
+        z within each chunk layer; the rest is small (a reduction of the voxel grid over three
+        strided axes at once took 8 ms a block of 2 MNI volumes, this 0.5 ms)."""
         k, z, y, x = volumes.shape
         _, cz, cy, cx = self.chunks
         nz, ny, nx = self._grid
-        any_bits, voxels = scratch
-        bits = volumes.view(self._bits)
-        if k > 1:  # the ufunc: reduce() over the first axis copies the first volume first
-            np.bitwise_or(bits[0], bits[1], out=any_bits)
-            for more in bits[2:]:
-                any_bits |= more
-            bits = any_bits
-        else:
-            bits = bits[0]
-        np.not_equal(bits, 0, out=voxels[:z, :y, :x])  # the padding stays False
-        lines = voxels.reshape(nz * cz, ny * cy, nx, cx)
+        planes, seen = scratch
+        bits = volumes.view(self._bits).reshape(k, z, y * x)
+        # one pass over the block: the OR of each chunk layer's cz planes in all k volumes
+        whole = z // cz
+        if whole:
+            np.bitwise_or.reduce(bits[:, : whole * cz].reshape(k, whole, cz, y * x),
+                                 axis=(0, 2), out=planes[:whole])
+        if whole < nz:  # the grid's edge layer along z
+            np.bitwise_or.reduce(bits[:, whole * cz :], axis=(0, 1), out=planes[whole])
+        np.not_equal(planes.reshape(nz, y, x), 0, out=seen[:, :y, :x])  # padding stays False
+        lines = seen.reshape(nz, ny * cy, nx, cx)
         if cx == 8:  # eight booleans as one word
             along_x = lines.view(np.uint64)[..., 0] != 0
         else:
             along_x = lines.any(axis=3)
-        # z before y: that reduction runs over whole planes (over y first: 6x slower)
-        along_z = along_x.reshape(nz, cz, ny * cy * nx).any(axis=1)
-        return along_z.reshape(nz, ny, cy, nx).any(axis=2)
+        return along_x.reshape(nz, ny, cy, nx).any(axis=2)
 
     def _stage(self, volumes: np.ndarray, busy: np.ndarray | None = None) -> None:
         """Copy the volumes into the current time-row's chunks, for every chunk row the range
