@@ -14,9 +14,8 @@ module imports excluded, reading the atlas and mask included), the peak RSS of t
     (b) means  our parcel means only
     (c) h5     our full + summary H5ParcellatedMultiScan output
     (d) nilearn NiftiLabelsMasker(resampling_target="data").fit_transform
-    (e) denoise our means + fMRIPrep confounds (nilearn's "simple" strategy, read in a
-                thread during the pass) + cleaning, as --denoise simple does (synthetic
-                confounds with fMRIPrep's column names)
+    (e) denoise our means + fMRIPrep confounds (nilearn's "simple" strategy) + cleaning, as
+                --denoise simple does (synthetic confounds with fMRIPrep's column names)
     (f) h5-denoise (c), then its denoised companion with voxel series, as --denoise simple
                 --store both does: the run's in-mask series staged in a scratch file during
                 the pass, then cleaned band by band (a few clusters at a time)
@@ -266,15 +265,13 @@ def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
         if mode in ("dense", "latent"):
             _dense_or_latent(mode, info, bold, mask, brain, parcels, out_dir)
             return
-        if mode == "denoise":  # the confounds read during the pass, as the CLI does
+        if mode == "denoise":
             from bids_fmristore.compute.denoise import CleanOptions, clean_signals
-            from bids_fmristore.inputs.confounds import ConfoundsSpec
-            from bids_fmristore.participant.denoised import ConfoundsLoader
+            from bids_fmristore.inputs.confounds import ConfoundsSpec, load_run_confounds
 
-            named, spec = fmriprep_named(bold), ConfoundsSpec("simple")
-            with ConfoundsLoader([(named, info.shape[3])], [spec]) as loader:
-                (means,) = parcellate_run(info, [parcels])
-                confounds = loader.get(named, spec, info.shape[3])
+            (means,) = parcellate_run(info, [parcels])
+            confounds = load_run_confounds(fmriprep_named(bold), ConfoundsSpec("simple"),
+                                           info.shape[3])
             clean_signals(means, confounds.table, confounds.sample_mask, CleanOptions(t_r=2.0))
             return
         layout = ClusterLayout(file_mask, cmap)
@@ -347,8 +344,6 @@ def import_modules(mode: str) -> None:
         if mode in ("denoise", "h5-denoise"):
             import nilearn.interfaces.fmriprep  # noqa: F401
             import nilearn.signal  # noqa: F401
-
-            import bids_fmristore.participant.denoised  # noqa: F401
 
         import bids_fmristore.atlas  # noqa: F401
         import bids_fmristore.compute.parcellate  # noqa: F401

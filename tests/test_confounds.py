@@ -205,38 +205,3 @@ def test_real_bold_run(tmp_path):
     bold, _, _ = make_run(tmp_path)
     conf = load_run_confounds(bold, ConfoundsSpec("scrubbing", fd_threshold=5.0), N_REAL)
     assert conf.table.shape[0] == N_REAL and len(conf.columns) == conf.table.shape[1]
-
-
-def test_loader_reads_ahead_in_its_thread_with_the_same_results_and_errors(run, monkeypatch):
-    """``ConfoundsLoader.get`` gives what ``load_run_confounds`` gives (the same table, or
-    the same one-line error), the tables asked for ahead being read in its own thread."""
-    import threading
-
-    from bids_fmristore.participant import denoised
-
-    bold, _ = run
-    missing = bold.with_name(bold.name.replace("sub-01", "sub-02"))
-    threads = []
-
-    def load(*args):
-        threads.append(threading.current_thread().name)
-        return load_run_confounds(*args)
-
-    monkeypatch.setattr(denoised, "load_run_confounds", load)
-    simple, scrub = ConfoundsSpec("simple"), ConfoundsSpec("scrubbing", fd_threshold=0.3)
-    with denoised.ConfoundsLoader([(bold, N_REAL), (missing, N_REAL)], [simple, scrub,
-                                                                         simple]) as loader:
-        for spec in (simple, scrub):
-            got, want = loader.get(bold, spec, N_REAL), load_run_confounds(bold, spec, N_REAL)
-            np.testing.assert_array_equal(got.table, want.table)
-            assert got.columns == want.columns
-            np.testing.assert_array_equal(got.sample_mask, want.sample_mask)
-            with pytest.raises(RunError) as err:
-                loader.get(missing, spec, N_REAL)
-            assert "no confounds file" in _one_line(err, missing.with_name(
-                "sub-02_task-rest_desc-confounds_timeseries.tsv"))
-        assert len(threads) == 4 and all(t.startswith("bids_fmristore-confounds")
-                                         for t in threads)
-        with pytest.raises(RunError, match="rows"):  # not asked for ahead: read now
-            loader.get(bold, simple, N_REAL + 1)
-        assert threads[-1] == threading.current_thread().name

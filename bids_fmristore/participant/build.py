@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
 
 import numpy as np
 
@@ -21,11 +20,9 @@ from bids_fmristore.derivatives import scan_names, write_json
 from bids_fmristore.errors import RunError
 from bids_fmristore.formats.multiscan import ParcellatedMultiScan
 from bids_fmristore.formats.multiscan_writer import MultiScanWriter
-from bids_fmristore.inputs.confounds import load_run_confounds
 from bids_fmristore.inputs.discovery import BoldRun
 from bids_fmristore.inputs.nifti_stream import NiftiInfo
 from bids_fmristore.participant.denoised import (
-    ConfoundsLoader,
     Denoising,
     denoised_path,
     stage_voxels,
@@ -159,9 +156,6 @@ def run_job(job: Job, opts: Options | None = None) -> JobResult:
     names = scan_names(job.runs)
     failed = []
     done = {}
-    specs = [d.confounds for t in prep.targets for d in t.denoise]
-    loader = ConfoundsLoader(((run.path, info.shape[3])
-                              for run, info in zip(job.runs, job.infos, strict=True)), specs)
     try:
         with contextlib.ExitStack() as stack:
             writers = [stack.enter_context(writer_for(t, opts.store, t.output))
@@ -181,24 +175,21 @@ def run_job(job: Job, opts: Options | None = None) -> JobResult:
                 raise _NothingRead  # leaving the block discards the files
         # Sidecars after the renames: an .h5 without its sidecar is not done, so a kill
         # between the two makes the next run rebuild it (an old .h5 never meets a new sidecar).
-        finish_job(prep, opts, done, failed, load_confounds=loader.get)
+        finish_job(prep, opts, done, failed)
     except _NothingRead:
         nothing_read(job)
     finally:
-        loader.close()
         for *_, staged in done.values():
             _close(staged)
     return result
 
 
-def finish_job(prep: Prepared, opts: Options, done: dict, failed: list, *,
-               load_confounds: Callable = load_run_confounds) -> None:
+def finish_job(prep: Prepared, opts: Options, done: dict, failed: list) -> None:
     """Sidecars of the parcellated files, and the maps file with its sidecar.
 
     ``done`` maps each scan that was read to (run, its header, its voxel maps or None, per
     target its means or None, per target its staged voxel series or None); ``failed`` lists
-    (run, reason) of the job's runs that could not be read; ``load_confounds`` reads a run's
-    confounds (:func:`load_run_confounds`, or a :class:`ConfoundsLoader`'s ``get``)."""
+    (run, reason) of the job's runs that could not be read."""
     job, result = prep.job, prep.result
     for run, *_ in done.values():  # written by write_scans (in a worker, with --nprocs)
         if run.path in prep.run_outputs:
@@ -213,8 +204,7 @@ def finish_job(prep: Prepared, opts: Options, done: dict, failed: list, *,
         write_json(sidecar_of(target.output), content)
         result.written.append(target.output)
         for denoising in target.denoise:
-            _finish_denoised(prep, target, i, denoising, opts, done, failed_runs,
-                             load_confounds)
+            _finish_denoised(prep, target, i, denoising, opts, done, failed_runs)
         _close(staged[i] for *_, staged in done.values() if staged)  # its scratch space
     if prep.maps is not None:
         labels = write_maps(prep.maps, job.label,
@@ -233,8 +223,7 @@ def finish_job(prep: Prepared, opts: Options, done: dict, failed: list, *,
 
 
 def _finish_denoised(prep: Prepared, target: Target, index: int, denoising: Denoising,
-                     opts: Options, done: dict, failed_runs: list,
-                     load_confounds: Callable) -> None:
+                     opts: Options, done: dict, failed_runs: list) -> None:
     """The denoised companion of ``target`` (the ``index``-th) and its sidecar."""
     import nilearn
 
@@ -253,7 +242,7 @@ def _finish_denoised(prep: Prepared, target: Target, index: int, denoising: Deno
     try:
         scans, failed, cleaned = write_denoised(
             path, denoising, voxels=voxels if with_voxels else None,
-            sizes=target.layout.counts, load_confounds=load_confounds,
+            sizes=target.layout.counts,
             make_writer=lambda p: writer_for(target, "both" if with_voxels else "summary", p),
             runs=[(name, run, means[index])
                   for name, (run, _, _, means, _) in done.items()])

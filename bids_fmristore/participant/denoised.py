@@ -13,8 +13,7 @@ the denoised files only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,17 +23,12 @@ from bids_fmristore.compute.denoise import CleanOptions, clean_signals, clean_vo
 from bids_fmristore.compute.tiles import TileStore
 from bids_fmristore.errors import RunError
 from bids_fmristore.formats.multiscan_writer import MultiScanWriter
-from bids_fmristore.inputs.confounds import (
-    ConfoundsSpec,
-    RunConfounds,
-    confounds_path,
-    load_run_confounds,
-)
+from bids_fmristore.inputs.confounds import ConfoundsSpec, confounds_path, load_run_confounds
 from bids_fmristore.inputs.discovery import BoldRun
 from bids_fmristore.resume import file_stamp
 
-__all__ = ["Denoising", "ConfoundsLoader", "denoised_path", "confounds_record",
-           "write_denoised", "stage_voxels", "clean_clusters", "band_starts"]
+__all__ = ["Denoising", "denoised_path", "confounds_record", "write_denoised", "stage_voxels",
+           "clean_clusters", "band_starts"]
 
 log = logging.getLogger(__name__)
 
@@ -153,58 +147,11 @@ def confounds_record(runs: list[BoldRun]) -> dict[str, dict]:
     return record
 
 
-class ConfoundsLoader:
-    """The runs' confounds tables, read in one background thread while the runs are
-    parcellated (a table took 30-80 ms to read, its first ``signal.clean`` 40 ms: 0.1 s per
-    run once the means are ready, against ~0.1 s per run spent waiting on decompression).
-
-    ``get`` has :func:`load_run_confounds`'s signature and errors; a table not asked for
-    ahead is read when asked. :meth:`close` (or leaving it as a context manager) drops what
-    was not used.
-    """
-
-    def __init__(self, runs: Iterable[tuple[Path, int]], specs: Iterable[ConfoundsSpec]
-                 ) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="bids_fmristore-confounds")
-        specs = list(dict.fromkeys(specs))
-        self._futures: dict[tuple[Path, ConfoundsSpec, int], Future] = {}
-        for bold, n in runs:
-            for spec in specs:
-                self._futures[bold, spec, n] = self._pool.submit(load_run_confounds, bold,
-                                                                 spec, n)
-        if self._futures:
-            self._pool.submit(_warm_clean)
-
-    def get(self, bold: Path, spec: ConfoundsSpec, n_volumes: int) -> RunConfounds:
-        future = self._futures.pop((bold, spec, n_volumes), None)
-        return (future.result() if future is not None
-                else load_run_confounds(bold, spec, n_volumes))
-
-    def close(self) -> None:
-        """Drop the tables not used (one being read is finished first)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> ConfoundsLoader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _warm_clean() -> None:
-    """The first ``nilearn.signal.clean`` of a process imports and sets up what it needs."""
-    ramp = np.linspace(0.0, 1.0, 16)
-    clean_signals(np.stack([ramp ** 2, np.cos(ramp)], axis=1), ramp[:, None], None,
-                  CleanOptions(t_r=2.0))
-
-
 def write_denoised(path: Path, denoising: Denoising, *,
                    make_writer: Callable[[Path], MultiScanWriter],
                    runs: list[tuple[str, BoldRun, np.ndarray]],
                    voxels: Callable[[str], Iterator[np.ndarray]] | None = None,
-                   sizes: np.ndarray | None = None,
-                   load_confounds: Callable[[Path, ConfoundsSpec, int], RunConfounds]
-                   = load_run_confounds) -> tuple[dict, list, list]:
+                   sizes: np.ndarray | None = None) -> tuple[dict, list, list]:
     """Write one denoised file from the runs' raw parcel means.
 
     Parameters
@@ -220,8 +167,6 @@ def write_denoised(path: Path, denoising: Denoising, *,
     sizes : numpy.ndarray, optional
         Voxels per cluster (ascending id); needed with ``voxels``.
     runs : list of (scan name, run, means (T, K) with NaN columns for blanked parcels)
-    load_confounds : callable
-        :func:`load_run_confounds`, or a :class:`ConfoundsLoader`'s ``get``.
 
     Returns
     -------
@@ -232,7 +177,7 @@ def write_denoised(path: Path, denoising: Denoising, *,
     scans, failed, cleaned, kept_confounds = {}, [], [], {}
     for name, run, means in runs:
         try:
-            confounds = load_confounds(run.path, denoising.confounds, means.shape[0])
+            confounds = load_run_confounds(run.path, denoising.confounds, means.shape[0])
             values = clean_signals(means, confounds.table, confounds.sample_mask,
                                    _options(denoising, run))
         except RunError as err:
