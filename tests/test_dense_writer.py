@@ -167,3 +167,27 @@ def test_decoded_blocks_store_float32_of_the_scaled_values(tmp_path, rng, inter)
     assert (w.chunks_stored == 2 * 2 * 2 * 2) is (inter != 0)
     with pytest.raises(ValueError, match="decode"):
         NeuroVecWriter(tmp_path / "e.h5", shape=stored.shape, affine=np.eye(4), dtype=np.int16)
+
+
+@pytest.mark.parametrize("dtype, scaled", [(">f4", False), ("<f8", False), ("<f4", True),
+                                           ("<i2", True), (">u1", True), ("<f4", False)])
+def test_decoder_gives_nibabels_values_in_float32(rng, dtype, scaled):
+    """The stored values → float32 function of --dense (and --latent): float32 of nibabel's
+    float64 scaling, any byte order; None only for unscaled native float32."""
+    from types import SimpleNamespace
+
+    from bids_fmristore.participant.dense import _decoder
+
+    dt = np.dtype(dtype)
+    slope, inter = (0.0371, -12.5) if scaled else (1.0, 0.0)
+    info = SimpleNamespace(scaled=scaled, dtype=dt, slope=slope, inter=inter)
+    stored = (rng.integers(0, 200, size=(3, 50)) if dt.kind in "iu"
+              else rng.normal(0, 100, (3, 50))).astype(dt)
+    decode = _decoder(info)
+    if dt == np.float32 and not scaled:
+        assert decode is None
+        return
+    want = (stored.astype(np.float64) * slope + inter).astype(np.float32)
+    got = decode(stored)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)

@@ -194,8 +194,9 @@ def _decoder(info: NiftiInfo) -> Callable[[np.ndarray], np.ndarray] | None:
     if table is not None:  # 8- and 16-bit data: one look-up per value
         values, index = table
         return lambda stored: np.take(values, stored.view(index))
-    if info.scaled:
-        return lambda stored: (stored * info.slope + info.inter).astype(np.float32)
+    if info.scaled:  # float64 first: with float32 data, numpy would compute in float32
+        return lambda stored: (stored.astype(np.float64) * info.slope
+                               + info.inter).astype(np.float32)
     if info.dtype != np.float32:
         return lambda stored: stored.astype(np.float32)
     return None
