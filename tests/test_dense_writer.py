@@ -3,6 +3,8 @@ chunks left unallocated, atomicity."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -191,3 +193,23 @@ def test_decoder_gives_nibabels_values_in_float32(rng, dtype, scaled):
     got = decode(stored)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, want)
+
+
+def test_hdf5_creates_the_file_it_writes(tmp_path, rng, monkeypatch):
+    """The writers let HDF5 create their temporary file: truncating an existing (empty)
+    placeholder makes ext4 write the whole file out when HDF5 closes it (1.1 s per GB, in
+    the writer's thread). The placeholder reserved the name and is gone when HDF5 opens it;
+    the finished file is renamed into place and nothing else is left."""
+    from bids_fmristore.formats import _h5
+
+    opened = []
+    real = _h5.h5py.File
+
+    def file(path, mode, *args, **kwargs):
+        opened.append((mode, Path(path).exists()))
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(_h5.h5py, "File", file)
+    _stream(tmp_path / "d.h5", _data(rng), [37])
+    assert opened == [("x", False)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.h5"]
