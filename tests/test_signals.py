@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -49,7 +50,10 @@ def start(big: dict, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, Pat
 
 
 def partials(*folders: Path) -> list[Path]:
-    return [p for f in folders if f.exists() for p in f.rglob("*") if PARTIAL_MARK in p.name]
+    """The temporaries under ``folders``, listed while the command runs: os.walk skips a
+    folder that it removes meanwhile (rglob raised FileNotFoundError for a work folder)."""
+    return [Path(root) / name for f in folders for root, dirs, files in os.walk(f)
+            for name in dirs + files if PARTIAL_MARK in name]
 
 
 def h5_temporaries(folder: Path) -> set[str]:
