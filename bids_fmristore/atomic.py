@@ -28,8 +28,8 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
-__all__ = ["atomic_path", "atomic_write_text", "PARTIAL_MARK", "LOCK_SUFFIX", "owner_token",
-           "parse_token", "remove_own_temporaries", "write_once", "WrittenTwice"]
+__all__ = ["atomic_path", "atomic_write_text", "unreserve", "PARTIAL_MARK", "LOCK_SUFFIX",
+           "owner_token", "parse_token", "remove_own_temporaries", "write_once", "WrittenTwice"]
 
 #: Substring of every temporary name, so that leftovers of a killed process are recognisable.
 PARTIAL_MARK = ".partial-"
@@ -202,6 +202,18 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator
         raise
     _release(lock, fd)
     _live.pop(tmp_path, None)
+
+
+def unreserve(tmp: Path) -> Path:
+    """Remove :func:`atomic_path`'s empty placeholder ``tmp`` (and return it) for a writer
+    that then creates the file itself (exclusive mode ``"x"``).
+
+    The placeholder reserves the name; a writer that truncates it instead (mode ``"w"``) makes
+    ext4 write the whole file out when it is closed (``auto_da_alloc``): 1.1-1.3 s per GB in
+    the writer's thread, where a new file is left to the kernel's writeback.
+    """
+    tmp.unlink()
+    return tmp
 
 
 def _remove_folders(created: list[Path]) -> None:

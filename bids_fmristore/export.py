@@ -55,7 +55,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from bids_fmristore.atomic import atomic_path
+from bids_fmristore.atomic import atomic_path, unreserve
 from bids_fmristore.errors import InputError, UsageError
 from bids_fmristore.formats import detect
 from bids_fmristore.formats.nifti_zarr import atomic_folder, write_nifti_zarr
@@ -302,7 +302,8 @@ def _write_nifti(tmp: Path, target: Path, shape: tuple[int, ...], affine: np.nda
     expected = int(np.prod(shape[3:], dtype=np.int64))
     count = 0
     gz = target.suffix == ".gz"
-    with _gzip.open(tmp, "wb", compresslevel=_GZIP_LEVEL) if gz else open(tmp, "wb") as out:
+    unreserve(tmp)  # created, not truncated: see unreserve
+    with _gzip.open(tmp, "xb", compresslevel=_GZIP_LEVEL) if gz else open(tmp, "xb") as out:
         out.write(head)
         for volume in volumes:
             if volume.shape != tuple(shape[:3]):  # a reader bug: keep the traceback

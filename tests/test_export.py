@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import OBLIQUE_AFFINE
 
+from bids_fmristore.atomic import PARTIAL_MARK
 from bids_fmristore.cli.export import export_main
 from bids_fmristore.errors import EXIT_INPUT, EXIT_OK, EXIT_USAGE, InputError, UsageError
 from bids_fmristore.export import export_file
@@ -85,6 +86,33 @@ def test_no_compress_writes_plain_nifti(labeled, tmp_path: Path, capsys) -> None
     assert names == sorted(PLAIN)
     assert (out / PLAIN[0]).read_bytes()[344:348] == b"n+1\0"  # NIfTI magic, not gzip
     assert capsys.readouterr().out.split() == [str(out / n) for n in PLAIN]  # written paths
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-compress"]])
+def test_nifti_files_are_created_not_truncated(labeled, tmp_path: Path, monkeypatch,
+                                                flags) -> None:
+    """Each NIfTI is written into a file the writer creates (exclusive mode), after the
+    reserved placeholder is removed: see ``atomic.unreserve`` (ext4 writes a truncated file
+    out at close)."""
+    import builtins
+
+    import bids_fmristore.export as export
+
+    opened = []
+    real_open, real_gzip = builtins.open, export._gzip.open
+
+    def spy(real):
+        def opener(path, mode="r", *args, **kwargs):
+            if PARTIAL_MARK in str(path):
+                opened.append((mode, Path(path).exists()))
+            return real(path, mode, *args, **kwargs)
+        return opener
+
+    monkeypatch.setattr(builtins, "open", spy(real_open))
+    monkeypatch.setattr(export._gzip, "open", spy(real_gzip))
+    out = tmp_path / "out"
+    assert export_main([str(labeled[0]), str(out), *flags]) == EXIT_OK
+    assert opened and all(mode == "xb" and not existed for mode, existed in opened)
 
 
 def test_refuses_to_overwrite_then_replaces(labeled, tmp_path: Path, capsys) -> None:

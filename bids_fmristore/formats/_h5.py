@@ -39,16 +39,12 @@ class AtomicH5Writer:
         raise NotImplementedError
 
     def __enter__(self):
-        from bids_fmristore.atomic import atomic_path
+        from bids_fmristore.atomic import atomic_path, unreserve
 
         self._atomic = atomic_path(self.path, overwrite=self._overwrite)
         tmp = self._atomic.__enter__()
         try:
-            # HDF5 creates the file itself: truncating the empty placeholder (mode "w") makes
-            # ext4 write the whole file out when it is closed (auto_da_alloc), ~1.1 s per GB
-            # in the writer's thread, where a new file is left to the kernel's writeback
-            tmp.unlink()
-            self._file = h5py.File(tmp, "x")
+            self._file = h5py.File(unreserve(tmp), "x")  # not truncated: see unreserve
             self._start()
         except BaseException as exc:
             self._abort(exc)
