@@ -90,10 +90,9 @@ class NeuroVecWriter(AtomicH5Writer):
         self._cur = 0
         #: chunks holding a non-zero value in the current time-row
         self._busy = np.zeros(self._grid, dtype=bool)
-        #: per chunk row, the x range of chunks [lo, hi) copied in the current time-row
-        self._range = np.zeros((*self._grid[:2], 2), dtype=np.intp)
-        #: (iz, iy, slab, first chunk of the slab, lo, hi) per chunk row copied
-        self._copies: list[tuple[int, int, np.ndarray, int, int, int]] = []
+        #: per chunk row (iz, iy) copied in the current time-row: its slab, the slab's first
+        #: chunk along x, and the x range of chunks [lo, hi) copied
+        self._copies: dict[tuple[int, int], tuple[np.ndarray, int, int, int]] = {}
         #: occupancy work buffers, one set per thread that computes it (see :meth:`ahead`)
         self._scratch = [self._new_scratch(), self._new_scratch()]
         #: occupancy computed ahead, per (t0, k), until the block is written
@@ -205,7 +204,7 @@ class NeuroVecWriter(AtomicH5Writer):
         k, z, y, x = volumes.shape
         _, cz, cy, cx = self.chunks
         rows = slice(self._filled, self._filled + k)
-        for iz, iy, slab, first, lo, hi in self._copies:
+        for (iz, iy), (slab, first, lo, hi) in self._copies.items():
             z0, y0, x0 = iz * cz, iy * cy, lo * cx
             src = volumes[:, z0 : z0 + cz, y0 : y0 + cy, x0 : min(hi * cx, x)]
             _, dz, dy, width = src.shape
@@ -222,8 +221,8 @@ class NeuroVecWriter(AtomicH5Writer):
     def _plan_copies(self) -> None:
         """The chunk ranges :meth:`_stage` copies, from the current time-row's occupancy,
         each chunk row's slab grown to hold its range."""
-        filled, slabs = self._filled, self._rows[self._cur]
-        self._copies = []
+        filled, slabs, before = self._filled, self._rows[self._cur], self._copies
+        self._copies = {}
         for iz, iy in np.argwhere(self._busy.any(axis=2)):
             key = (int(iz), int(iy))
             ix = np.flatnonzero(self._busy[key])
@@ -237,15 +236,14 @@ class NeuroVecWriter(AtomicH5Writer):
                     grown[first - start : first - start + slab.shape[0], :filled] = \
                         slab[:, :filled]
                 first, slab = slabs[key] = start, grown
-            old_lo, old_hi = self._range[key]
+            *_, old_lo, old_hi = before.get(key, (None, 0, 0, 0))
             if filled:  # zeros for the earlier volumes of chunks new to the range
                 if old_lo == old_hi:
                     slab[lo - first : hi - first, :filled] = 0
                 else:
                     slab[lo - first : old_lo - first, :filled] = 0
                     slab[old_hi - first : hi - first, :filled] = 0
-            self._range[key] = lo, hi
-            self._copies.append((*key, slab, first, lo, hi))
+            self._copies[key] = slab, first, lo, hi
 
     def _end_row(self) -> None:
         """The time-row is complete: store what is left of the last one, then queue this
@@ -253,7 +251,7 @@ class NeuroVecWriter(AtomicH5Writer):
         self._store(None)
         short = self._filled < self.chunks[0]  # the last row: no volumes of earlier rows
         items = []
-        for iz, iy, slab, first, lo, hi in self._copies:
+        for (iz, iy), (slab, first, lo, hi) in self._copies.items():
             if short:
                 slab[lo - first : hi - first, self._filled :] = 0
             items += [(iz, iy, int(ix), slab[ix - first])
@@ -262,8 +260,7 @@ class NeuroVecWriter(AtomicH5Writer):
         self._done = 0
         self._cur = 1 - self._cur
         self._busy[:] = False
-        self._range[:] = 0
-        self._copies = []
+        self._copies = {}
         self._written += self._filled
         self._filled = 0
 
@@ -273,19 +270,19 @@ class NeuroVecWriter(AtomicH5Writer):
             return
         t0, items = self._pending
         upto = len(items) if upto is None else min(upto, len(items))
-        while upto - self._done > _BATCH:  # decoded chunks are temporaries: a few at a time
-            self._store(self._done + _BATCH)
         _, cz, cy, cx = self.chunks
-        batch = items[self._done : upto]
-        chunks = [chunk for *_, chunk in batch]
-        if self._decode is not None:
-            chunks = [np.ascontiguousarray(self._decode(c), dtype=np.float32) for c in chunks]
-        if self._compress:
-            size = chunks[0].size if chunks else 0
-            chunks = pool().map(lambda c: encode_chunk(c.reshape(1, -1), (1, size)), chunks)
-        for (iz, iy, ix, _), payload in zip(batch, chunks, strict=True):
-            self._ds.id.write_direct_chunk((t0, iz * cz, iy * cy, ix * cx), payload)
-            self.chunks_stored += 1
-        self._done = upto
-        if upto == len(items):
+        while self._done < upto:  # decoded chunks are temporaries: a few at a time
+            batch = items[self._done : min(upto, self._done + _BATCH)]
+            chunks = [chunk for *_, chunk in batch]
+            if self._decode is not None:
+                chunks = [np.ascontiguousarray(self._decode(c), dtype=np.float32)
+                          for c in chunks]
+            if self._compress:
+                chunks = pool().map(lambda c: encode_chunk(c.reshape(1, -1), (1, c.size)),
+                                    chunks)
+            for (iz, iy, ix, _), payload in zip(batch, chunks, strict=True):
+                self._ds.id.write_direct_chunk((t0, iz * cz, iy * cy, ix * cx), payload)
+                self.chunks_stored += 1
+            self._done += len(batch)
+        if self._done == len(items):
             self._pending = None
