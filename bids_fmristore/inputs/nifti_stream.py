@@ -277,10 +277,8 @@ def iter_volumes(
     if info.path.name.endswith(".nii.zarr"):
         from bids_fmristore.inputs import nifti_zarr
 
-        for item in nifti_zarr.iter_volumes(info, per_chunk, read_ahead=read_ahead):
-            if on_read is not None:
-                on_read(*item)
-            yield item
+        yield from _announced(nifti_zarr.iter_volumes(info, per_chunk, read_ahead=read_ahead),
+                              on_read)
         return
     n_t = info.shape[3]
     per_chunk = max(1, min(per_chunk, n_t))
@@ -291,18 +289,12 @@ def iter_volumes(
         except (OSError, ValueError) as err:  # ValueError: shorter than the mapped length
             raise RunError(f"{info.path}: truncated or damaged: {_reason(err, info.path)}"
                            ) from None
-        for t0 in range(0, n_t, per_chunk):
-            block = np.asarray(data[t0 : t0 + per_chunk])
-            if on_read is not None:
-                on_read(t0, block)
-            yield t0, block
+        yield from _announced(((t0, np.asarray(data[t0 : t0 + per_chunk]))
+                               for t0 in range(0, n_t, per_chunk)), on_read)
         return
     if not read_ahead:
         buffer = np.empty((per_chunk, info.n_vox), dtype=info.dtype)
-        for item in _read_gz(info, per_chunk, lambda: buffer):
-            if on_read is not None:
-                on_read(*item)
-            yield item
+        yield from _announced(_read_gz(info, per_chunk, lambda: buffer), on_read)
         return
     free: queue.Queue = queue.Queue()
     ready: queue.Queue = queue.Queue()
@@ -311,9 +303,7 @@ def iter_volumes(
 
     def produce() -> None:
         try:
-            for item in _read_gz(info, per_chunk, free.get):
-                if on_read is not None:
-                    on_read(*item)
+            for item in _announced(_read_gz(info, per_chunk, free.get), on_read):
                 ready.put(item)
             ready.put(None)
         except _Stop:
@@ -332,6 +322,16 @@ def iter_volumes(
     finally:
         free.put(None)  # unblocks a producer waiting for a buffer after an early exit
         thread.join()
+
+
+def _announced(items: Iterator[tuple[int, np.ndarray]],
+               on_read: Callable[[int, np.ndarray], None] | None
+               ) -> Iterator[tuple[int, np.ndarray]]:
+    """``items``, each passed to ``on_read`` (in the thread iterating) before it goes on."""
+    for item in items:
+        if on_read is not None:
+            on_read(*item)
+        yield item
 
 
 _READ_BYTES = 4 << 20
