@@ -19,50 +19,32 @@ class VoxelMoments:
     voxels : ndarray of int, shape (N,)
         Flat indices (x fastest) of the voxels to follow, ascending; results come in this
         order.
-
-    Attributes
-    ----------
-    gather : ndarray of int, shape (N,)
-        The same voxels in the column order :meth:`add` expects: ``voxels`` unless
-        :meth:`lead_with` put others first.
     """
 
     def __init__(self, voxels: np.ndarray) -> None:
         self.voxels = voxels
-        self.gather = voxels
-        self._back: np.ndarray | None = None  # gather order → voxels order
         self._shift: np.ndarray | None = None
         self._sum = np.zeros(voxels.size)
         self._sumsq = np.zeros(voxels.size)
         self.n = 0
 
-    def lead_with(self, first: np.ndarray) -> bool:
-        """Order :attr:`gather` as ``first`` then the other voxels, so that a caller who needs
-        ``first`` gathers once for both. Returns False (nothing changed) unless ``first`` are
-        distinct voxels of :attr:`voxels` and no block was added yet."""
-        if self.n or first.size > self.voxels.size or not first.size or not self.voxels.size:
-            return False
-        # position of each voxel through a table over the grid: O(N), where searchsorted and
-        # np.unique took 0.6 s for 200,000 voxels
-        table = np.full(max(int(self.voxels.max()), int(first.max())) + 1, -1, dtype=np.int64)
+    def positions(self, voxels: np.ndarray) -> np.ndarray | None:
+        """Where each of ``voxels`` is in :attr:`voxels` (so that a caller who needs them takes
+        them from the values given to :meth:`add`), or None if some are not followed."""
+        if not voxels.size or not self.voxels.size:
+            return None if voxels.size else np.zeros(0, dtype=np.intp)
+        # through a table over the grid: O(N), where searchsorted took 0.6 s for 200,000 voxels
+        table = np.full(max(int(self.voxels.max()), int(voxels.max())) + 1, -1, dtype=np.intp)
         table[self.voxels] = np.arange(self.voxels.size)
-        pos = table[first]
-        hit = np.zeros(self.voxels.size, dtype=bool)
-        hit[pos[pos >= 0]] = True
-        if (pos < 0).any() or int(hit.sum()) != pos.size:  # not all followed, or repeated
-            return False
-        order = np.concatenate([pos, np.flatnonzero(~hit)])
-        self.gather = self.voxels[order]
-        self._back = np.empty_like(order)
-        self._back[order] = np.arange(order.size)
-        return True
+        pos = table[voxels]
+        return None if (pos < 0).any() else pos
 
     def update(self, block: np.ndarray) -> None:
         """Add a block ``(k, n_vox)`` of stored (unscaled) volumes."""
-        self.add(np.take(block, self.gather, axis=1))
+        self.add(np.take(block, self.voxels, axis=1))
 
     def add(self, values: np.ndarray) -> None:
-        """Add stored values ``(k, N)`` already gathered, columns in :attr:`gather` order."""
+        """Add stored values ``(k, N)`` already gathered, columns in :attr:`voxels` order."""
         # float32 where it holds every stored value exactly (float32, 8- and 16-bit integers)
         exact = values.dtype == np.float32 or (values.dtype.kind in "iu" and values.itemsize <= 2)
         work = np.float32 if exact else np.float64
@@ -89,11 +71,9 @@ class VoxelMoments:
             mean = (centred + self._shift) * slope + inter
             std = np.sqrt(var) * abs(slope)
             tsnr = np.where(std > 0, mean / np.where(std > 0, std, 1.0), np.nan)
-        stats = {"mean": mean, "std": std, "tsnr": tsnr}
-        return stats if self._back is None else {k: v[self._back] for k, v in stats.items()}
+        return {"mean": mean, "std": std, "tsnr": tsnr}
 
     def nonfinite(self) -> np.ndarray:
         """Which voxels (N,) had a NaN or Inf value in at least one of the volumes added, in
         :attr:`voxels` order."""
-        bad = ~np.isfinite(self._sum)
-        return bad if self._back is None else bad[self._back]
+        return ~np.isfinite(self._sum)

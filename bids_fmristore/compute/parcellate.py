@@ -180,30 +180,29 @@ def parcellate_run(
     means = RunMeans(np.empty((n_t, p.ids.size)) for p in parcels)
     slope, inter = np.float32(info.slope), np.float32(info.inter)
     finite = _Finite(parcels) if info.dtype.kind == "f" else None
-    # The first target's voxels lead the moments' gather: one gather serves both.
-    lead = bool(parcels) and moments is not None and moments.lead_with(parcels[0].grouped)
+    # The moments' voxels are gathered first, in ascending order (a sequential read of the
+    # volume), and each target's voxels taken from those when the moments follow them all:
+    # a gather from 1 MB of values instead of from the whole volume (0.1 s less per run).
+    within = [moments.positions(p.grouped) if moments is not None else None for p in parcels]
     for t0, block in iter_volumes(info, per_chunk, on_read=on_read):
         t1 = t0 + block.shape[0]
-        gathered = None
+        followed = None
         if moments is not None:
-            gathered = np.take(block, moments.gather, axis=1)
-            moments.add(gathered)
+            followed = np.take(block, moments.voxels, axis=1)
+            moments.add(followed)
         if block_sink is not None:
             block_sink(t0, block)
-        for i, (p, out, sink) in enumerate(zip(parcels, means, sinks, strict=True)):
-            # One gather serves the means and the voxel output.
-            values = (gathered[:, : p.grouped.size] if lead and i == 0
-                      else np.take(block, p.grouped, axis=1))
+        for p, out, sink, pos in zip(parcels, means, sinks, within, strict=True):
+            values = (np.take(block, p.grouped, axis=1) if pos is None
+                      else np.take(followed, pos, axis=1))
             out[t0:t1] = p.sums(values)
             if finite is not None:
                 finite.check(p, values, out[t0:t1])
             if sink is not None:
-                if info.scaled:  # a new array: ``values`` may be a view of the moments' data
-                    values = values.astype(np.float32)
+                values = values.astype(np.float32, copy=False)  # a new array: scaled in place
+                if info.scaled:
                     values *= slope
                     values += inter
-                else:
-                    values = values.astype(np.float32, copy=False)
                 sink(t0, values)
         if progress is not None:
             progress(t1)
