@@ -14,13 +14,9 @@ import pytest
 from conftest import SPACE, write_json
 
 from bids_fmristore.atlas import load_atlas, table_path_for
-from bids_fmristore.atlas.sources import (
-    ALLOW_MISMATCH_FLAG,
-    AtlasRequest,
-    find_atlas,
-    parse_atlas_arg,
-    publish_atlas,
-)
+from bids_fmristore.atlas.publish import publish_atlas
+from bids_fmristore.atlas.request import AtlasRequest, parse_atlas_arg
+from bids_fmristore.atlas.sources import ALLOW_MISMATCH_FLAG, find_atlas
 from bids_fmristore.atomic import PARTIAL_MARK
 from bids_fmristore.errors import AtlasError
 
@@ -397,7 +393,8 @@ def test_dataset_description_pybids_cannot_read(tmp_path, masters, content, read
 
 def test_templateflow_cache_indexes_only_what_is_asked(tmp_path, masters, monkeypatch):
     from bids_fmristore.atlas import index as atlas_index
-    from bids_fmristore.atlas.sources import AtlasCatalog, AtlasIndex
+    from bids_fmristore.atlas.catalog import AtlasCatalog
+    from bids_fmristore.atlas.sources import AtlasIndex
 
     home = _tf_layout(tmp_path / "tf", masters)
     place(masters[1], home / f"tpl-{SPACE}" / f"tpl-{SPACE}_res-01_atlas-Two_dseg.nii.gz")

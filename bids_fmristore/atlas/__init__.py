@@ -1,6 +1,7 @@
-"""Atlases: the loaded image and label table (:mod:`.image`), where ``--atlas`` finds them
-(:mod:`.sources`: files, BIDS atlas datasets, the TemplateFlow cache, indexed by :mod:`.index`)
-and their publication into OUTPUT_DIR/atlases."""
+"""Atlases: the loaded image and label table (:mod:`.image`); the ``--atlas`` values
+(:mod:`.request`), where they are found (:mod:`.sources`: files, BIDS atlas datasets, the
+TemplateFlow cache, indexed by :mod:`.index`), their copy in OUTPUT_DIR/atlases
+(:mod:`.publish`) and a run's atlases per grid (:mod:`.catalog`)."""
 
 from bids_fmristore.atlas.image import (
     Atlas,

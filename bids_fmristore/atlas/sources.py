@@ -1,68 +1,46 @@
-"""Where ``--atlas`` atlases come from, which of their files is used, and the copy kept.
+"""Where ``--atlas`` atlases come from, and which of their files is used.
 
-``--atlas`` values (:func:`parse_atlas_arg`):
+A ``NAME=PATH`` request (:mod:`bids_fmristore.atlas.request`) names its file. The template is
+the file name's ``tpl-`` entity when it has one; otherwise it is unknown and *assumed* to be
+the BOLD space (a plain NIfTI cannot say), which is also the ``tpl-`` of its published copy.
 
-``NAME=PATH``
-    A labels NIfTI with its ``.tsv`` (``index``, ``name``). The template is the file name's
-    ``tpl-`` entity when it has one; otherwise it is unknown and *assumed* to be the BOLD space
-    (a plain NIfTI cannot say), which is also the ``tpl-`` of its published copy.
-``LABEL`` or ``LABEL:desc-DESC``
-    The ``atlas-LABEL`` files of an atlas dataset given with ``-d NAME=PATH`` (BIDS 1.11 atlas
-    layout, ``tpl-<tpl>/[cohort-<c>/][<folder>/]tpl-<tpl>[_res-<r>][_desc-<d>]_atlas-<label>_dseg
-    .nii.gz``, entities in any order), else of a local TemplateFlow cache. Nothing is ever
-    downloaded. Both are indexed with pybids (:mod:`bids_fmristore.atlas.index`).
+A ``LABEL`` or ``LABEL:desc-DESC`` request names the ``atlas-LABEL`` files of an atlas dataset
+given with ``-d NAME=PATH`` (BIDS 1.11 atlas layout, ``tpl-<tpl>/[cohort-<c>/][<folder>/]
+tpl-<tpl>[_res-<r>][_desc-<d>]_atlas-<label>_dseg.nii.gz``, entities in any order), else of a
+local TemplateFlow cache. Nothing is ever downloaded. Both are indexed with pybids
+(:mod:`bids_fmristore.atlas.index`).
 
 :func:`find_atlas` searches the file, then each ``-d`` dataset in order, then the TemplateFlow
 cache, and prefers a source whose template is the BOLD space. :meth:`AtlasCandidates.pick`
-chooses the resolution closest to the BOLD voxel size; :func:`publish_atlas` copies it into
-``OUTPUT_DIR/atlases/`` (a BEP038-style derivative dataset) so outputs can cite it as
-``bids:atlases:<path>``. Load the published copy with :func:`bids_fmristore.atlas.load_atlas`.
+chooses the resolution closest to the BOLD voxel size, which
+:func:`~bids_fmristore.atlas.publish.publish_atlas` copies into ``OUTPUT_DIR/atlases/``.
 """
 
 from __future__ import annotations
 
-import filecmp
 import json
 import logging
 import os
-import re
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
 
-from bids_fmristore import __version__
-from bids_fmristore.atlas import Atlas, load_atlas, table_path_for
 from bids_fmristore.atlas.index import AtlasIndex, folder_tables, nearest_table, parse_name
-from bids_fmristore.atomic import atomic_path
+from bids_fmristore.atlas.request import AtlasRequest
 from bids_fmristore.errors import AtlasError
 
-__all__ = ["AtlasCatalog", "AtlasRequest", "AtlasFile", "AtlasCandidates", "AtlasIndex",
-           "parse_atlas_arg", "find_atlas",
-           "publish_atlas", "default_templateflow_home", "ALLOW_MISMATCH_FLAG", "ATLASES_DIR"]
+__all__ = ["AtlasFile", "AtlasCandidates", "AtlasIndex", "find_atlas", "describe_source",
+           "default_templateflow_home", "ALLOW_MISMATCH_FLAG"]
 
 log = logging.getLogger(__name__)
 
 #: Suggested command-line flag for ``allow_space_mismatch`` (named in error messages).
 ALLOW_MISMATCH_FLAG = "--allow-atlas-space-mismatch"
-#: Folder of OUTPUT_DIR holding the atlases used (the ``atlases`` of ``bids:atlases:...``).
-ATLASES_DIR = "atlases"
-_LABEL = re.compile(r"[A-Za-z0-9]+")
 _TEMPLATEFLOW = "templateflow"
-
-
-@dataclass(frozen=True)
-class AtlasRequest:
-    """One ``--atlas`` value: ``path`` is set for ``NAME=PATH``; ``desc`` for ``LABEL:desc-X``."""
-
-    name: str
-    path: Path | None = None
-    desc: str | None = None
 
 
 class AtlasFile(NamedTuple):
@@ -112,33 +90,6 @@ class AtlasCandidates:
         log.info("atlas %s: using %s for %s mm BOLD voxels", self.label, chosen.name,
                  "x".join(f"{z:g}" for z in target))
         return chosen
-
-
-def parse_atlas_arg(value: str) -> AtlasRequest:
-    """``NAME=PATH``, ``LABEL`` or ``LABEL:desc-DESC`` → :class:`AtlasRequest`.
-
-    Raises
-    ------
-    ValueError
-        One-line message for a malformed value.
-    """
-    name, sep, path = value.partition("=")
-    if sep:
-        if not _LABEL.fullmatch(name):
-            raise ValueError(f"atlas name {name!r} must be alphanumeric (it becomes atlas-{name})")
-        if not path:
-            raise ValueError(f"expected NAME=PATH to a labels NIfTI, got {value!r}")
-        return AtlasRequest(name, Path(path))
-    label, sep, rest = value.partition(":")
-    desc = None
-    if sep:
-        key, dash, desc = rest.partition("-")
-        if key != "desc" or not dash or not _LABEL.fullmatch(desc):
-            raise ValueError(f"expected LABEL:desc-DESC (alphanumeric DESC), got {value!r}")
-    if not _LABEL.fullmatch(label):
-        raise ValueError(f"expected NAME=PATH (a file), LABEL or LABEL:desc-DESC with an "
-                         f"alphanumeric LABEL, got {value!r}")
-    return AtlasRequest(label, None, desc)
 
 
 def default_templateflow_home() -> Path:
@@ -196,64 +147,14 @@ def find_atlas(
             mismatched.append((origin, root, found))
     if mismatched:  # prefer a right-template atlas from any source, else the first one found
         origin, root, found = mismatched[0]
-        _mismatch(f"atlas {request.name} in {_where(origin, root)}",
+        _mismatch(f"atlas {request.name} in {describe_source(origin, root)}",
                   sorted({ents["tpl"] for _, ents in found}), space, allow_space_mismatch)
         return _candidates(request, origin, root, found, index)
     wanted = request.name + (f" with desc-{request.desc}" if request.desc else "")
-    places = "; ".join(_where(o, r, missing=not r.is_dir()) for o, r in sources)
+    places = "; ".join(describe_source(o, r, missing=not r.is_dir()) for o, r in sources)
     hint = f" (desc found: {', '.join(sorted(other_descs))})" if other_descs else ""
     raise AtlasError(f"atlas {wanted} not found{hint}; searched: "
                      f"{places or 'no -d atlas dataset and no TemplateFlow cache'}")
-
-
-def publish_atlas(candidates: AtlasCandidates, chosen: Path, output_dir: Path, space: str, *,
-                  overwrite: bool = False) -> str:
-    """Copy the chosen image and its table into ``OUTPUT_DIR/atlases/`` (BEP038 layout).
-
-    The image keeps its bytes; a table whose names column is ``label`` (some TemplateFlow
-    tables) gets it renamed to ``name``. The atlas is checked with
-    :func:`~bids_fmristore.atlas.load_atlas` before anything is written. Files already there
-    with the same bytes are kept (parallel participant jobs publish the same atlas); different
-    bytes are an AtlasError unless ``overwrite``.
-
-    Parameters
-    ----------
-    space
-        BOLD space, the ``tpl-`` of an atlas of unknown template.
-
-    Returns
-    -------
-    str
-        Path of the copied image relative to ``OUTPUT_DIR/atlases`` (``bids:atlases:<it>``).
-    """
-    file = next((f for f in candidates.files if f.image == Path(chosen)), None)
-    if file is None:
-        raise ValueError(f"{chosen} is not one of the files of atlas {candidates.label}")
-    template = candidates.template or space
-    ext = ".nii.gz" if chosen.name.endswith(".nii.gz") else ".nii"
-    parts = [f"tpl-{template}"] + ([f"res-{file.res}"] if file.res else [])
-    parts += [f"desc-{candidates.desc}"] if candidates.desc else []
-    parts.append(f"atlas-{candidates.label}")
-    stem = f"tpl-{template}/{'_'.join(parts)}_dseg"
-    root = Path(output_dir) / ATLASES_DIR
-    image_dst, table_dst = root / f"{stem}{ext}", root / f"{stem}.tsv"
-    if not file.table.is_file():
-        raise AtlasError(f"atlas {candidates.label}: label table {file.table} does not exist")
-    table = _normalized_table(file.table.read_bytes())
-    fresh = not (_same(image_dst, chosen) and table_dst.is_file()
-                 and table_dst.read_bytes() == table)
-    if fresh:
-        _check(candidates.label, chosen, file.table, table)
-        _install(table_dst, table, overwrite)
-        _install(image_dst, chosen, overwrite)
-    dataset = {"Name": "Atlases used by bids_fmristore", "BIDSVersion": "1.11.0",
-               "DatasetType": "derivative",
-               "GeneratedBy": [{"Name": "bids_fmristore", "Version": __version__}]}
-    # JSON files: the first job's copy stays (descriptions may name another source's path)
-    _install(root / "dataset_description.json", _json(dataset), False, keep=True)
-    _install(root / f"atlas-{candidates.label}_description.json",
-             _description(candidates, chosen, space), overwrite and fresh, keep=True)
-    return f"{stem}{ext}"
 
 
 def _images(index: AtlasIndex, root: Path, request: AtlasRequest,
@@ -279,8 +180,9 @@ def _candidates(request: AtlasRequest, origin: str, root: Path,
     if len(variants) > 1:
         names = sorted(" ".join(f"{k}-{v}" for k, v in key if k != "tpl") or "(no desc)"
                        for key in variants)
-        raise AtlasError(f"atlas {request.name} in {_where(origin, root)} has several variants: "
-                         f"{', '.join(names)}; choose one with --atlas {request.name}:desc-DESC")
+        raise AtlasError(f"atlas {request.name} in {describe_source(origin, root)} has several "
+                         f"variants: {', '.join(names)}; choose one with --atlas "
+                         f"{request.name}:desc-DESC")
     (chosen,) = variants.values()
     tables = index.tables(root, request.name)
     by_res: dict[str | None, AtlasFile] = {}
@@ -331,145 +233,10 @@ def _mismatch(what: str, templates: list[str], space: str, allow: bool) -> None:
                 "(%s)", what, templates[0], space, ALLOW_MISMATCH_FLAG)
 
 
-def _normalized_table(data: bytes) -> bytes:
-    """Rename a ``label`` names column to ``name``; any other table is returned unchanged."""
-    try:
-        header, newline, rest = data.decode("utf-8").partition("\n")
-    except UnicodeDecodeError:
-        return data  # load_atlas reports it
-    columns = header.rstrip("\r").split("\t")
-    if "name" in columns or "label" not in columns:
-        return data
-    columns[columns.index("label")] = "name"
-    ending = header[len(header.rstrip("\r")):]
-    return ("\t".join(columns) + ending + newline + rest).encode("utf-8")
-
-
-def _check(label: str, image: Path, table: Path, content: bytes) -> None:
-    """Validate with load_atlas; a renamed table is staged beside a link to the image."""
-    if table == table_path_for(image) and content == table.read_bytes():
-        load_atlas(label, image)
-        return
-    with tempfile.TemporaryDirectory(prefix="bids_fmristore-atlas-") as tmp:
-        ext = ".nii.gz" if image.name.endswith(".gz") else ".nii"
-        staged = Path(tmp) / f"atlas-{label}_dseg{ext}"
-        try:
-            staged.symlink_to(image.resolve())
-        except OSError:  # file systems without symlinks
-            shutil.copyfile(image, staged)
-        table_path_for(staged).write_bytes(content)
-        try:
-            load_atlas(label, staged)
-        except AtlasError as err:  # name the user's files, not the staged ones
-            message = str(err).replace(str(staged), str(image))
-            message = message.replace(table_path_for(staged).name, table.name)
-            raise AtlasError(message.replace(staged.name, image.name)) from None
-
-
-def _same(path: Path, source: Path | bytes) -> bool:
-    if not path.is_file():
-        return False
-    if isinstance(source, bytes):
-        return path.read_bytes() == source
-    return filecmp.cmp(path, source, shallow=False)
-
-
-def _install(dst: Path, source: Path | bytes, overwrite: bool, keep: bool = False) -> None:
-    """Atomically create ``dst``; identical bytes already there (another job) are fine, other
-    bytes an error unless ``overwrite`` (replace them) or ``keep`` (leave them)."""
-    exists = dst.exists()  # read once: a concurrent job may create it right after
-    if (keep and not overwrite and exists) or _same(dst, source):
-        return
-    if exists and not overwrite:
-        raise AtlasError(f"{dst} exists with other content (earlier outputs may cite it); "
-                         "remove it, rename the atlas, or overwrite")
-    try:
-        with atomic_path(dst, overwrite=overwrite) as tmp:
-            if isinstance(source, bytes):
-                tmp.write_bytes(source)
-            else:
-                shutil.copyfile(source, tmp)
-    except FileExistsError:  # a concurrent job won the race: fine if it wrote the same
-        if not keep and not _same(dst, source):
-            raise AtlasError(f"{dst} was created meanwhile with other content") from None
-
-
-def _json(content: dict) -> bytes:
-    return (json.dumps(content, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def _description(candidates: AtlasCandidates, chosen: Path, space: str) -> bytes:
-    if candidates.description is not None:
-        return candidates.description.read_bytes()
-    if candidates.origin == "file":
-        where = f"the file {chosen.resolve()}"
-    else:
-        where = _where(candidates.origin, candidates.root.resolve())
-    text = f"Atlas {candidates.label} used by bids_fmristore, copied from {where}."
-    if candidates.template is None:
-        text += (f" Its file names no template; it was assumed to be in the BOLD space "
-                 f"{space}, which is its tpl- label here.")
-    return _json({"Name": candidates.label, "Description": text})
-
-
-def _where(origin: str, root: Path, missing: bool = False) -> str:
+def describe_source(origin: str, root: Path, missing: bool = False) -> str:
+    """How messages name an atlas source: a ``-d`` dataset or the TemplateFlow cache."""
     if origin == _TEMPLATEFLOW:
         return f"the TemplateFlow cache {root}" + (" (missing)" if missing else "")
     return f"atlas dataset {origin} ({root}{', missing' if missing else ''})"
 
 
-class AtlasCatalog:
-    """The atlases of a participant run: found once, then picked per BOLD grid.
-
-    For each grid the resolution closest to the BOLD voxel size is chosen, published into
-    ``OUTPUT_DIR/atlases/`` and loaded from there (so outputs cite the copy with
-    ``bids:atlases:`` URIs); each (atlas, file) pair is published and loaded once.
-    """
-
-    def __init__(self, requests: Sequence[AtlasRequest], *, space: str,
-                 datasets: Mapping[str, Path], output_dir: Path,
-                 templateflow_home: Path | None = None, allow_space_mismatch: bool = False,
-                 overwrite: bool = False) -> None:
-        names = [r.name for r in requests]
-        if len(set(names)) != len(names):
-            raise AtlasError(f"atlas names must be unique (they name the outputs): "
-                             f"{', '.join(names)}")
-        self.space, self.output_dir, self.overwrite = space, output_dir, overwrite
-        self.allow_space_mismatch = allow_space_mismatch
-        # one index of each source for all requests: TemplateFlow caches are large
-        index = AtlasIndex(r.name for r in requests if r.path is None)
-        self._found = [
-            (r, find_atlas(r, space=space, datasets=datasets, templateflow_home=templateflow_home,
-                           allow_space_mismatch=allow_space_mismatch, index=index))
-            for r in requests
-        ]
-        self._loaded: dict[tuple[str, Path], Atlas] = {}
-
-    def check_native(self, n_runs: int) -> None:
-        """BOLD runs in native space (no ``space-`` entity, e.g. raw BIDS) with an atlas of a
-        template: an :class:`AtlasError`, or with ``allow_space_mismatch`` a warning."""
-        for request, candidates in self._found:
-            if candidates.template is None:
-                continue
-            what = (f"atlas {request.name} is in template {candidates.template} but {n_runs} "
-                    "BOLD run(s) are in native space (no space- entity; raw BIDS without -d?)")
-            if not self.allow_space_mismatch:
-                raise AtlasError(f"{what}: give preprocessed runs in {candidates.template} with "
-                                 f"-d, or use {ALLOW_MISMATCH_FLAG} to apply it anyway")
-            log.warning("%s; using it anyway (%s)", what, ALLOW_MISMATCH_FLAG)
-
-    def for_grid(self, zooms: Sequence[float]) -> list[Atlas]:
-        """The atlases to use on a grid of voxel size ``zooms`` (mm), in request order."""
-        atlases = []
-        for request, candidates in self._found:
-            chosen = candidates.pick(zooms)
-            key = (request.name, chosen)
-            if key not in self._loaded:
-                rel = publish_atlas(candidates, chosen, self.output_dir, self.space,
-                                    overwrite=self.overwrite)
-                atlas = load_atlas(request.name, self.output_dir / ATLASES_DIR / rel)
-                table_rel = Path(rel).parent / atlas.table_path.name
-                self._loaded[key] = replace(atlas, uri=f"bids:{ATLASES_DIR}:{rel}",
-                                            table_uri=f"bids:{ATLASES_DIR}:{table_rel.as_posix()}")
-            atlases.append(self._loaded[key])
-        return atlases

@@ -77,7 +77,7 @@ def parse_name_path(value: str) -> tuple[str, Path]:
 
 
 def _atlas(value: str):
-    from bids_fmristore.atlas.sources import parse_atlas_arg
+    from bids_fmristore.atlas.request import parse_atlas_arg
 
     try:
         return parse_atlas_arg(value)

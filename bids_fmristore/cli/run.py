@@ -197,7 +197,9 @@ def _start(opts, level: str, output_dir: Path) -> None:
 
 def participant(opts) -> int:
     """Participant level: discover runs, plan one file per subject × atlas × grid, write them."""
-    from bids_fmristore.atlas.sources import ATLASES_DIR, AtlasCatalog, default_templateflow_home
+    from bids_fmristore.atlas.catalog import AtlasCatalog
+    from bids_fmristore.atlas.publish import ATLASES_DIR
+    from bids_fmristore.atlas.sources import default_templateflow_home
     from bids_fmristore.derivatives import write_dataset_description
     from bids_fmristore.inputs.discovery import discover
     from bids_fmristore.participant import Options, plan_jobs, run_jobs
