@@ -21,8 +21,8 @@ import pytest
 from conftest import SPACE, make_fmriprep_run, write_json
 
 from bids_fmristore.errors import InputError
+from bids_fmristore.inputs.bids_database import DB_FILE, load_layout
 from bids_fmristore.inputs.discovery import build_index, discover
-from bids_fmristore.inputs.indexing import DB_FILE, load_layout
 
 SHAPE = (4, 5, 3, 6)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import nibabel as nib
 
 from bids_fmristore.errors import InputError, RunError, UsageError
+from bids_fmristore.inputs.bids_database import database_file, load_layout
 from bids_fmristore.inputs.bids_filters import check_filters, pybids_filters
 from bids_fmristore.inputs.bids_metadata import (
     SidecarReader,
@@ -31,12 +32,7 @@ from bids_fmristore.inputs.bids_metadata import (
     inherits,
     repetition_time,
 )
-from bids_fmristore.inputs.indexing import (
-    database_file,
-    has_subjects,
-    load_layout,
-    subject_labels,
-)
+from bids_fmristore.inputs.indexing import has_subjects, subject_labels
 from bids_fmristore.inputs.indexing import relative_posix as _relative
 from bids_fmristore.inputs.nifti_zarr import is_nifti_zarr, read_header
 
@@ -296,7 +292,7 @@ def build_index(bids_dir: Path, database_dir: Path, *,
     come from, with all their subjects; return the index files.
 
     An index that exists is reused if it is up to date, else rebuilt (see
-    :func:`bids_fmristore.inputs.indexing.load_layout`).
+    :func:`bids_fmristore.inputs.bids_database.load_layout`).
 
     Raises
     ------
