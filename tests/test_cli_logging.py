@@ -223,6 +223,32 @@ def test_any_error_after_a_signal_is_the_interruption(tmp_path, rng, capsys, mon
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 
+def test_an_interruption_raised_again_while_it_is_handled(tmp_path, rng, capsys, monkeypatch):
+    """The retry timer may raise the interruption again after the command caught it and before
+    it acknowledged it: the command still removes what is partial and says so."""
+    from bids_fmristore import interrupt
+
+    ds = build(tmp_path, rng)
+    raised = []
+    real = interrupt.received
+
+    def received():
+        if real() is not None and not raised:  # the timer fires right here, once
+            raised.append(True)
+            raise interrupt.Terminated(real())
+        return real()
+
+    def interrupted(*a, **kw):
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(interrupt, "received", received)
+    monkeypatch.setattr("bids_fmristore.participant.run_jobs", interrupted)
+    assert main(args(ds)) == 130
+    assert raised
+    assert error_lines(capsys.readouterr().err) == [
+        "bids_fmristore: ERROR: interrupted by SIGINT; partial files removed"]
+
+
 def test_a_swallowed_interruption_is_raised_again(tmp_path, rng, capsys, monkeypatch):
     ds = build(tmp_path, rng)
     monkeypatch.setattr("bids_fmristore.interrupt.RETRY", 0.05)

@@ -85,7 +85,12 @@ def _mapped(func) -> int:
     try:
         return func()
     except BaseException as exc:  # noqa: B036 - sorted out below, the rest re-raised
-        stopped = _interruption(exc)
+        while True:
+            try:
+                stopped = _interruption(exc)
+                break
+            except Terminated:  # raised again by the retry timer before it was acknowledged
+                continue
         if stopped is not None:
             return stopped
         if isinstance(exc, UserError):
