@@ -28,12 +28,11 @@ from bids_fmristore.inputs.bids_filters import check_filters, pybids_filters
 from bids_fmristore.inputs.bids_metadata import (
     SidecarReader,
     check_readable,
-    filename_entities,
-    inherits,
     repetition_time,
 )
 from bids_fmristore.inputs.indexing import has_subjects, subject_labels
 from bids_fmristore.inputs.indexing import relative_posix as _relative
+from bids_fmristore.inputs.masks import NIFTI_EXTENSIONS, BrainMasks
 from bids_fmristore.inputs.nifti_zarr import is_nifti_zarr, read_header
 
 __all__ = ["BoldRun", "Dataset", "DiscoveryResult", "discover", "build_index", "load_layout",
@@ -55,7 +54,6 @@ ENTITY_KEYS: dict[str, str] = {
     "part": "part",
 }
 #: .nii.zarr: NIfTI-Zarr folders (pybids indexes folders named *.zarr as files)
-_NIFTI = [".nii", ".nii.gz", ".nii.zarr"]
 
 
 @dataclass(frozen=True)
@@ -219,7 +217,7 @@ def discover(
     # The subject first: pybids joins one table per filter in this order, and SQLite, which
     # has no statistics, starts from the first one (a shared index holds every subject).
     query = {"subject": selected} if selected else {}
-    query.update(suffix="bold", datatype="func", extension=_NIFTI)
+    query.update(suffix="bold", datatype="func", extension=NIFTI_EXTENSIONS)
     for key, values in (("session", sessions), ("task", tasks)):
         if values:
             query[key] = list(values)
@@ -227,7 +225,7 @@ def discover(
     for ds in sources:
         layout = layouts[ds.name]
         sidecars = SidecarReader(ds.root)
-        masks = _Masks(layout, mask_filters, selected) if ds.is_derivative else None
+        masks = BrainMasks(layout, mask_filters, selected) if ds.is_derivative else None
         q = dict(query)
         if ds.is_derivative:
             q.update(desc="preproc", space=space)
@@ -340,7 +338,7 @@ def _entities(bold) -> dict[str, str]:
     return entities
 
 
-def _make_run(ds: Dataset, bold, masks: _Masks | None, sidecars: SidecarReader) -> BoldRun:
+def _make_run(ds: Dataset, bold, masks: BrainMasks | None, sidecars: SidecarReader) -> BoldRun:
     path = Path(bold.path)
     entities = _entities(bold)
     check_readable(path)
@@ -354,54 +352,3 @@ def _make_run(ds: Dataset, bold, masks: _Masks | None, sidecars: SidecarReader) 
     tr = repetition_time(path, header, metadata, source, log)
     mask = masks.find(path) if masks is not None else None
     return BoldRun(path, ds, entities, tr, mask, ds if mask is not None else None)
-
-
-def _top_masks(root: Path) -> bool:
-    try:
-        with os.scandir(root) as entries:
-            return any("mask" in e.name and ".nii" in e.name and not e.name.startswith("sub-")
-                       for e in entries)
-    except OSError:
-        return False
-
-
-class _Masks:
-    """The brain masks of one dataset, listed with one query, to pair with its BOLD runs.
-
-    A run's mask has the same entities or (e.g. one per session) a subset of them, the same
-    space, and is in the run's folder or a parent folder; the nearest folder, then the most
-    entities win. So a sibling run's mask is never borrowed.
-    """
-
-    def __init__(self, layout, extra: Mapping, subjects: Sequence[str] | None) -> None:
-        from bids.layout import Query
-
-        self._by_folder: dict[Path, list[tuple[dict[str, str], Path]]] = defaultdict(list)
-        query = {"desc": "brain", "suffix": "mask", "extension": _NIFTI}
-        queries = [{**query, **extra}]
-        if subjects:
-            queries = [{"subject": list(subjects), **query, **extra}]
-            # a mask at the top of the dataset has no subject; that query scans every mask of
-            # a shared index, so only when the top holds a candidate
-            if _top_masks(Path(layout.root)):
-                queries.append({**query, **extra, "subject": Query.NONE})
-        for q in queries:
-            for name in layout.get(return_type="filename", invalid_filters="allow", **q):
-                path = Path(name)
-                parsed = filename_entities(path.name)
-                if parsed is not None:
-                    ents = {k: v for k, v in parsed[0].items() if k != "desc"}
-                    self._by_folder[path.parent].append((ents, path))
-
-    def find(self, bold: Path) -> Path | None:
-        parsed = filename_entities(bold.name)
-        ents = {k: v for k, v in (parsed[0] if parsed else {}).items() if k != "desc"}
-        for folder in (bold.parent, *bold.parent.parents):
-            fits = [(-len(m), str(p), p) for m, p in self._by_folder.get(folder, ())
-                    if m.get("space") == ents.get("space") and inherits(m, ents)]
-            if fits:
-                mask = min(fits)[2]
-                check_readable(mask)
-                return mask
-        log.warning("%s: no brain mask found; every voxel inside the atlas is used", bold)
-        return None
