@@ -37,7 +37,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import SHAPE, brain_mask, mni_affine, peak_rss_mb  # noqa: E402
+from data import SHAPE, brain_mask, mni_affine  # noqa: E402
+from run import peak_rss_mb  # noqa: E402
 
 MODES = ("ours", "ours-auto", "modelarrayio")
 SCALAR = "alff"
