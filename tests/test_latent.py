@@ -95,6 +95,47 @@ def test_tile_store_returns_what_was_written_and_refuses_gaps(rng):
     np.testing.assert_array_equal(got, data.astype(np.float64))
 
 
+def _short_pwritev(monkeypatch, fraction=0.5):
+    """``os.pwritev`` that writes only part of what it is given, as on a disk filling up."""
+    import os
+
+    real = os.pwritev
+
+    def short(fd, pieces, offset):
+        data = np.concatenate([np.ravel(p) for p in pieces]).view(np.uint8)
+        return real(fd, [data[: int(data.size * fraction)]], offset)
+
+    monkeypatch.setattr(os, "pwritev", short)
+
+
+def test_tile_store_writes_the_rest_of_a_short_write(rng, monkeypatch, tmp_path):
+    data = rng.normal(size=(9, 500)).astype(np.float32)
+    _short_pwritev(monkeypatch)
+    with TileStore(9, np.arange(500), directory=tmp_path, tile=128) as store:
+        for t0 in range(0, 9, 4):
+            store.write(t0, data[t0 : t0 + 4])
+        got = np.concatenate([tile for _, tile in store.series()], axis=1)
+    np.testing.assert_array_equal(got, data)
+
+
+def test_a_full_disk_names_the_scratch_folder(rng, monkeypatch, tmp_path):
+    """A write the disk cannot finish is ENOSPC naming the folder (one error line, exit 3 at
+    the command line), not an error without a file that the command reports as a bug."""
+    import errno
+    import os
+
+    _short_pwritev(monkeypatch)
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with TileStore(3, np.arange(50), directory=tmp_path) as store:
+        with pytest.raises(OSError) as caught:
+            store.write(0, rng.normal(size=(3, 50)).astype(np.float32))
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path)
+
+
 def test_writer_and_reader_round_trip_with_an_oblique_grid(tmp_path, rng):
     mask = rng.random((7, 6, 5)) < 0.5
     n = int(mask.sum())

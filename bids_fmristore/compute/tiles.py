@@ -9,6 +9,7 @@ HDF5 chunks again would cost a decompression.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -63,6 +64,7 @@ class TileStore:
             raise ValueError("tile starts must rise from 0 below the number of voxels")
         self._file = tempfile.TemporaryFile(dir=directory, prefix=prefix)
         self._fd = self._file.fileno()
+        self._where = str(directory if directory is not None else tempfile.gettempdir())
         self._written = 0  # volumes given; those not yet in the file wait in the buffer
         self._buffer: np.ndarray | None = None
         self._filled = 0
@@ -112,12 +114,30 @@ class TileStore:
         rows = self._buffer[: self._filled]
         for start, width in zip(self._starts, self._widths, strict=True):
             pieces = [row[start : start + width] for row in rows]  # contiguous in the file
-            wrote = os.pwritev(self._fd, pieces, self._offset(start, t0, width))
-            if wrote != 4 * rows.shape[0] * width:
-                raise OSError("short write to the scratch file")
+            self._write(pieces, self._offset(start, t0, width))
         self._filled = 0
         if t0 + rows.shape[0] == self.n_time:
             self._buffer = None
+
+    def _write(self, pieces: list[np.ndarray], offset: int) -> None:
+        """All of ``pieces`` at ``offset``. A full disk may take part of a write: the rest is
+        written again, so that the system says why it cannot be (``ENOSPC``), and the error
+        names the scratch folder (the user's ``-w`` or output folder) rather than no file."""
+        try:
+            wrote = os.pwritev(self._fd, pieces, offset)
+            total = sum(piece.nbytes for piece in pieces)
+            if wrote < total:
+                rest = memoryview(np.concatenate(pieces)).cast("B")[wrote:]
+                while rest:
+                    n = os.pwrite(self._fd, rest, offset + total - len(rest))
+                    if not n:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    rest = rest[n:]
+        except OSError as err:
+            if err.filename is not None:
+                raise
+            raise OSError(err.errno, f"scratch file: {err.strerror or err}",
+                          self._where) from None
 
     @property
     def complete(self) -> bool:
