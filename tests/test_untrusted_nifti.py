@@ -178,8 +178,11 @@ def _labels(rng, shape, n=4):
     return labels, flat, labels.ravel(order="F")[flat]
 
 
-def test_partly_nonfinite_means_follow_nilearn(tmp_path, rng, caplog):
-    """nilearn's NiftiLabelsMasker replaces NaN/Inf by 0 (with a warning); so do the means."""
+@pytest.mark.parametrize("voxel_output", [True, False])
+def test_partly_nonfinite_means_follow_nilearn(tmp_path, rng, caplog, voxel_output):
+    """nilearn's NiftiLabelsMasker replaces NaN/Inf by 0 (with a warning); so do the means,
+    whether the parcels' values are gathered for a voxel output or summed where the voxel
+    maps' values lie (no voxel output)."""
     from nilearn.maskers import NiftiLabelsMasker
 
     shape, n_t = (5, 4, 3), 9
@@ -193,9 +196,11 @@ def test_partly_nonfinite_means_follow_nilearn(tmp_path, rng, caplog):
     lab = labels.ravel(order="F")[flat]
     path = _save(tmp_path / "nan.nii.gz", data)
     blocks = []
+    sinks = [lambda t0, b: blocks.append(b.copy())] if voxel_output else None
+    moments = None if voxel_output else VoxelMoments(np.arange(int(np.prod(shape))))
     with caplog.at_level(logging.WARNING, logger="bids_fmristore"):
-        means = parcellate_run(read_info(path), [Parcels(flat, lab)],
-                               [lambda t0, b: blocks.append(b.copy())], per_chunk=4)
+        means = parcellate_run(read_info(path), [Parcels(flat, lab)], sinks, moments=moments,
+                               per_chunk=4)
     assert means.nonfinite_voxels == 3
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warned == [f"{path}: 3 voxel(s) inside the mask hold NaN or Inf in at least one "
@@ -207,9 +212,29 @@ def test_partly_nonfinite_means_follow_nilearn(tmp_path, rng, caplog):
     assert any("Non-finite" in str(w.message) for w in caught)
     np.testing.assert_allclose(means[0], expected, rtol=1e-5)
     assert np.isfinite(means[0]).all()
-    # the voxel data themselves are kept as they are
-    voxels = np.concatenate(blocks)
-    assert np.isnan(voxels).sum() == 1 and np.isinf(voxels).sum() == n_t + 1
+    if voxel_output:  # the voxel data themselves are kept as they are
+        voxels = np.concatenate(blocks)
+        assert np.isnan(voxels).sum() == 1 and np.isinf(voxels).sum() == n_t + 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])
+def test_means_are_the_same_sums_with_or_without_voxel_output(tmp_path, rng, dtype):
+    """The parcels' sums taken where the voxel maps' values lie (bincount) equal, to the
+    bit, those of the values gathered in label order for a voxel output (reduceat)."""
+    shape, n_t = (9, 8, 7), 13
+    data = rng.normal(1000, 50, size=(*shape, n_t)).astype(dtype)
+    path = _save(tmp_path / "r.nii.gz", data)
+    labels, flat, lab = _labels(rng, shape, 6)
+    info = read_info(path)
+    followed = np.arange(int(np.prod(shape)))
+    (gathered,) = parcellate_run(info, [Parcels(flat, lab)], [lambda t0, b: None],
+                                 moments=VoxelMoments(followed), per_chunk=3)
+    (summed,) = parcellate_run(info, [Parcels(flat, lab)], moments=VoxelMoments(followed),
+                               per_chunk=3)
+    np.testing.assert_array_equal(summed, gathered)
+    expected = [data.reshape(-1, n_t, order="F")[flat[lab == k]].astype(np.float64).mean(axis=0)
+                for k in np.unique(lab)]
+    np.testing.assert_allclose(summed, np.stack(expected, axis=1), rtol=1e-12)
 
 
 def test_nonfinite_count_covers_moments_voxels(tmp_path, rng, caplog):

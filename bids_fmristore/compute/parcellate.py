@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -80,6 +81,22 @@ class Parcels:
         with np.errstate(invalid="ignore"):  # Inf - Inf in one parcel: handled by the caller
             return np.add.reduceat(grouped_block, self._starts, axis=1, dtype=np.float64)
 
+    def bins(self, positions: np.ndarray, n: int) -> np.ndarray:
+        """For :meth:`sums_in`: the label rank (0 to K-1) of each of ``n`` columns, where the
+        columns ``positions`` hold :attr:`grouped`'s voxels; K for the other columns."""
+        bins = np.full(n, self.ids.size, dtype=np.intp)
+        bins[positions] = np.repeat(np.arange(self.ids.size), self.counts)
+        return bins
+
+    def sums_in(self, block: np.ndarray, bins: np.ndarray) -> np.ndarray:
+        """The :meth:`sums` of the voxels found in the columns of ``block`` (k, n) by
+        :meth:`bins`, without reordering them: one sequential pass (``np.bincount``), where
+        gathering them in label order first takes twice as long. The same float64 sums: both
+        add each label's voxels in ascending order."""
+        k = self.ids.size
+        return np.stack([np.bincount(bins, weights=row, minlength=k + 1)[:k]
+                         for row in block]).reshape(block.shape[0], k)
+
 
 class RunMeans(list):
     """The per-target means of :func:`parcellate_run` (a list), with what was found in the run.
@@ -103,12 +120,15 @@ class _Finite:
         self.flags: dict[int, tuple[Parcels, np.ndarray]] = {}
         self.seen_finite = False
 
-    def check(self, p: Parcels, values: np.ndarray, sums: np.ndarray) -> None:
+    def check(self, p: Parcels, values: np.ndarray | Callable[[], np.ndarray],
+              sums: np.ndarray) -> None:
         """Redo a block's ``sums`` in place, NaN/Inf taken as 0, if one is not finite
-        (only then are the block's values tested one by one)."""
+        (only then are the block's values, grouped by label, tested one by one; ``values``
+        may be a function that gathers them)."""
         if np.isfinite(sums).all():
             self.seen_finite = self.seen_finite or bool(sums.size)
             return
+        values = values() if callable(values) else values
         ok = np.isfinite(values)
         _, flags = self.flags.setdefault(id(p), (p, np.zeros(values.shape[1], dtype=bool)))
         flags |= ~ok.all(axis=0)
@@ -184,6 +204,9 @@ def parcellate_run(
     # volume), and each target's voxels taken from those when the moments follow them all:
     # a gather from 1 MB of values instead of from the whole volume (0.1 s less per run).
     within = [moments.positions(p.grouped) if moments is not None else None for p in parcels]
+    # A target without voxel output sums those values where they are (Parcels.sums_in).
+    bins = [p.bins(pos, moments.voxels.size) if pos is not None and sink is None else None
+            for p, pos, sink in zip(parcels, within, sinks, strict=True)]
     for t0, block in iter_volumes(info, per_chunk, on_read=on_read):
         t1 = t0 + block.shape[0]
         followed = None
@@ -192,7 +215,12 @@ def parcellate_run(
             moments.add(followed)
         if block_sink is not None:
             block_sink(t0, block)
-        for p, out, sink, pos in zip(parcels, means, sinks, within, strict=True):
+        for p, out, sink, pos, b in zip(parcels, means, sinks, within, bins, strict=True):
+            if b is not None:
+                out[t0:t1] = p.sums_in(followed, b)
+                if finite is not None:
+                    finite.check(p, partial(np.take, followed, pos, axis=1), out[t0:t1])
+                continue
             values = (np.take(block, p.grouped, axis=1) if pos is None
                       else np.take(followed, pos, axis=1))
             out[t0:t1] = p.sums(values)
