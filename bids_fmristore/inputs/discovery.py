@@ -53,7 +53,6 @@ ENTITY_KEYS: dict[str, str] = {
     "echo": "echo",
     "part": "part",
 }
-#: .nii.zarr: NIfTI-Zarr folders (pybids indexes folders named *.zarr as files)
 
 
 @dataclass(frozen=True)

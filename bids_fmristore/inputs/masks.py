@@ -14,7 +14,8 @@ __all__ = ["NIFTI_EXTENSIONS", "BrainMasks"]
 
 log = logging.getLogger(__name__)
 
-#: the extensions of the images read (pybids ``extension`` filter)
+#: the extensions of the images read (pybids ``extension`` filter); .nii.zarr: NIfTI-Zarr
+#: folders (pybids indexes folders named *.zarr as files)
 NIFTI_EXTENSIONS = [".nii", ".nii.gz", ".nii.zarr"]
 
 
