@@ -94,8 +94,7 @@ class Parcels:
         gathering them in label order first takes twice as long. The same float64 sums: both
         add each label's voxels in ascending order."""
         k = self.ids.size
-        return np.stack([np.bincount(bins, weights=row, minlength=k + 1)[:k]
-                         for row in block]).reshape(block.shape[0], k)
+        return np.stack([np.bincount(bins, weights=row, minlength=k + 1)[:k] for row in block])
 
 
 class RunMeans(list):
