@@ -2,6 +2,6 @@
 
 import sys
 
-from bids_fmristore.cli.run import main
+from bids_fmristore.cli.run import console
 
-sys.exit(main())
+sys.exit(console())

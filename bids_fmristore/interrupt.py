@@ -23,6 +23,7 @@ import threading
 from collections.abc import Iterator
 
 from bids_fmristore.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
+from bids_fmristore.resources import exit_without_collections
 
 __all__ = ["Terminated", "acknowledge", "handle_signals", "init_worker", "received", "SIGNALS"]
 
@@ -142,6 +143,7 @@ def init_worker() -> None:
     its temporaries and exits (the parent then sees a broken pool and stops the others)."""
     for sig in SIGNALS:
         signal.signal(sig, _worker_signal)
+    exit_without_collections()  # the parent waits for its workers to end
     # a spawned worker has no logging set-up: its warnings would come out without the prefix
     logger = logging.getLogger("bids_fmristore")
     if not logger.handlers:

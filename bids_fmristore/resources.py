@@ -1,14 +1,16 @@
 """What the process may use: its CPUs (a SLURM allocation or ``taskset``, not the machine's),
-and memory handed back between the passes of a job."""
+memory handed back between the passes of a job, and no time spent at exit."""
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import functools
+import gc
 import os
 
-__all__ = ["available_cpus", "release_free_memory"]
+__all__ = ["available_cpus", "exit_without_collections", "release_free_memory"]
 
 
 def available_cpus() -> int:
@@ -37,3 +39,17 @@ def release_free_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def exit_without_collections() -> None:
+    """Let this process end without the interpreter's final garbage collections.
+
+    At shutdown CPython collects several times over every object the imports made (~120,000
+    with pybids' SQLAlchemy, pandas and nibabel): 0.6-0.7 s of a 9 s command on a 2-core
+    machine. The freeze is an ``atexit`` handler, so it runs once the command has returned,
+    its outputs closed and renamed, and before the interpreter's teardown (``atexit`` handlers
+    such as logging's flush still run); the frozen objects are still released with their
+    modules, only not traversed. For a process's entry point, not for a library call (what a
+    frozen process makes later is collected, what it had is not).
+    """
+    atexit.register(gc.freeze)

@@ -276,3 +276,32 @@ def test_a_swallowed_interruption_is_raised_again(tmp_path, rng, capsys, monkeyp
     assert "Traceback" not in err and "Exception ignored" not in err
     assert error_lines(err) == [
         "bids_fmristore: ERROR: interrupted by SIGINT; partial files removed"]
+
+
+def test_the_process_ends_without_final_collections_and_loses_nothing(tmp_path, rng):
+    """``python -m bids_fmristore`` (and the console script) freeze the garbage collector at
+    exit: the interpreter's final collections over the imports' objects took 0.6-0.7 s of a 9 s
+    command. The outputs and the log must be complete all the same."""
+    import subprocess
+    from importlib.metadata import entry_points
+
+    from bids_fmristore.formats.multiscan import ParcellatedMultiScan
+
+    (script,) = entry_points(group="console_scripts", name="bids_fmristore")
+    assert script.value == "bids_fmristore.cli.run:console"
+    ds = build(tmp_path, rng, runs={"01": (1, 2)})
+    # registered before the command's own handler, so it runs after it (atexit is LIFO)
+    probe = ("import atexit, gc, runpy, sys\n"
+             "atexit.register(lambda: print('frozen:', gc.get_freeze_count(), file=sys.stderr))\n"
+             f"sys.argv = ['bids_fmristore', *{args(ds)!r}]\n"
+             "runpy.run_module('bids_fmristore', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == EXIT_OK, proc.stderr
+    frozen = int(re.search(r"^frozen: (\d+)$", proc.stderr, re.M).group(1))
+    assert frozen > 10_000  # what pybids, pandas, nibabel and h5py made
+    with ParcellatedMultiScan(out_file(ds, "01")) as f:
+        assert f.scan_names == ["sub-01_task-rest_run-01", "sub-01_task-rest_run-02"]
+    (log,) = logs(ds["out"])
+    assert "INFO bids_fmristore: finished in" in log.read_text().splitlines()[-1]
+    assert not list(ds["out"].rglob(f"*{PARTIAL_MARK}*"))

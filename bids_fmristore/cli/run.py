@@ -22,9 +22,9 @@ from bids_fmristore.errors import (
     UserError,
 )
 from bids_fmristore.interrupt import Terminated, handle_signals
-from bids_fmristore.resources import available_cpus
+from bids_fmristore.resources import available_cpus, exit_without_collections
 
-__all__ = ["main", "run_command"]
+__all__ = ["console", "main", "run_command"]
 
 log = logging.getLogger("bids_fmristore")
 
@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
             remove_own_temporaries()
             print(f"bids_fmristore: ERROR: interrupted by {stop.name}", file=sys.stderr)
             return stop.exit_code
+
+
+def console() -> int:
+    """The ``bids_fmristore`` console script and ``python -m bids_fmristore``: :func:`main`,
+    then an exit without the interpreter's final garbage collections."""
+    exit_without_collections()
+    return main()
 
 
 def _main(argv: list[str]) -> int:
