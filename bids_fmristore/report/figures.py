@@ -204,10 +204,11 @@ def map_scale(values: np.ndarray, mask: np.ndarray) -> float:
     return max(float(np.percentile(values[inside], 99)) if inside.any() else 1.0, 1e-6)
 
 
-def map_mosaic(values: np.ndarray, mask: np.ndarray, affine: np.ndarray, path: Path) -> Path:
-    """A statistic map (tSNR) inside ``mask``, axial mosaic, ``hot`` on 0 … :func:`map_scale`
-    (the page draws the scale)."""
-    vmax = map_scale(values, mask)
+def map_mosaic(values: np.ndarray, mask: np.ndarray, affine: np.ndarray, path: Path, *,
+               vmax: float | None = None) -> Path:
+    """A statistic map (tSNR) inside ``mask``, axial mosaic, ``hot`` on 0 … ``vmax``
+    (default :func:`map_scale`; the page draws the scale)."""
+    vmax = map_scale(values, mask) if vmax is None else vmax
     val, zooms = to_ras(np.asarray(values, dtype=np.float32), affine)
     msk, _ = to_ras(np.asarray(mask, dtype=np.uint8), affine)
     shown = np.where((msk > 0) & np.isfinite(val), val, np.nan)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import datetime
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from bids_fmristore import __version__
 from bids_fmristore.formats.labeled import LabeledVolumeSet
@@ -31,6 +33,7 @@ from bids_fmristore.report.collect import (
     subject_outputs,
 )
 from bids_fmristore.report.html import colour_scale, esc, figure, page, table, write_page
+from bids_fmristore.resources import available_cpus
 
 __all__ = ["global_signal", "labels_on_grid", "report_path", "write_subject_report"]
 
@@ -91,7 +94,12 @@ def _space_part(grid: GridOutputs) -> str:
 
 
 class _Builder:
-    """Collects one page's sections while drawing its figures."""
+    """Collects one page's sections while its figures are drawn in threads.
+
+    Pillow encodes PNGs and numpy maps colours without the GIL, so a page's figures are drawn
+    two at a time while the next one's data are read: the page is the last thing a
+    participant job does, with the other core idle.
+    """
 
     def __init__(self, output_dir: Path, subject: str):
         self.output_dir = Path(output_dir)
@@ -100,6 +108,24 @@ class _Builder:
         self.figures = self.output_dir / f"sub-{subject}" / "figures"
         self.body: list[str] = []
         self.nav: list[tuple[str, str]] = []
+        self.pool: ThreadPoolExecutor | None = None  # set while figures are drawn
+        self._drawing: list[Future] = []
+
+    def draw(self, path: Path, func, *args, **kwargs) -> Path:
+        """``func(*args, path, **kwargs)`` (a :mod:`figures` function) in a drawing thread;
+        returns ``path`` at once (the arrays given must not change afterwards)."""
+        self._drawing.append(self.pool.submit(func, *args, path, **kwargs))
+        return path
+
+    def drawn(self) -> None:
+        """Wait for every figure; the first that failed raises its error (and the others are
+        not started)."""
+        try:
+            for future in self._drawing:
+                future.result()
+        finally:
+            for future in self._drawing:
+                future.cancel()
 
     def fig(self, path: Path, caption: str, alt: str, *, volume: bool = False) -> None:
         self.body.append(figure(path, self.page, caption, alt, volume=volume))
@@ -152,14 +178,14 @@ class _Builder:
                 labels = labels.reshape(f.shape, order="F")
             brain = maps.mask if maps is not None else f.mask
             background = mean if mean is not None else brain.astype(np.float32)
-            out = figures.atlas_overlay(background, labels, brain, flagged, f.affine,
-                                        self.figures / f"{stem}_desc-atlasoverlay.png")
+            out = self.draw(self.figures / f"{stem}_desc-atlasoverlay.png",
+                            figures.atlas_overlay, background, labels, brain, flagged, f.affine)
             self.fig(out, f"Atlas <b>{esc(name)}</b>: parcel outlines over the subject's mean "
                      "image (axial slices, left on the left); yellow: brain mask; red: the "
                      f"{flagged.size} label(s) below --min-coverage {threshold:g} or without "
                      "voxels in the mask.", f"atlas {name} over the mean image", volume=True)
-            out = figures.coverage_bars(ids, cov, threshold,
-                                        self.figures / f"{stem}_desc-coverage.png")
+            out = self.draw(self.figures / f"{stem}_desc-coverage.png",
+                            figures.coverage_bars, ids, cov, threshold)
             self.fig(out, f"Coverage of each of the {ids.size} labels of {esc(name)} (fraction "
                      f"of its voxels on the BOLD grid inside the brain masks); "
                      f"{f.cluster_ids.size} parcels in the file, "
@@ -205,9 +231,9 @@ class _Builder:
             if fd is not None and fd.size != len(frame):
                 fd = None
             run_stem = f"{scan}{_space_part(grid)}_atlas-{item.atlas}"
-            out = figures.carpet(values, tr, self.figures / f"{run_stem}_desc-carpet.png",
-                                 global_signal=gs, fd=fd, censored=censored,
-                                 fd_threshold=threshold, boundaries=bounds)
+            out = self.draw(self.figures / f"{run_stem}_desc-carpet.png", figures.carpet,
+                            values, tr, global_signal=gs, fd=fd, censored=censored,
+                            fd_threshold=threshold, boundaries=bounds)
             what = ("FD from the confounds table" if fd is not None
                     else "no confounds table, so no FD")
             net = "grouped by network (green lines)" if bounds else "in label order"
@@ -239,8 +265,8 @@ class _Builder:
                 continue
             with np.errstate(invalid="ignore", divide="ignore"):
                 corr = np.corrcoef(values.T)
-            out = figures.correlation(corr, self.figures / f"{run_stem}_desc-{desc}corr.png",
-                                      title=f"{scan} ({desc})")
+            out = self.draw(self.figures / f"{run_stem}_desc-{desc}corr.png",
+                            figures.correlation, corr, title=f"{scan} ({desc})")
             self.fig(out, f"Pearson correlation between the {values.shape[1]} parcel means "
                      f"({'raw' if path is None else desc + ' signals, censored volumes removed'})"
                      ".", f"correlation matrix {scan} {desc}")
@@ -254,11 +280,11 @@ class _Builder:
                 continue
             stem = f"{scan}{_space_part(grid)}"
             volume = maps.volume(label)
-            out = figures.map_mosaic(volume, maps.mask, maps.affine,
-                                     self.figures / f"{stem}_desc-tsnr.png")
+            top = figures.map_scale(volume, maps.mask)
+            out = self.draw(self.figures / f"{stem}_desc-tsnr.png", figures.map_mosaic,
+                            volume, maps.mask, maps.affine, vmax=top)
             self.body.append(f'<h4 id="{esc(stem)}-tsnr">{esc(scan)} · tSNR</h4>')
-            self.body.append(colour_scale(figures.gradient_stops("hot"), "0",
-                                          f"{figures.map_scale(volume, maps.mask):.3g}",
+            self.body.append(colour_scale(figures.gradient_stops("hot"), "0", f"{top:.3g}",
                                           "tSNR"))
             self.fig(out, f"tSNR of {esc(scan)} (temporal mean / standard deviation of each "
                      "voxel inside its brain mask, axial slices, left on the left), from the "
@@ -315,8 +341,15 @@ def write_subject_report(output_dir: Path, subject: str, *,
                   if failures else '<p class="ok">none</p>')
     b.body.append('<h3 id="inputs">Inputs</h3>')
     b.body.append(table(["BIDS URI"], [(s,) for s in sources]))
-    for grid in outputs.grids:
-        b.grid(grid)
+    # one BLAS thread: OpenBLAS's threads spin for a while after each call, and 4 correlation
+    # matrices kept the second core busy for ~0.4 s, away from the drawing threads
+    with threadpool_limits(limits=1, user_api="blas"), \
+            ThreadPoolExecutor(max_workers=min(2, available_cpus()),
+                               thread_name_prefix="bids_fmristore-figures") as pool:
+        b.pool = pool
+        for grid in outputs.grids:
+            b.grid(grid)
+        b.drawn()
     nav = [("summary", "summary"), ("failed", f"failed ({len(failures)})")] + b.nav
     return write_page(b.page, page(f"sub-{subject}", header, nav, b.body))
 
