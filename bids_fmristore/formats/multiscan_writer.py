@@ -13,7 +13,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from bids_fmristore.formats._chunks import GZIP, ChunkedFloat32, encode_chunk, pool
+from bids_fmristore.formats._chunks import (
+    GZIP,
+    ChunkedFloat32,
+    encode_chunk,
+    noise_planes,
+    pool,
+)
 from bids_fmristore.formats._h5 import (
     AtomicH5Writer,
     write_metadata_value,
@@ -201,7 +207,10 @@ class ScanWriter:
     Voxel data are buffered to whole HDF5 time chunks, shuffled and deflated in a thread pool
     (zlib and isal release the GIL), and stored with ``write_direct_chunk``. The datasets
     declare the standard shuffle+deflate filters, so every HDF5 reader (R included) decodes
-    them; h5py's own single-threaded deflate would be the bottleneck otherwise.
+    them; h5py's own single-threaded deflate would be the bottleneck otherwise. Byte planes
+    that deflate hardly shortens in the scan's first chunks (the low mantissa bytes of noisy
+    float data) are stored in every chunk of the scan instead
+    (:func:`~bids_fmristore.formats._chunks.noise_planes`).
     """
 
     def __init__(self, group: h5py.Group, layout: ClusterLayout, n_time: int, store: Store):
@@ -231,6 +240,7 @@ class ScanWriter:
         self._pending: deque = deque()  # (dataset, offset, values, future of the bytes)
         self._pending_values = 0
         self._complete = False
+        self._stored: tuple[bool, ...] | None = None  # byte planes not deflated
 
     def write_voxels(self, block: np.ndarray) -> None:
         """Append time points: ``block`` shape (k, N), mask order, the next k volumes."""
@@ -285,7 +295,7 @@ class ScanWriter:
                 part = block[t0 : t0 + rows, c0 : c0 + width]
                 self._pending.append((ds, (t0, c0), part.size,
                                       pool().submit(encode_chunk, part, (rows, width),
-                                                    noise_bytes=noise_bytes)))
+                                                    stored=noise_bytes)))
                 self._pending_values += part.size
         self._whole.add(k)
         self.store_pending(PENDING_VALUES)
@@ -329,7 +339,10 @@ class ScanWriter:
             width = ds.chunks[1]
             for c0 in range(0, block.shape[1], width):
                 jobs.append((ds, (t0, c0), block[:, c0 : c0 + width], (self._chunk_t, width)))
-        encoded = pool().map(lambda job: encode_chunk(job[2], job[3]), jobs)
+        if self._stored is None:  # the scan's noise planes, judged on its first chunks
+            self._stored = noise_planes([job[2] for job in jobs])
+        stored = self._stored
+        encoded = pool().map(lambda job: encode_chunk(job[2], job[3], stored=stored), jobs)
         for (ds, offset, _, _), payload in zip(jobs, encoded, strict=True):
             ds.id.write_direct_chunk(offset, payload)
         self._written += rows
