@@ -173,7 +173,7 @@ def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
                 bands = (band for _, band in stage.series())
                 for k, block in clean_clusters(bands, layout.counts, confounds.table, None,
                                                opts):
-                    scan.write_cluster(k, block, copy=False, noise_bytes=2)
+                    scan.write_cluster(k, block, copy=False)
     elif mode == "nilearn":
         from nilearn.maskers import NiftiLabelsMasker
 

@@ -47,6 +47,8 @@ TIME_CHUNK = 128
 VOXEL_CHUNK = 1024
 #: Values of whole-cluster writes (float32) that may wait for their encoding: 16 MB.
 PENDING_VALUES = 4_000_000
+#: Values a whole-cluster block needs for its chunks to judge the scan's noise planes.
+PROBE_VALUES = 1 << 16
 
 
 class MultiScanWriter(AtomicH5Writer):
@@ -269,8 +271,7 @@ class ScanWriter:
             if self._filled == self._chunk_t or self._written + self._filled == self.n_time:
                 self._flush()
 
-    def write_cluster(self, k: int, block: np.ndarray, *, copy: bool = True,
-                      noise_bytes: int = 0) -> None:
+    def write_cluster(self, k: int, block: np.ndarray, *, copy: bool = True) -> None:
         """Store the whole series of the ``k``-th cluster (ascending id) at once: ``block``
         shape (T, n_k), mask order within the cluster. An alternative to the time blocks of
         :meth:`write_grouped` for data that come cluster by cluster.
@@ -278,9 +279,9 @@ class ScanWriter:
         Chunks are encoded in the thread pool while the caller goes on (the next cluster is
         computed meanwhile); at most :data:`PENDING_VALUES` values wait to be stored, and
         :meth:`check_complete` stores the rest. With ``copy=False`` a float32 ``block`` is
-        encoded where it is: the caller must not change it afterwards. ``noise_bytes``: the
-        low bytes of the values are noise (e.g. regression residuals), stored in the chunks
-        rather than compressed (:func:`~bids_fmristore.formats._chunks.deflate_planes`)."""
+        encoded where it is: the caller must not change it afterwards. The scan's noise planes
+        are judged on the first block of at least :data:`PROBE_VALUES` values (regression
+        residuals: the three low bytes); smaller blocks before it are wholly deflated."""
         if not self.wants_voxels:
             return
         self._check_open()
@@ -290,13 +291,17 @@ class ScanWriter:
         # encoded after this returns: an own copy unless the caller gives it up
         block = np.array(block, dtype=np.float32) if copy else np.asarray(block, np.float32)
         rows, width = ds.chunks
-        for t0 in range(0, block.shape[0], rows):
-            for c0 in range(0, block.shape[1], width):
-                part = block[t0 : t0 + rows, c0 : c0 + width]
-                self._pending.append((ds, (t0, c0), part.size,
-                                      pool().submit(encode_chunk, part, (rows, width),
-                                                    stored=noise_bytes)))
-                self._pending_values += part.size
+        parts = [((t0, c0), block[t0 : t0 + rows, c0 : c0 + width])
+                 for t0 in range(0, block.shape[0], rows)
+                 for c0 in range(0, block.shape[1], width)]
+        if self._stored is None and block.size >= PROBE_VALUES:
+            self._stored = noise_planes([part for _, part in parts])
+        stored = self._stored or 0
+        for offset, part in parts:
+            self._pending.append((ds, offset, part.size,
+                                  pool().submit(encode_chunk, part, (rows, width),
+                                                stored=stored)))
+            self._pending_values += part.size
         self._whole.add(k)
         self.store_pending(PENDING_VALUES)
 

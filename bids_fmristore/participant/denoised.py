@@ -208,7 +208,7 @@ def write_denoised(path: Path, denoising: Denoising, *,
                 confounds = kept_confounds[name]
                 for k, block in clean_clusters(voxels(name), sizes, confounds.table,
                                                confounds.sample_mask, _options(denoising, run)):
-                    # a new array each; cleaned values' two low bytes are noise
-                    scan.write_cluster(k, block, copy=False, noise_bytes=2)
+                    # a new array each; its low bytes are noise (stored, not deflated)
+                    scan.write_cluster(k, block, copy=False)
             scan.check_complete()
     return scans, failed, cleaned
