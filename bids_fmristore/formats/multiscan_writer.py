@@ -280,8 +280,8 @@ class ScanWriter:
         computed meanwhile); at most :data:`PENDING_VALUES` values wait to be stored, and
         :meth:`check_complete` stores the rest. With ``copy=False`` a float32 ``block`` is
         encoded where it is: the caller must not change it afterwards. The scan's noise planes
-        are judged on the first block of at least :data:`PROBE_VALUES` values (regression
-        residuals: the three low bytes); smaller blocks before it are wholly deflated."""
+        are judged on the first block of at least :data:`PROBE_VALUES` values (cleaned series:
+        the two low bytes, three when centred); smaller blocks before it are wholly deflated."""
         if not self.wants_voxels:
             return
         self._check_open()
