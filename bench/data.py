@@ -17,6 +17,9 @@ CASES = {
     "f32-T300-L100": ("float32", 300, 100),
     "i16-T300-L400": ("int16", 300, 400),
     "f32-T1000-L400": ("float32", 1000, 400),
+    # values at full float32 precision, as resampled fMRIPrep runs hold them (the cases above
+    # round to 0.01): two byte planes of noise in the voxel series
+    "f32full-T300-L400": ("float32-full", 300, 400),
 }
 
 
@@ -57,8 +60,12 @@ def make_atlas(mask: np.ndarray, n_labels: int, out: Path) -> Path:
 
 
 def make_bold(mask: np.ndarray, dtype: str, n_t: int, out: Path) -> Path:
-    """A realistic-looking run: smooth baseline, slow drifts, white noise; zero outside."""
+    """A realistic-looking run: smooth baseline, slow drifts, white noise; zero outside.
+    ``dtype``: float32 (values rounded to 0.01), float32-full (not rounded) or int16 (scaled
+    by 0.05)."""
     import nibabel as nib
+
+    rounded, dtype = dtype == "float32", dtype.removesuffix("-full")
     from isal import igzip
 
     rng = np.random.default_rng(n_t)
@@ -80,7 +87,10 @@ def make_bold(mask: np.ndarray, dtype: str, n_t: int, out: Path) -> Path:
         for t in range(n_t):
             vol = base * (1 + 0.01 * np.sin(t / 20)) + rng.normal(0, 8, SHAPE).astype(
                 np.float32) * mask
-            vol = np.round(vol, 2) if dtype == "float32" else np.round(vol / slope)
+            if dtype == "int16":
+                vol = np.round(vol / slope)
+            elif rounded:
+                vol = np.round(vol, 2)
             f.write(np.asfortranarray(vol.astype(dtype)).tobytes(order="F"))
     return out
 
