@@ -71,7 +71,7 @@ def test_stored_planes_are_one_zlib_stream(rng, stored, n):
     noise = rng.integers(0, 256, (stored, n))
     smooth = rng.integers(60, 64, (4 - stored, n))
     planes = np.concatenate([noise, smooth]).astype(np.uint8)
-    out = deflate_planes(planes, stored)
+    out = deflate_planes(planes, [j < stored for j in range(4)])
     assert zlib.decompress(out) == planes.tobytes()
     blocks = -(-n // 65535)
     deflated = len(zlib.compress(planes[stored:].tobytes(), 1))
@@ -197,8 +197,8 @@ def test_noise_bytes_chunks_decode_with_hdf5(tmp_path, rng):
             for t0 in range(0, 130, rows):
                 for c0 in range(0, 1500, width):
                     part = data[t0 : t0 + rows, c0 : c0 + width]
-                    ds.id.write_direct_chunk((t0, c0), encode_chunk(part, (rows, width),
-                                                                    stored=noise_bytes))
+                    ds.id.write_direct_chunk((t0, c0), encode_chunk(
+                        part, (rows, width), stored=[j < noise_bytes for j in range(4)]))
             sizes[noise_bytes] = ds.id.get_storage_size()
         with h5py.File(path, "r") as f:
             np.testing.assert_array_equal(f["x"][()], data)

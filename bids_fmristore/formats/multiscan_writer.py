@@ -296,7 +296,7 @@ class ScanWriter:
                  for c0 in range(0, block.shape[1], width)]
         if self._stored is None and block.size >= PROBE_VALUES:
             self._stored = noise_planes([part for _, part in parts])
-        stored = self._stored or 0
+        stored = self._stored or ()
         for offset, part in parts:
             self._pending.append((ds, offset, part.size,
                                   pool().submit(encode_chunk, part, (rows, width),
