@@ -304,3 +304,58 @@ def test_chunked_datasets_are_the_bytes_h5py_writes(tmp_path, rng):
 def test_chunked_datasets_refuse_chunks_larger_than_the_shape(tmp_path):
     with h5py.File(tmp_path / "x.h5", "w") as f, pytest.raises(ValueError, match="do not fit"):
         ChunkedFloat32().create(f, "a", (10, 5), (10, 6))
+
+
+def test_row_buffers_hand_finished_buffers_on():
+    """A taker gets the smallest waiting buffer that fits (its memory, reshaped), or a new
+    one; at most ``keep`` wait, the largest kept; clear() drops them."""
+    from bids_fmristore.formats._chunks import RowBuffers
+
+    buffers = RowBuffers(keep=2)
+    first = buffers.take((10, 100))
+    assert first.shape == (10, 100) and first.dtype == np.float32
+    small, large = buffers.take((5, 100)), buffers.take((20, 100))
+    for array in (first, small, large):
+        buffers.give(array)  # three given, two kept: the 10x100 and the 20x100
+    again = buffers.take((4, 100))
+    assert np.shares_memory(again, first) and again.flags.c_contiguous
+    assert np.shares_memory(buffers.take((20, 100)), large)
+    assert not np.shares_memory(buffers.take((1, 100)), small)  # dropped: a new one
+    buffers.give(again)
+    buffers.clear()
+    assert not np.shares_memory(buffers.take((4, 100)), first)
+
+
+def test_scans_of_a_writer_reuse_the_time_row_buffer(tmp_path, rng, monkeypatch):
+    """The second and third scans of a writer fill the buffer the first one finished with
+    (no new 92 MB to fault in at 2 mm), even with another length; every scan's values are
+    in the file."""
+    from bids_fmristore.formats import _chunks
+
+    taken = []
+    original = _chunks.RowBuffers.take
+
+    def take(self, shape):
+        array = original(self, shape)
+        taken.append(array)
+        return array
+
+    monkeypatch.setattr(_chunks.RowBuffers, "take", take)
+    mask = np.ones((10, 10, 6), bool)
+    layout = ClusterLayout(mask, np.repeat([1, 2, 3], 200))
+    geometry = Geometry(mask.shape, np.eye(4))
+    series = {name: rng.normal(size=(n, 600)).astype(np.float32)
+              for name, n in (("a", 90), ("b", 90), ("c", 60))}
+    path = tmp_path / "f.h5"
+    with MultiScanWriter(path, geometry=geometry, layout=layout, store="full") as w:
+        for name, data in series.items():
+            scan = w.add_scan(name, data.shape[0])
+            for t0 in range(0, data.shape[0], 7):
+                scan.write_voxels(data[t0 : t0 + 7])
+            scan.check_complete()
+    assert len(taken) == 3
+    assert np.shares_memory(taken[1], taken[0]) and np.shares_memory(taken[2], taken[0])
+    with ParcellatedMultiScan(path) as f:
+        for name, data in series.items():
+            got = np.concatenate([f.cluster_series(name, k) for k in (1, 2, 3)], axis=1)
+            np.testing.assert_array_equal(got, data)
