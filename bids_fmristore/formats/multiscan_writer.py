@@ -216,7 +216,8 @@ class ScanWriter:
     them; h5py's own single-threaded deflate would be the bottleneck otherwise. Byte planes
     that deflate hardly shortens in the scan's first chunks (the low mantissa bytes of noisy
     float data) are stored in every chunk of the scan instead
-    (:func:`~bids_fmristore.formats._chunks.noise_planes`).
+    (:func:`~bids_fmristore.formats._chunks.noise_planes`). The time-row buffer is taken from
+    ``buffers`` (the writer's) and handed back there when the scan is complete.
     """
 
     def __init__(self, group: h5py.Group, layout: ClusterLayout, n_time: int, store: Store,
