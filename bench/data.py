@@ -64,9 +64,9 @@ def make_bold(mask: np.ndarray, dtype: str, n_t: int, out: Path) -> Path:
     ``dtype``: float32 (values rounded to 0.01), float32-full (not rounded) or int16 (scaled
     by 0.05)."""
     import nibabel as nib
+    from isal import igzip
 
     rounded, dtype = dtype == "float32", dtype.removesuffix("-full")
-    from isal import igzip
 
     rng = np.random.default_rng(n_t)
     base = np.where(mask, 800 + 200 * np.sin(np.indices(SHAPE).sum(0) / 9.0), 0).astype(

@@ -200,9 +200,10 @@ def deflate_planes(planes: np.ndarray, stored: Sequence[bool]) -> bytes:
         data = np.ascontiguousarray(planes[start:stop])
         if flags[start]:
             view = memoryview(data.reshape(-1)).cast("B")
-            pieces = [view[i : i + _STORED_MAX] for i in range(0, len(view), _STORED_MAX)]
-            for k, piece in enumerate(pieces or [view]):  # BTYPE=00, byte-aligned
-                final = last and k == max(len(pieces), 1) - 1
+            pieces = ([view[i : i + _STORED_MAX] for i in range(0, len(view), _STORED_MAX)]
+                      or [view])  # an empty run still needs its (final) block
+            for k, piece in enumerate(pieces):  # BTYPE=00, byte-aligned
+                final = last and k == len(pieces) - 1
                 parts += [struct.pack("<BHH", final, len(piece), len(piece) ^ 0xFFFF), piece]
         else:
             coder = _zlib.compressobj(DIRECT_LEVEL, _zlib.DEFLATED, -15)  # raw deflate

@@ -221,7 +221,7 @@ class ScanWriter:
     """
 
     def __init__(self, group: h5py.Group, layout: ClusterLayout, n_time: int, store: Store,
-                 buffers: RowBuffers | None = None):
+                 buffers: RowBuffers):
         self.layout, self.n_time = layout, n_time
         self._written = 0
         self._datasets: list[h5py.Dataset] = []
@@ -243,7 +243,7 @@ class ScanWriter:
         self.wants_summary = store in ("summary", "both")
         self._summary_written = False
         self._buffer: np.ndarray | None = None
-        self._buffers = buffers if buffers is not None else RowBuffers(keep=0)
+        self._buffers = buffers
         self._filled = 0
         self._whole: set[int] = set()
         self._pending: deque = deque()  # (dataset, offset, values, future of the bytes)
