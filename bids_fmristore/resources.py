@@ -10,7 +10,8 @@ import functools
 import gc
 import os
 
-__all__ = ["available_cpus", "exit_without_collections", "release_free_memory"]
+__all__ = ["available_cpus", "defer_collections", "exit_without_collections",
+           "release_free_memory", "resume_collections"]
 
 
 def available_cpus() -> int:
@@ -53,3 +54,37 @@ def exit_without_collections() -> None:
     frozen process makes later is collected, what it had is not).
     """
     atexit.register(gc.freeze)
+
+
+#: :func:`defer_collections` turned the collector off and :func:`resume_collections` has not
+#: turned it on again yet
+_deferred = False
+
+
+def defer_collections() -> None:
+    """For a process's entry point: no garbage collection until :func:`resume_collections`,
+    and none at exit (:func:`exit_without_collections`).
+
+    Start-up (the imports of pybids' SQLAlchemy, pandas, nibabel and h5py, the parsers, the
+    atlases) makes ~105,000 long-lived objects and next to no garbage, yet the collector
+    traversed them 276 times meanwhile: 0.1 s of a 4-run command, in the only thread then
+    running. Frozen when collections resume, they are not traversed again by the full
+    collections during the runs either (0.09 s, each holding the GIL that the run threads
+    wait for).
+    """
+    global _deferred
+    exit_without_collections()
+    if gc.isenabled():
+        gc.disable()
+        _deferred = True
+
+
+def resume_collections() -> None:
+    """After :func:`defer_collections`, before work whose garbage grows with the input
+    (indexing a dataset, the runs): freeze every object made so far (never traversed again)
+    and collect from then on. Otherwise nothing."""
+    global _deferred
+    if _deferred:
+        _deferred = False
+        gc.freeze()
+        gc.enable()

@@ -305,3 +305,60 @@ def test_the_process_ends_without_final_collections_and_loses_nothing(tmp_path, 
     (log,) = logs(ds["out"])
     assert "INFO bids_fmristore: finished in" in log.read_text().splitlines()[-1]
     assert not list(ds["out"].rglob(f"*{PARTIAL_MARK}*"))
+
+
+def test_start_up_is_not_collected_and_collections_resume_before_the_dataset(tmp_path, rng):
+    """The command collects no garbage during start-up (its imports make long-lived objects
+    only) and collects again, those objects frozen, before pybids indexes the dataset and
+    before the runs, whose garbage grows with the input; the group level too."""
+    import subprocess
+    import textwrap
+
+    ds = build(tmp_path, rng, runs={"01": (1,), "02": (1,)})
+    probe = textwrap.dedent("""\
+        import gc, sys
+        collections = [0]
+        gc.callbacks.append(lambda phase, info: collections.__setitem__(
+            0, collections[0] + (phase == "start")))
+        import bids_fmristore.group as g
+        import bids_fmristore.inputs.discovery as d
+        import bids_fmristore.participant as p
+
+        def spy(name, module):
+            real = getattr(module, name)
+            def call(*a, **k):
+                print(name, gc.isenabled(), gc.get_freeze_count(), collections[0],
+                      file=sys.stderr)
+                return real(*a, **k)
+            setattr(module, name, call)
+
+        for name, module in (("discover", d), ("run_jobs", p), ("write_group", g)):
+            spy(name, module)
+        import bids_fmristore.cli.run as run
+        print("start", gc.isenabled(), gc.get_freeze_count(), collections[0], file=sys.stderr)
+        sys.argv = ["bids_fmristore", *sys.argv[1:]]
+        code = run.console()
+        print("end", gc.isenabled(), file=sys.stderr)
+        sys.exit(code)
+        """)
+    seen = {}
+    for level in ("participant", "group"):
+        argv = args(ds) if level == "participant" else [str(ds["bids"]), str(ds["out"]),
+                                                         "group"]
+        proc = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert proc.returncode == EXIT_OK, proc.stderr
+        for line in proc.stderr.splitlines():
+            name, *state = line.split()
+            if name in ("start", "discover", "run_jobs", "write_group", "end"):
+                seen[(level, name)] = (state[0] == "True", *map(int, state[1:]))
+    enabled, frozen, before = seen[("participant", "start")]
+    assert enabled and frozen == 0  # a plain interpreter until the command starts
+    # the atlas read, the parsing, the imports the command makes itself: not collected
+    enabled, frozen, collected = seen[("participant", "discover")]
+    assert collected == before
+    assert enabled and frozen > 10_000  # start-up's objects, pybids' and pandas' among them
+    for key in (("participant", "run_jobs"), ("group", "write_group")):
+        enabled, frozen, _ = seen[key]
+        assert enabled and frozen > 10_000, key
+    assert seen[("participant", "end")] == (True,) and seen[("group", "end")] == (True,)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bids_fmristore.cli.run import run_command
 from bids_fmristore.export import FORMATS, export_file
+from bids_fmristore.resources import resume_collections
 
 __all__ = ["build_export_parser", "export_main"]
 
@@ -48,6 +49,7 @@ def export_main(argv: list[str] | None = None) -> int:
         return int(stop.code or 0)
 
     def export() -> int:
+        resume_collections()
         written = export_file(opts.file, opts.out_dir, compress=opts.compress,
                               overwrite=opts.overwrite, labels=opts.labels,
                               image_format=opts.image_format)

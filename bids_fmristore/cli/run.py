@@ -22,7 +22,7 @@ from bids_fmristore.errors import (
     UserError,
 )
 from bids_fmristore.interrupt import Terminated, handle_signals
-from bids_fmristore.resources import available_cpus, exit_without_collections
+from bids_fmristore.resources import available_cpus, defer_collections, resume_collections
 
 __all__ = ["console", "main", "run_command"]
 
@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def console() -> int:
     """The ``bids_fmristore`` console script and ``python -m bids_fmristore``: :func:`main`,
-    then an exit without the interpreter's final garbage collections."""
-    exit_without_collections()
+    without garbage collections during start-up (resumed, with start-up's objects frozen,
+    before the work that grows with the input) nor at exit."""
+    defer_collections()
     return main()
 
 
@@ -245,6 +246,7 @@ def participant(opts) -> int:
                            templateflow_home=default_templateflow_home(),
                            allow_space_mismatch=opts.allow_atlas_space_mismatch,
                            overwrite=opts.overwrite)
+    resume_collections()  # pybids' garbage grows with the dataset
     found = discover(
         bids_dir, derivatives=derivatives, participants=opts.participant_label,
         sessions=opts.session_label, tasks=opts.task_id, space=space, res=res,
@@ -312,6 +314,7 @@ def _index_only(opts, bids_dir: Path, output_dir: Path, derivatives: dict) -> in
         raise UsageError("--index-only builds the --bids-database-dir index of all subjects: "
                          "give --bids-database-dir DIR, without --participant-label")
     _start(opts, "participant", output_dir)
+    resume_collections()
     for path in build_index(bids_dir, opts.bids_database_dir, derivatives=derivatives,
                             validate=not opts.skip_bids_validation,
                             exclude=[output_dir] + ([opts.work_dir] if opts.work_dir else [])):
@@ -364,6 +367,7 @@ def group(opts) -> int:
         return _reports_only(opts, output_dir, "group")
     started = time.monotonic()
     _start(opts, "group", output_dir)
+    resume_collections()  # one subject's maps at a time, but 1,000s of subjects
     remove_stale([output_dir, output_dir / "group", output_dir / "group" / "figures"])
     if opts.cohort_file is not None:
         from bids_fmristore.group.cohort import read_cohort, write_cohort_sets
@@ -400,6 +404,7 @@ def _reports_only(opts, output_dir: Path, level: str) -> int:
     if not output_dir.is_dir():
         raise InputError(f"OUTPUT_DIR {output_dir} does not exist: run the {level} level first")
     _start(opts, level, output_dir)
+    resume_collections()
     pages = rebuild_reports(output_dir, level, participants=opts.participant_label)
     log.info("%d report(s) rebuilt", len(pages))
     return EXIT_OK
