@@ -215,6 +215,7 @@ def import_modules(mode: str) -> None:
         import bids_fmristore.compute.parcellate  # noqa: F401
         import bids_fmristore.formats.multiscan  # noqa: F401
     elif mode in ("participant", "participant-report"):
+        import bids_fmristore.cli.levels  # noqa: F401
         import bids_fmristore.cli.run  # noqa: F401
         import bids_fmristore.inputs.discovery  # noqa: F401
         import bids_fmristore.participant  # noqa: F401

@@ -112,11 +112,11 @@ def test_runs_read_in_threads_give_the_serial_files(dataset, monkeypatch):
     """Two runs at a time (the default on 2 CPUs) write what one at a time writes."""
     import threading
 
-    import bids_fmristore.cli.run as cli_run
+    import bids_fmristore.cli.levels as levels
     import bids_fmristore.participant.build as build
 
     tmp_path, atlases = dataset
-    monkeypatch.setattr(cli_run, "available_cpus", lambda: 1)
+    monkeypatch.setattr(levels, "available_cpus", lambda: 1)
     assert cli(tmp_path, atlases, "serial", "--store", "both") == 0
     running, most = set(), []
     lock = threading.Lock()
@@ -133,7 +133,7 @@ def test_runs_read_in_threads_give_the_serial_files(dataset, monkeypatch):
                 running.discard(run.path)
 
     monkeypatch.setattr(build, "write_scans", counted)
-    monkeypatch.setattr(cli_run, "available_cpus", lambda: 2)
+    monkeypatch.setattr(levels, "available_cpus", lambda: 2)
     assert cli(tmp_path, atlases, "threads", "--store", "both") == 0
     assert max(most) == 2  # the runs did overlap
     for a in sorted((tmp_path / "serial").rglob("*.h5")):
