@@ -105,7 +105,8 @@ def floor(bold: Path) -> None:
 
 
 def run_command(ds: dict[str, Path], out: Path, store: str, extra: tuple = ()) -> dict:
-    """Wall time and peak RSS (MB) of the whole command in a fresh process."""
+    """Wall time, CPU time (user + system, all threads) and peak RSS (MB) of the whole command
+    in a fresh process."""
     if out.exists():
         shutil.rmtree(out)
     os.sync()  # no earlier command's writeback during this one (see run.remove_outputs)
@@ -121,4 +122,5 @@ def run_command(ds: dict[str, Path], out: Path, store: str, extra: tuple = ()) -
     proc.stderr.close()
     if os.waitstatus_to_exitcode(status):
         raise RuntimeError(f"bids_fmristore failed:\n{err}")
-    return {"wall": wall, "peak_mb": usage.ru_maxrss / 1024}
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime,
+            "peak_mb": usage.ru_maxrss / 1024}

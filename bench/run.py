@@ -289,24 +289,22 @@ def main() -> None:
                 for mode in a.modes:
                     results[mode].append(measure(mode, paths, Path(tmp)))
         med = {m: statistics.median(r["wall"] for r in results[m]) for m in a.modes}
+        # CPU time of the process, all threads: what the work costs, whatever the overlap
+        cpu = {m: statistics.median(r["cpu"] for r in results[m]) for m in a.modes}
         peak = {m: max(r["peak_mb"] for r in results[m]) for m in a.modes}
-        rows.append((case, med, peak))
+        rows.append((case, med, cpu))
         print(header if len(rows) == 1 else "", end="\n" if len(rows) == 1 else "")
         print(f"{case:16s} " + " ".join(f"{med[m]:10.2f} {peak[m]:10.0f}" for m in a.modes))
-        if "participant" in med and "participant-report" in med:
-            # CPU time of the process (all threads): steadier than wall time on a shared host
-            cpu = {m: statistics.median(r["cpu"] for r in results[m])
-                   for m in ("participant", "participant-report")}
-            print(f"{'':16s} CPU s: participant {cpu['participant']:.2f}, participant-report "
-                  f"{cpu['participant-report']:.2f}, m/l "
-                  f"{cpu['participant-report'] / cpu['participant']:.3f}")
-    print("\nratios (median wall time):")
-    for case, med, _ in rows:
-        parts = [f"{label}: {med[num] / med[den]:.2f}" for label, num, den in RATIOS
-                 if num in med and den in med]
-        parts += [f"{label}: {(med[a] - med[b]) / med[u]:.2f}" for label, a, b, u in ADDED
-                  if a in med and b in med and u in med]
-        print(f"  {case:16s} " + "   ".join(parts))
+        print(f"{'  CPU s':16s} " + " ".join(f"{cpu[m]:10.2f} {'':10s}" for m in a.modes))
+    for title, which in (("wall time", 1), ("CPU time, all threads", 2)):
+        print(f"\nratios (median {title}):")
+        for row in rows:
+            case, med = row[0], row[which]
+            parts = [f"{label}: {med[num] / med[den]:.2f}" for label, num, den in RATIOS
+                     if num in med and den in med]
+            parts += [f"{label}: {(med[x] - med[y]) / med[u]:.2f}" for label, x, y, u in ADDED
+                      if x in med and y in med and u in med]
+            print(f"  {case:16s} " + "   ".join(parts))
 
 
 if __name__ == "__main__":
