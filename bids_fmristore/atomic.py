@@ -6,7 +6,9 @@ rename within one file system (atomic on POSIX).
 
 Temporary names embed the writer's owner token (host, pid, random) and each temporary has a
 sibling lock file (``<temporary>.lock``) that the writer holds an exclusive :func:`fcntl.flock`
-on for the temporary's whole life. Several jobs (a SLURM array, possibly on several nodes)
+on for the temporary's whole life. :func:`atomic_folder` does the same for a folder (a
+``.nii.zarr`` store); the folder it replaces waits under ``<temporary>.old``, covered by the
+same lock, until the new one is in place. Several jobs (a SLURM array, possibly on several nodes)
 share OUTPUT_DIR, so :mod:`bids_fmristore.stale` removes a leftover only when it can take that
 lock, i.e. when its writer is dead.
 """
@@ -17,6 +19,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,13 +31,16 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
-__all__ = ["atomic_path", "atomic_write_text", "unreserve", "PARTIAL_MARK", "LOCK_SUFFIX",
-           "owner_token", "parse_token", "remove_own_temporaries", "write_once", "WrittenTwice"]
+__all__ = ["atomic_folder", "atomic_path", "atomic_write_text", "unreserve", "PARTIAL_MARK",
+           "LOCK_SUFFIX", "ASIDE_SUFFIX", "final_of", "owner_token", "parse_token",
+           "remove_own_temporaries", "remove_path", "write_once", "WrittenTwice"]
 
 #: Substring of every temporary name, so that leftovers of a killed process are recognisable.
 PARTIAL_MARK = ".partial-"
 #: Suffix of a temporary's lock file (``<temporary name>.lock``).
 LOCK_SUFFIX = ".lock"
+#: Suffix of the folder :func:`atomic_folder` replaces, while it does (``<temporary>.old``).
+ASIDE_SUFFIX = ".old"
 
 #: Final paths claimed in the current invocation (None: no invocation is being checked).
 _claimed: set[Path] | None = None
@@ -102,8 +108,15 @@ def _lock(fd: int) -> bool:
     return True
 
 
-def _create_temp(final: Path) -> tuple[Path, Path, int]:
-    """Create lock file (locked) then temporary; return (temporary, lock, lock fd)."""
+def final_of(temporary: Path) -> Path:
+    """The final path a temporary (or its lock file, or a folder set aside) was made for."""
+    name = temporary.name
+    return temporary.with_name(name[1 : name.rindex(PARTIAL_MARK)])
+
+
+def _create_temp(final: Path, *, folder: bool = False) -> tuple[Path, Path, int]:
+    """Create lock file (locked) then temporary (an empty file, or a folder); return
+    (temporary, lock, lock fd)."""
     for _ in range(100):
         name = f".{final.name}{PARTIAL_MARK}{owner_token()}.{secrets.token_hex(4)}{final.suffix}"
         tmp = final.parent / name
@@ -122,7 +135,10 @@ def _create_temp(final: Path) -> tuple[Path, Path, int]:
             if os.fstat(fd).st_ino != os.stat(lock).st_ino:
                 raise FileNotFoundError(lock)
             _live[tmp] = lock
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            if folder:
+                os.mkdir(tmp)
+            else:
+                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         except (FileExistsError, FileNotFoundError):
             _live.pop(tmp, None)
             _release(lock, fd)
@@ -151,12 +167,27 @@ def remove_own_temporaries() -> list[Path]:
     """
     removed = []
     for tmp, lock in list(_live.items()):
-        for path in (tmp, lock):
+        aside = tmp.with_name(tmp.name + ASIDE_SUFFIX)
+        if aside.is_dir() and not final_of(tmp).exists():  # between atomic_folder's renames
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.replace(aside, final_of(tmp))
+        for path in (tmp, aside, lock):
+            remove_path(path)
         _live.pop(tmp, None)
         removed.append(tmp)
     return removed
+
+
+def remove_path(path: Path) -> bool:
+    """Remove a file or a folder tree if it is there; True if it was."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+    try:
+        os.unlink(path)
+    except OSError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -202,6 +233,54 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator
         raise
     _release(lock, fd)
     _live.pop(tmp_path, None)
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``final``; on success it replaces ``final``.
+
+    As :func:`atomic_path` (owner token, lock file, nothing published after a signal), for a
+    folder: if the body raises, the temporary folder is removed and ``final`` is left as it
+    was. A replaced ``final`` is first renamed aside (``<temporary>.old``), then removed once
+    the new folder is in place, so its name never shows a partial image; a writer killed in
+    between leaves the old folder aside, which :mod:`bids_fmristore.stale` puts back.
+
+    Raises
+    ------
+    FileExistsError
+        ``final`` exists and ``overwrite`` is false (checked before and after writing).
+    """
+    final = Path(final)
+    if not overwrite and (final.exists() or final.is_symlink()):
+        raise FileExistsError(final)
+    _claim(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp, lock, fd = _create_temp(final, folder=True)
+    try:
+        yield tmp
+        signum = interrupt.received()
+        if signum is not None:  # as atomic_path: nothing is published after a signal
+            raise interrupt.Terminated(signum)
+        if final.exists() or final.is_symlink():
+            if not overwrite:
+                raise FileExistsError(final)
+            aside = tmp.with_name(tmp.name + ASIDE_SUFFIX)
+            os.replace(final, aside)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(aside, final)
+                raise
+            remove_path(aside)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _release(lock, fd)
+        _live.pop(tmp, None)
+        raise
+    _release(lock, fd)
+    _live.pop(tmp, None)
 
 
 def unreserve(tmp: Path) -> Path:

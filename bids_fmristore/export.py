@@ -55,11 +55,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from bids_fmristore.atomic import atomic_path, unreserve
+from bids_fmristore.atomic import atomic_folder, atomic_path, unreserve
 from bids_fmristore.errors import InputError, UsageError
 from bids_fmristore.formats import detect
-from bids_fmristore.formats.nifti_zarr import atomic_folder, write_nifti_zarr
+from bids_fmristore.formats.nifti_zarr import write_nifti_zarr
 from bids_fmristore.inputs.nifti_zarr import import_zarr
+from bids_fmristore.stale import remove_stale
 
 try:  # isal's deflate is several times faster than zlib's at the same ratio
     from isal import igzip as _gzip
@@ -173,6 +174,9 @@ def export_file(
     kind = _kind(path)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"OUT_DIR {out_dir} exists and is not a folder")
+    # what a killed export left (an image set aside while replaced goes back first, so that
+    # the check of existing images below sees it)
+    remove_stale([out_dir])
     suffix = ".nii.zarr" if image_format == "nifti-zarr" else ".nii.gz" if compress else ".nii"
     wanted = None if labels is None else list(dict.fromkeys(labels))
     stem = path.name[: -len(".h5")] if path.name.endswith(".h5") else path.stem

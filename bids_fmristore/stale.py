@@ -1,7 +1,9 @@
 """Removal of temporaries left by killed writers (SIGKILL, node failure, out of memory).
 
-Only files written by :func:`bids_fmristore.atomic.atomic_path` are considered (their
-names contain ``PARTIAL_MARK`` and an owner token), and only when their writer is dead: a live
+Only temporaries of :func:`bids_fmristore.atomic.atomic_path` and
+:func:`~bids_fmristore.atomic.atomic_folder` are considered (their names contain
+``PARTIAL_MARK`` and an owner token), and only when their writer is dead (a folder such a
+writer had set aside to replace it is put back if its replacement never got there): a live
 writer holds an exclusive ``flock`` on the temporary's lock file, so a cleaner that can take
 that lock without blocking knows the owner has gone. Several jobs may share OUTPUT_DIR, on
 several nodes, so this is the only safe test. Where the file system does not support flock,
@@ -12,14 +14,21 @@ free: another host's temporary must also be untouched for :data:`OTHER_HOST_AGE`
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from bids_fmristore.atomic import LOCK_SUFFIX, PARTIAL_MARK, owner_token, parse_token
+from bids_fmristore.atomic import (
+    ASIDE_SUFFIX,
+    LOCK_SUFFIX,
+    PARTIAL_MARK,
+    final_of,
+    owner_token,
+    parse_token,
+    remove_path,
+)
 
 try:
     import fcntl
@@ -77,22 +86,25 @@ def _temp_of(path: Path) -> Path:
 
 
 def _remove_if_dead(tmp: Path) -> bool:
-    lock = tmp.with_name(tmp.name + LOCK_SUFFIX)
-    if tmp.is_dir() or lock.is_dir():  # not atomic_path's kind
+    # a folder that atomic_folder set aside is covered by its temporary's lock
+    owner = (tmp.with_name(tmp.name[: -len(ASIDE_SUFFIX)]) if tmp.name.endswith(ASIDE_SUFFIX)
+             else tmp)
+    lock = owner.with_name(owner.name + LOCK_SUFFIX)
+    if lock.is_dir():  # not ours
         return False
     try:
         fd = os.open(lock, os.O_RDWR)
     except FileNotFoundError:
         # writers create the lock before the temporary and remove it after: a temporary
         # without a lock file has no live writer
-        return _unlink(tmp, None)
+        return _discard(tmp, None)
     except OSError:
         return False
     try:
         dead = _owner_dead(fd, tmp.name) and _quiet_long_enough(tmp)
         if dead:
-            # unlink while holding the lock: a writer that races for this name sees it go
-            return _unlink(tmp, lock)
+            # removed while holding the lock: a writer that races for this name sees it go
+            return _discard(tmp, lock)
         return False
     finally:
         os.close(fd)
@@ -135,14 +147,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _unlink(tmp: Path, lock: Path | None) -> bool:
-    existed = False
-    for path in (tmp, lock):
-        if path is None:
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            existed = existed or path == tmp
-    if existed:
-        log.info("removed %s, a temporary file left by an interrupted run", tmp)
-    return existed
+def _discard(tmp: Path, lock: Path | None) -> bool:
+    """Remove a dead writer's temporary (file or folder) and its lock; a folder it had set
+    aside to replace it goes back to its name if the replacement never got there."""
+    final = final_of(tmp)
+    if tmp.name.endswith(ASIDE_SUFFIX) and tmp.is_dir() and not (
+            final.exists() or final.is_symlink()):
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            return False
+        log.info("restored %s, which an interrupted run had set aside to replace it", final)
+        done = True
+    else:
+        kind = "folder" if tmp.is_dir() and not tmp.is_symlink() else "file"
+        done = remove_path(tmp)
+        if done:
+            log.info("removed %s, a temporary %s left by an interrupted run", tmp, kind)
+    if lock is not None:
+        remove_path(lock)
+    return done

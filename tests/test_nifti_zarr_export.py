@@ -148,6 +148,45 @@ def test_overwrite_replaces_the_folder_and_refusal_writes_nothing(labeled, tmp_p
     check_same_image(first, export_file(path, tmp_path / "n", labels=[LABELS[0]])[0])
 
 
+def test_a_rerun_repairs_what_a_killed_export_left(labeled, tmp_path: Path, capsys) -> None:
+    """An export killed while replacing an image (the old one set aside, the new one not in
+    place): the next export puts the old image back before it decides what exists, and
+    removes the partial new one; nothing of the killed run remains."""
+    import signal
+    import subprocess
+    import textwrap
+
+    path, _ = labeled
+    out = tmp_path / "out"
+    args = [str(path), str(out), "--format", "nifti-zarr"]
+    assert export_main(args) == EXIT_OK
+    first, second = (out / f"{label}_space-MNI_stat-tsnr_bold.nii.zarr" for label in LABELS)
+    capsys.readouterr()
+    killed = textwrap.dedent("""
+        import os, signal, sys
+        from bids_fmristore import atomic
+        from bids_fmristore.cli.export import export_main
+        real = os.replace
+        def replace(src, dst):
+            real(src, dst)
+            if str(dst).endswith(atomic.ASIDE_SUFFIX):
+                os.kill(os.getpid(), signal.SIGKILL)
+        atomic.os.replace = replace
+        export_main(sys.argv[1:])
+    """)
+    proc = subprocess.run([sys.executable, "-c", killed, *args, "--overwrite"], timeout=120,
+                          check=False)
+    assert proc.returncode == -signal.SIGKILL
+    # one image set aside, the other still there; beside them both new images (temporary
+    # folders), their lock files and the one set aside
+    assert [first.exists(), second.exists()].count(False) == 1
+    assert len([p for p in out.iterdir() if ".partial-" in p.name]) == 5
+    assert export_main(args) == EXIT_USAGE  # the old images are there again: not replaced
+    assert "exists (and 1 more); nothing was written" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [first.name, second.name]
+    check_same_image(first, export_file(path, tmp_path / "n", labels=[LABELS[0]])[0])
+
+
 def test_damaged_file_leaves_out_dir_empty(labeled, tmp_path: Path, capsys) -> None:
     path, _ = labeled
     import h5py

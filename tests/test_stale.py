@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from bids_fmristore import stale
-from bids_fmristore.atomic import LOCK_SUFFIX, PARTIAL_MARK, atomic_path, owner_token
+from bids_fmristore.atomic import (
+    ASIDE_SUFFIX,
+    LOCK_SUFFIX,
+    PARTIAL_MARK,
+    atomic_folder,
+    atomic_path,
+    owner_token,
+)
 from bids_fmristore.stale import remove_stale
 
 WRITER = textwrap.dedent("""
@@ -161,3 +168,84 @@ def test_another_hosts_temporary_must_also_be_old(tmp_path):
     os.utime(names["old"], (old, old))
     assert remove_stale([tmp_path]) == [names["old"]]
     assert names["recent"].exists()
+
+
+FOLDER_WRITER = textwrap.dedent("""
+    import os, signal, sys, time
+    from bids_fmristore import atomic
+    if sys.argv[2] == "between":  # killed once the old folder is set aside
+        real = os.replace
+        def replace(src, dst):
+            real(src, dst)
+            if str(dst).endswith(atomic.ASIDE_SUFFIX):
+                os.kill(os.getpid(), signal.SIGKILL)
+        atomic.os.replace = replace
+    with atomic.atomic_folder(sys.argv[1], overwrite=True) as tmp:
+        (tmp / "zarr.json").write_text("new")
+        print(tmp, flush=True)
+        if sys.argv[2] == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if sys.argv[2] == "live":
+            time.sleep(60)
+""")
+
+
+def folder_writer(final: Path, mode: str) -> tuple[subprocess.Popen, Path]:
+    """A process writing the folder ``final``: ``die`` SIGKILLed mid-write, ``live`` still
+    writing, ``between`` SIGKILLed after setting the old ``final`` aside."""
+    proc = subprocess.Popen([sys.executable, "-c", FOLDER_WRITER, str(final), mode],
+                            stdout=subprocess.PIPE, text=True)
+    tmp = Path(proc.stdout.readline().strip())
+    proc.stdout.close()
+    if mode != "live":
+        proc.wait(timeout=30)
+    return proc, tmp
+
+
+def test_folder_of_a_killed_writer_is_removed_a_live_ones_kept(tmp_path, caplog):
+    _, dead = folder_writer(tmp_path / "a.nii.zarr", "die")
+    live, busy = folder_writer(tmp_path / "b.nii.zarr", "live")
+    try:
+        assert partials(tmp_path) == sorted(
+            [dead, dead.with_name(dead.name + LOCK_SUFFIX),
+             busy, busy.with_name(busy.name + LOCK_SUFFIX)])
+        assert (dead / "zarr.json").read_text() == "new"
+        caplog.set_level(logging.INFO, logger="bids_fmristore")
+        assert remove_stale([tmp_path]) == [dead]
+        assert [r.getMessage() for r in caplog.records] == [
+            f"removed {dead}, a temporary folder left by an interrupted run"]
+        assert (busy / "zarr.json").read_text() == "new"
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+    assert remove_stale([tmp_path]) == [busy]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_folder_set_aside_by_a_killed_writer_goes_back(tmp_path, caplog):
+    """Killed between renaming the old folder aside and renaming the new one into place: the
+    old folder is put back, the new one's partial copy removed."""
+    final = tmp_path / "a.nii.zarr"
+    final.mkdir()
+    (final / "zarr.json").write_text("old")
+    proc, tmp = folder_writer(final, "between")
+    assert proc.returncode == -signal.SIGKILL
+    aside = tmp.with_name(tmp.name + ASIDE_SUFFIX)
+    assert not final.exists() and (aside / "zarr.json").read_text() == "old"
+    caplog.set_level(logging.INFO, logger="bids_fmristore")
+    assert remove_stale([tmp_path]) == [tmp, aside]
+    assert (final / "zarr.json").read_text() == "old"
+    assert list(tmp_path.iterdir()) == [final]
+    assert f"restored {final}, which an interrupted run had set aside to replace it" in [
+        r.getMessage() for r in caplog.records]
+
+
+def test_own_folder_replaces_the_old_one(tmp_path):
+    final = tmp_path / "a.nii.zarr"
+    final.mkdir()
+    (final / "zarr.json").write_text("old")
+    with atomic_folder(final, overwrite=True) as tmp:
+        (tmp / "zarr.json").write_text("new")
+        assert remove_stale([tmp_path]) == []  # this process's own temporary
+    assert (final / "zarr.json").read_text() == "new"
+    assert list(tmp_path.iterdir()) == [final]

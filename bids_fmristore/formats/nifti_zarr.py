@@ -21,22 +21,16 @@ arrays' fill value is NaN).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import secrets
-import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from bids_fmristore import interrupt
-from bids_fmristore.atomic import PARTIAL_MARK, owner_token
 from bids_fmristore.inputs.nifti_zarr import import_zarr
 
-__all__ = ["CHUNK", "atomic_folder", "pyramid", "level_count", "write_nifti_zarr"]
+__all__ = ["CHUNK", "pyramid", "level_count", "write_nifti_zarr"]
 
 #: Spatial chunk edge (voxels): the reference's default.
 CHUNK = 64
@@ -179,54 +173,3 @@ def write_nifti_zarr(folder: Path, header: nib.Nifti1Header, volumes: Iterable[n
         multiscales_type="gaussian pyramid", ome_version="0.5")
     niizarr.write_nifti_header(group, header)
     return count
-
-
-@contextlib.contextmanager
-def atomic_folder(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a new temporary folder beside ``final``; on success it replaces ``final``.
-
-    If the body raises, the temporary folder is removed and ``final`` is left as it was. A
-    replaced ``final`` is first renamed aside, then removed once the new folder is in place,
-    so its name never shows a partial image.
-
-    Raises
-    ------
-    FileExistsError
-        ``final`` exists and ``overwrite`` is false (checked before and after writing).
-    """
-    final = Path(final)
-    if not overwrite and (final.exists() or final.is_symlink()):
-        raise FileExistsError(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    stem = f".{final.name}{PARTIAL_MARK}{owner_token()}.{secrets.token_hex(4)}"
-    tmp = final.parent / stem
-    tmp.mkdir()
-    try:
-        yield tmp
-        signum = interrupt.received()
-        if signum is not None:  # as atomic_path: nothing is published after a signal
-            raise interrupt.Terminated(signum)
-        if final.exists() or final.is_symlink():
-            if not overwrite:
-                raise FileExistsError(final)
-            old = final.parent / f"{stem}.old"
-            os.replace(final, old)
-            try:
-                os.replace(tmp, final)
-            except BaseException:
-                os.replace(old, final)
-                raise
-            _remove(old)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
