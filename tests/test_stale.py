@@ -249,3 +249,26 @@ def test_own_folder_replaces_the_old_one(tmp_path):
         assert remove_stale([tmp_path]) == []  # this process's own temporary
     assert (final / "zarr.json").read_text() == "new"
     assert list(tmp_path.iterdir()) == [final]
+
+
+def test_a_signal_between_the_renames_leaves_the_old_folder_in_place(tmp_path, monkeypatch):
+    """What a worker's signal handler does (``remove_own_temporaries``, then exit) while
+    atomic_folder has set the old folder aside: the old folder goes back, nothing else stays."""
+    from bids_fmristore import atomic
+
+    final = tmp_path / "a.nii.zarr"
+    final.mkdir()
+    (final / "zarr.json").write_text("old")
+    real = os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        if str(dst).endswith(ASIDE_SUFFIX):
+            assert atomic.remove_own_temporaries() != []
+            raise SystemExit(143)  # the handler's exit
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(SystemExit), atomic_folder(final, overwrite=True) as tmp:
+        (tmp / "zarr.json").write_text("new")
+    assert (final / "zarr.json").read_text() == "old"
+    assert list(tmp_path.iterdir()) == [final]
