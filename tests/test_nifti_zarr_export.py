@@ -15,6 +15,7 @@ import pytest
 import zarr
 from conftest import OBLIQUE_AFFINE
 from skimage.transform import pyramid_reduce
+from test_stale import KILL_ONCE_SET_ASIDE
 
 from bids_fmristore.cli.export import export_main
 from bids_fmristore.errors import EXIT_INPUT, EXIT_OK, EXIT_USAGE, UsageError
@@ -162,16 +163,9 @@ def test_a_rerun_repairs_what_a_killed_export_left(labeled, tmp_path: Path, caps
     assert export_main(args) == EXIT_OK
     first, second = (out / f"{label}_space-MNI_stat-tsnr_bold.nii.zarr" for label in LABELS)
     capsys.readouterr()
-    killed = textwrap.dedent("""
-        import os, signal, sys
-        from bids_fmristore import atomic
+    killed = KILL_ONCE_SET_ASIDE + textwrap.dedent("""
+        import sys
         from bids_fmristore.cli.export import export_main
-        real = os.replace
-        def replace(src, dst):
-            real(src, dst)
-            if str(dst).endswith(atomic.ASIDE_SUFFIX):
-                os.kill(os.getpid(), signal.SIGKILL)
-        atomic.os.replace = replace
         export_main(sys.argv[1:])
     """)
     proc = subprocess.run([sys.executable, "-c", killed, *args, "--overwrite"], timeout=120,

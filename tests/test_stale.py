@@ -170,16 +170,23 @@ def test_another_hosts_temporary_must_also_be_old(tmp_path):
     assert names["recent"].exists()
 
 
+#: Code that makes this process SIGKILL itself once atomic_folder has set a folder aside.
+KILL_ONCE_SET_ASIDE = textwrap.dedent("""
+    import os, signal
+    from bids_fmristore import atomic
+    real = os.replace
+    def replace(src, dst):
+        real(src, dst)
+        if str(dst).endswith(atomic.ASIDE_SUFFIX):
+            os.kill(os.getpid(), signal.SIGKILL)
+    atomic.os.replace = replace
+""")
+
 FOLDER_WRITER = textwrap.dedent("""
     import os, signal, sys, time
     from bids_fmristore import atomic
-    if sys.argv[2] == "between":  # killed once the old folder is set aside
-        real = os.replace
-        def replace(src, dst):
-            real(src, dst)
-            if str(dst).endswith(atomic.ASIDE_SUFFIX):
-                os.kill(os.getpid(), signal.SIGKILL)
-        atomic.os.replace = replace
+    if sys.argv[2] == "between":
+        exec(sys.argv[3])
     with atomic.atomic_folder(sys.argv[1], overwrite=True) as tmp:
         (tmp / "zarr.json").write_text("new")
         print(tmp, flush=True)
@@ -193,8 +200,8 @@ FOLDER_WRITER = textwrap.dedent("""
 def folder_writer(final: Path, mode: str) -> tuple[subprocess.Popen, Path]:
     """A process writing the folder ``final``: ``die`` SIGKILLed mid-write, ``live`` still
     writing, ``between`` SIGKILLed after setting the old ``final`` aside."""
-    proc = subprocess.Popen([sys.executable, "-c", FOLDER_WRITER, str(final), mode],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", FOLDER_WRITER, str(final), mode,
+                             KILL_ONCE_SET_ASIDE], stdout=subprocess.PIPE, text=True)
     tmp = Path(proc.stdout.readline().strip())
     proc.stdout.close()
     if mode != "live":
