@@ -31,6 +31,8 @@ class AtomicH5Writer:
     path: Path
     _overwrite: bool = False
     _file: h5py.File | None = None
+    #: keyword arguments of the ``h5py.File`` written
+    _file_options: dict = {}
 
     def _start(self) -> None:
         raise NotImplementedError
@@ -44,7 +46,8 @@ class AtomicH5Writer:
         self._atomic = atomic_path(self.path, overwrite=self._overwrite)
         tmp = self._atomic.__enter__()
         try:
-            self._file = h5py.File(unreserve(tmp), "x")  # not truncated: see unreserve
+            # not truncated: see unreserve
+            self._file = h5py.File(unreserve(tmp), "x", **self._file_options)
             self._start()
         except BaseException as exc:
             self._abort(exc)
