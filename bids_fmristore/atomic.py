@@ -191,6 +191,38 @@ def remove_path(path: Path) -> bool:
 
 
 @contextlib.contextmanager
+def _owned(final: Path, *, folder: bool) -> Iterator[Path]:
+    """This writer's temporary (file or folder) of ``final``, made with its lock file; if the
+    body raises, it is removed with the folders made for it. The lock goes last either way."""
+    _claim(final)
+    created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp, lock, fd = _create_temp(final, folder=folder)
+    except BaseException:
+        _remove_folders(created)
+        raise
+    try:
+        yield tmp
+    except BaseException:
+        remove_path(tmp)
+        _release(lock, fd)
+        _live.pop(tmp, None)  # last: if interrupted before, remove_own_temporaries() can
+        _remove_folders(created)
+        raise
+    _release(lock, fd)
+    _live.pop(tmp, None)
+
+
+def _refuse_after_signal() -> None:
+    # The signal's exception may have been swallowed inside C code (h5py) while the file was
+    # written: after a signal, nothing is published under a final name.
+    signum = interrupt.received()
+    if signum is not None:
+        raise interrupt.Terminated(signum)
+
+
+@contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; on success rename it to ``final``.
 
@@ -205,34 +237,13 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator
     final = Path(final)
     if not overwrite and final.exists():
         raise FileExistsError(final)
-    _claim(final)
-    created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
-    final.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp_path, lock, fd = _create_temp(final)
-    except BaseException:
-        _remove_folders(created)
-        raise
-    try:
-        yield tmp_path
-        signum = interrupt.received()
-        if signum is not None:
-            # The signal's exception may have been swallowed inside C code (h5py) while the
-            # file was written: after a signal, nothing is published under a final name.
-            raise interrupt.Terminated(signum)
+    with _owned(final, folder=False) as tmp:
+        yield tmp
+        _refuse_after_signal()
         if not overwrite and final.exists():
             raise FileExistsError(final)
-        os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-        _release(lock, fd)
-        _live.pop(tmp_path, None)  # last: if interrupted before, remove_own_temporaries() can
-        _remove_folders(created)
-        raise
-    _release(lock, fd)
-    _live.pop(tmp_path, None)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, final)
 
 
 @contextlib.contextmanager
@@ -253,34 +264,22 @@ def atomic_folder(final: str | os.PathLike, *, overwrite: bool = False) -> Itera
     final = Path(final)
     if not overwrite and (final.exists() or final.is_symlink()):
         raise FileExistsError(final)
-    _claim(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp, lock, fd = _create_temp(final, folder=True)
-    try:
+    with _owned(final, folder=True) as tmp:
         yield tmp
-        signum = interrupt.received()
-        if signum is not None:  # as atomic_path: nothing is published after a signal
-            raise interrupt.Terminated(signum)
-        if final.exists() or final.is_symlink():
-            if not overwrite:
-                raise FileExistsError(final)
-            aside = tmp.with_name(tmp.name + ASIDE_SUFFIX)
-            os.replace(final, aside)
-            try:
-                os.replace(tmp, final)
-            except BaseException:
-                os.replace(aside, final)
-                raise
-            remove_path(aside)
-        else:
+        _refuse_after_signal()
+        if not (final.exists() or final.is_symlink()):
             os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _release(lock, fd)
-        _live.pop(tmp, None)
-        raise
-    _release(lock, fd)
-    _live.pop(tmp, None)
+            return
+        if not overwrite:
+            raise FileExistsError(final)
+        aside = tmp.with_name(tmp.name + ASIDE_SUFFIX)
+        os.replace(final, aside)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(aside, final)
+            raise
+        remove_path(aside)
 
 
 def unreserve(tmp: Path) -> Path:
