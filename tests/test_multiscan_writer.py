@@ -37,10 +37,10 @@ def test_direct_chunks_read_back_through_hdf5_filters(tmp_path, rng, n_time):
             ds = h[f"scans/s/clusters/cluster_{cid}"]
             assert ds.compression == "gzip" and ds.shuffle
             assert np.array_equal(ds[()], data[:, cmap == cid])
-        # chunks split each dimension evenly under fmristore's 128 x 1024: least padding
+        # chunks split each dimension evenly under 100 x 1024: least padding
         n_vox = [int((cmap == 2).sum()), int((cmap == 5).sum())]
         assert n_vox == [3085, 515]
-        rows = {1: 1, 130: 65, 256: 128}[n_time]
+        rows = {1: 1, 130: 65, 256: 86}[n_time]
         assert h["scans/s/clusters/cluster_2"].chunks == (rows, 772)  # 4 x 772 >= 3085
         assert h["scans/s/clusters/cluster_5"].chunks == (rows, 515)
     with ParcellatedMultiScan(path) as f:
@@ -79,7 +79,7 @@ def test_read_ahead_stops_cleanly_and_reports_errors(tmp_path, rng):
 
 
 def test_memory_does_not_grow_with_the_scans_of_a_file(tmp_path, rng):
-    """Each scan buffers one time chunk of every voxel (here 128 x 20,000 float32 = 10 MB);
+    """Each scan buffers one time chunk of every voxel (here 65 x 20,000 float32 = 5 MB);
     a file of several scans must not keep the finished scans' buffers."""
     import tracemalloc
 
@@ -103,10 +103,11 @@ def test_memory_does_not_grow_with_the_scans_of_a_file(tmp_path, rng):
         tracemalloc.stop()
 
 
-@pytest.mark.parametrize("n_time, rows", [(50, 50), (128, 128), (129, 65), (300, 100),
-                                          (1000, 125)])
+@pytest.mark.parametrize("n_time, rows", [(50, 50), (100, 100), (101, 51), (128, 64),
+                                          (300, 100), (1000, 100)])
 def test_time_chunks_have_no_padding_row(tmp_path, rng, n_time, rows):
-    """Chunks are at most 128 volumes high and split T evenly (HDF5 pads the last row)."""
+    """Chunks are at most 100 volumes high and split T evenly (HDF5 pads the last row): the
+    writer's buffer of one time-row of chunks is no larger at T = 1000 than at T = 300."""
     mask = np.ones((4, 3, 2), bool)
     layout = ClusterLayout(mask, np.repeat([1, 2], 12))
     path = tmp_path / "f.h5"

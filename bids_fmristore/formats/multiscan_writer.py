@@ -42,10 +42,15 @@ from bids_fmristore.formats.multiscan import (
 
 __all__ = ["MultiScanWriter", "ScanWriter", "TIME_CHUNK", "VOXEL_CHUNK"]
 
-#: HDF5 chunk of a voxel block: up to 128 time points x 1024 voxels, as fmristore's writer
-#: (which takes exactly those; here each dimension is split evenly under them).
-TIME_CHUNK = 128
+#: HDF5 chunk of a voxel block: up to 100 time points x 1024 voxels (each dimension split
+#: evenly under those). fmristore's writer takes 128 x 1024; fewer time points keep the
+#: writer's time-row buffer (the chunk height x every in-mask voxel, 92 MB at 2 mm) the same
+#: for every run of 100 volumes or more: at 128 it grew to 117 MB at T = 1000, for each run
+#: being written.
+TIME_CHUNK = 100
 VOXEL_CHUNK = 1024
+#: Time points of a summary chunk (256 clusters x 128 time points, as fmristore's writer).
+SUMMARY_TIME_CHUNK = 128
 #: Values of whole-cluster writes (float32) that may wait for their encoding: 16 MB.
 PENDING_VALUES = 4_000_000
 #: Values a whole-cluster block needs for its chunks to judge the scan's noise planes.
@@ -231,9 +236,9 @@ class ScanWriter:
         self._written = 0
         self._datasets: list[h5py.Dataset] = []
         self._group = group
-        # As few time rows of chunks as 128 allow, of equal height: T = 300 in 3 x 100 rather
-        # than fmristore's 128 + 128 + 44, whose last row is 66 % padding that is compressed
-        # and inflated like data (28 % more work for the whole scan).
+        # As few time rows of chunks as TIME_CHUNK allows, of equal height: T = 300 in 3 x 100
+        # rather than fmristore's 128 + 128 + 44, whose last row is 66 % padding that is
+        # compressed and inflated like data (28 % more work for the whole scan).
         # Likewise for voxels: 1500 in 2 x 750 rather than 1024 + 476 (27 % padding); over
         # the 400 parcels of the MNI 2 mm brain, 11 % of the chunks' bytes were padding.
         self._chunk_t = _even_split(n_time, TIME_CHUNK)
@@ -380,7 +385,7 @@ class ScanWriter:
         # No attributes on summary_data: fmristore's constructor fails on some (pitfall 6).
         grp.create_dataset(
             "summary_data", data=np.ascontiguousarray(summary.T),
-            chunks=(min(k, 256), min(self.n_time, TIME_CHUNK)), **GZIP,
+            chunks=(min(k, 256), min(self.n_time, SUMMARY_TIME_CHUNK)), **GZIP,
         )
         self._summary_written = True
 
