@@ -61,6 +61,22 @@ def test_encoded_chunks_decode_with_hdf5(tmp_path, rng):
         np.testing.assert_array_equal(f["x"][()], data)  # HDF5's filters decode them
 
 
+def test_chunk_bytes_are_hdf5_shuffle_of_the_zero_padded_block(rng):
+    """Each chunk is the shuffle of its block zero-padded to the chunk shape, whatever the
+    thread encoded before (the coding threads reuse their shuffle arrays): a file's bytes do
+    not depend on the order in which its chunks were encoded."""
+    import zlib
+
+    wide = rng.normal(size=(100, 3000)).astype(np.float32)
+    encode_chunk(wide[:, :1024], (100, 1024))  # leaves this thread's arrays full of values
+    for block in (wide[:60, 1024:1724], wide[:, 2000:3000], wide[:1, :1]):
+        padded = np.zeros((100, 1024), dtype=np.float32)
+        padded[: block.shape[0], : block.shape[1]] = block
+        expected = padded.view(np.uint8).reshape(-1, 4).T.reshape(-1)  # HDF5's shuffle
+        got = np.frombuffer(zlib.decompress(encode_chunk(block, (100, 1024))), np.uint8)
+        np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize("stored", [0, 1, 2, 4])
 @pytest.mark.parametrize("n", [0, 700, 150_000])  # empty, one stored block, three of them
 def test_stored_planes_are_one_zlib_stream(rng, stored, n):

@@ -120,16 +120,41 @@ def pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+_SCRATCH = threading.local()  # each coding thread's reusable shuffle arrays
+
+
+def _scratch(name: str, size: int, dtype) -> np.ndarray:
+    """A flat array of ``size`` of the calling thread's own, reused by its next calls: a new
+    400 kB array per chunk costs its page faults (freed memory goes back to the system)."""
+    buf = getattr(_SCRATCH, name, None)
+    if buf is None or buf.size < size:
+        buf = np.empty(size, dtype=dtype)
+        setattr(_SCRATCH, name, buf)
+    return buf[:size]
+
+
 def _shuffle(block: np.ndarray, chunk: tuple[int, int]) -> np.ndarray:
     """The (4, *chunk) byte planes of HDF5's shuffle filter: byte ``j`` of every element, in C
-    order, as plane ``j``; each plane is cut from the 32-bit words with one shift (a strided
-    byte copy is 3x slower). ``block`` (rows, width) float32 is zero-padded to ``chunk``."""
+    order, as plane ``j``. ``block`` (rows, width) float32 is zero-padded to ``chunk``.
+
+    The words are first copied together (blocks are usually column slices of a wider buffer),
+    then each plane is their low byte, shifted down by 8 bits in place between planes:
+    1.6x as fast as a shift per plane from the strided block, and 3x a strided byte copy.
+    The planes are the calling thread's scratch, valid until its next call."""
     rows, width = block.shape
-    words = block.view(np.uint32)
-    planes = (np.empty if block.shape == chunk else np.zeros)((4, *chunk), dtype=np.uint8)
-    for j in range(4):
-        np.right_shift(words, 8 * j, out=planes[j, :rows, :width], casting="unsafe")
-    return planes
+    n = chunk[0] * chunk[1]
+    words = _scratch("words", n, np.uint32).reshape(chunk)
+    if block.shape != chunk:
+        words[rows:] = 0
+        words[:rows, width:] = 0
+    np.copyto(words[:rows, :width], block.view(np.uint32))
+    flat = words.reshape(-1)
+    planes = _scratch("planes", 4 * n, np.uint8).reshape(4, n)
+    planes[0] = flat  # the low byte (unsafe cast of the assignment)
+    for j in (1, 2, 3):
+        np.right_shift(flat, 8, out=flat)
+        planes[j] = flat
+    return planes.reshape(4, *chunk)
 
 
 def encode_chunk(block: np.ndarray, chunk: tuple[int, int], *,
