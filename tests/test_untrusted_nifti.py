@@ -178,11 +178,13 @@ def _labels(rng, shape, n=4):
     return labels, flat, labels.ravel(order="F")[flat]
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("voxel_output", [True, False])
-def test_partly_nonfinite_means_follow_nilearn(tmp_path, rng, caplog, voxel_output):
+def test_partly_nonfinite_means_follow_nilearn(tmp_path, rng, caplog, voxel_output, scaled):
     """nilearn's NiftiLabelsMasker replaces NaN/Inf by 0 (with a warning); so do the means,
     whether the parcels' values are gathered for a voxel output or summed where the voxel
-    maps' values lie (no voxel output)."""
+    maps' values lie (no voxel output), and in a float run with a scaling 0 is the scaled
+    value (nilearn zeroes the scaled image), not the stored one."""
     from nilearn.maskers import NiftiLabelsMasker
 
     shape, n_t = (5, 4, 3), 9
@@ -194,7 +196,11 @@ def test_partly_nonfinite_means_follow_nilearn(tmp_path, rng, caplog, voxel_outp
     labels[2, 1, 0] = 3
     flat = np.flatnonzero((labels > 0).ravel(order="F"))
     lab = labels.ravel(order="F")[flat]
-    path = _save(tmp_path / "nan.nii.gz", data)
+    path = tmp_path / "nan.nii.gz"
+    img = nib.Nifti1Image(data, np.eye(4))
+    if scaled:
+        img.header.set_slope_inter(2.0, 30.0)
+    nib.save(img, path)
     blocks = []
     sinks = [lambda t0, b: blocks.append(b.copy())] if voxel_output else None
     moments = None if voxel_output else VoxelMoments(np.arange(int(np.prod(shape))))

@@ -113,15 +113,18 @@ class RunMeans(list):
 class _Finite:
     """Which voxels of each target held non-finite values, and whether any value was finite."""
 
-    def __init__(self, parcels: Sequence[Parcels]) -> None:
+    def __init__(self, parcels: Sequence[Parcels], zero: float = 0.0) -> None:
         self.parcels = parcels
+        #: the stored value that scales to 0, which NaN and Inf become (nilearn zeroes them
+        #: in the scaled image)
+        self.zero = zero
         #: per target (by identity) with a non-finite value: its voxels that held one
         self.flags: dict[int, tuple[Parcels, np.ndarray]] = {}
         self.seen_finite = False
 
     def check(self, p: Parcels, values: np.ndarray | Callable[[], np.ndarray],
               sums: np.ndarray) -> None:
-        """Redo a block's ``sums`` in place, NaN/Inf taken as 0, if one is not finite
+        """Redo a block's ``sums`` in place, NaN/Inf taken as (scaled) 0, if one is not finite
         (only then are the block's values, grouped by label, tested one by one; ``values``
         may be a function that gathers them)."""
         if np.isfinite(sums).all():
@@ -132,7 +135,7 @@ class _Finite:
         _, flags = self.flags.setdefault(id(p), (p, np.zeros(values.shape[1], dtype=bool)))
         flags |= ~ok.all(axis=0)
         self.seen_finite = self.seen_finite or bool(ok.any())
-        sums[...] = p.sums(np.where(ok, values, 0))
+        sums[...] = p.sums(np.where(ok, values, self.zero))
 
     def count(self, moments: VoxelMoments | None) -> int:
         bad = [p.grouped[flags] for p, flags in self.flags.values()]
@@ -198,7 +201,8 @@ def parcellate_run(
     n_t = info.shape[3]
     means = RunMeans(np.empty((n_t, p.ids.size)) for p in parcels)
     slope, inter = np.float32(info.slope), np.float32(info.inter)
-    finite = _Finite(parcels) if info.dtype.kind == "f" else None
+    finite = (_Finite(parcels, -info.inter / info.slope if info.scaled else 0.0)
+              if info.dtype.kind == "f" else None)
     # The moments' voxels are gathered first, in ascending order (a sequential read of the
     # volume), and each target's voxels taken from those when the moments follow them all:
     # a gather from 1 MB of values instead of from the whole volume (0.1 s less per run).
