@@ -198,3 +198,44 @@ def test_means_voxels_and_moments_in_one_pass(tmp_path, rng, dtype, inside):
     np.testing.assert_allclose(got["mean"], data[followed].mean(axis=1), rtol=1e-7)
     np.testing.assert_allclose(got["std"], data[followed].std(axis=1), rtol=1e-6)
     assert (moments.positions(parcels.grouped) is not None) == inside
+
+
+def test_several_targets_share_the_moments_gather(tmp_path, rng):
+    """Two atlases with voxel output and one without, NaN in some voxels, a scaled float
+    run, the moments following the whole grid: the atlases' values are taken from the
+    moments' (which scaling the first one's blocks must leave alone); every mean, voxel block
+    and moment equals numpy's on nibabel's data, NaN counting as a scaled 0 in the means."""
+    from bids_fmristore.compute.parcellate import VoxelMoments
+
+    shape, n_t = (7, 6, 5), 17
+    raw = rng.normal(500, 20, size=(*shape, n_t)).astype(np.float32)
+    raw[1, 2, 3, 4] = np.nan
+    raw[5, 0, 1, :] = np.nan
+    path = tmp_path / "s.nii.gz"
+    img = nib.Nifti1Image(raw, np.eye(4))
+    img.header.set_slope_inter(2.0, -3.0)
+    nib.save(img, path)
+    data = nib.load(path).get_fdata(dtype=np.float64).reshape(-1, n_t, order="F")
+    targets, kept = [], []
+    for n, k in ((120, 6), (90, 4), (150, 9)):
+        flat = np.sort(rng.choice(data.shape[0], n, replace=False))
+        targets.append(Parcels(flat, rng.integers(1, k + 1, size=n)))
+    sinks = [lambda t0, b: kept.append(("a", np.array(b))),
+             lambda t0, b: kept.append(("b", np.array(b))), None]
+    moments = VoxelMoments(np.arange(data.shape[0]))
+    info = read_info(path)
+    means = parcellate_run(info, targets, sinks, moments=moments, per_chunk=3)
+    clean = np.nan_to_num(data)
+    for p, got in zip(targets, means, strict=True):
+        expected = np.stack([clean[p.voxels[p.labels == k]].mean(axis=0) for k in p.ids], 1)
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+    for name, p in zip("ab", targets, strict=False):
+        blocks = np.concatenate([b for n, b in kept if n == name])
+        np.testing.assert_allclose(blocks, data[p.grouped].T, rtol=1e-6)
+    stats = moments.result(info.slope, info.inter)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_allclose(stats["mean"], data.mean(axis=1), rtol=1e-6)
+        np.testing.assert_allclose(stats["std"], data.std(axis=1), rtol=1e-4, atol=1e-3)
+    assert means.nonfinite_voxels == 2
+    np.testing.assert_array_equal(np.flatnonzero(moments.nonfinite()),
+                                  np.flatnonzero(np.isnan(data).any(axis=1)))
