@@ -351,8 +351,8 @@ def test_scans_of_a_writer_reuse_the_time_row_buffer(tmp_path, rng, monkeypatch)
     taken = []
     original = _chunks.RowBuffers.take
 
-    def take(self, shape):
-        array = original(self, shape)
+    def take(self, shape, dtype=np.float32):
+        array = original(self, shape, dtype)
         taken.append(array)
         return array
 

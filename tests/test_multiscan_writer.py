@@ -175,3 +175,64 @@ def test_open_cluster_datasets_hold_no_chunk_cache(tmp_path):
                           capture_output=True, text=True, timeout=120, check=True)
     grown = float(proc.stdout.split()[-1])
     assert grown < 60, f"{grown:.0f} MB for 1,000 open cluster datasets"  # 39 MB; 105 with it
+
+
+@pytest.mark.parametrize("dtype, slope, inter", [(np.int16, 0.37, 12.5), (np.uint8, 1.0, 0.0),
+                                                 (np.int32, 2.0, -1000.0)])
+def test_stored_integers_are_scaled_as_nibabel_scales_them(tmp_path, rng, dtype, slope, inter):
+    """Stored integer blocks with their scaling give the file the values of the scaled
+    float32 blocks the streaming pass makes (float32(x) * slope + inter in float32, which is
+    nibabel's float32 data within an ulp), to the bit, and the bytes of writing those
+    floats; the time-row buffer holds the integers (half the memory of float32 for int16)."""
+    import nibabel as nib
+
+    shape, n_time = (12, 10, 5), 37
+    info = np.iinfo(dtype)
+    raw = rng.integers(max(info.min, -30000), min(info.max, 30000), size=(*shape, n_time),
+                       dtype=dtype)
+    img = nib.Nifti1Image(raw, np.eye(4))
+    img.header.set_slope_inter(slope, inter)
+    nib.save(img, tmp_path / "r.nii.gz")
+    scaled = nib.load(tmp_path / "r.nii.gz").get_fdata(dtype=np.float32)
+    stored = raw.reshape(-1, n_time, order="F").T  # (T, N) mask order, all voxels
+    expected = stored.astype(np.float32) * np.float32(slope) + np.float32(inter)
+    np.testing.assert_allclose(expected, scaled.reshape(-1, n_time, order="F").T, rtol=1e-6,
+                               atol=1e-4)
+    mask = np.ones(shape, bool)
+    cmap = rng.integers(1, 4, size=mask.size)
+    layout = ClusterLayout(mask, cmap)
+    paths = {}
+    for kind in ("stored", "floats"):
+        paths[kind] = tmp_path / f"{kind}.h5"
+        with MultiScanWriter(paths[kind], geometry=Geometry(shape, np.eye(4)), layout=layout,
+                             store="full") as w:
+            scan = w.add_scan("s", n_time)
+            for t0 in range(0, n_time, 4):
+                if kind == "stored":
+                    scan.write_grouped(stored[t0 : t0 + 4][:, layout.by_cluster],
+                                       scaling=(slope, inter))
+                    assert scan._buffer is None or scan._buffer.dtype == dtype
+                else:
+                    scan.write_voxels(expected[t0 : t0 + 4])
+            scan.check_complete()
+    with h5py.File(paths["stored"], "r") as a, h5py.File(paths["floats"], "r") as b:
+        for cid in np.unique(cmap):
+            ds = a[f"scans/s/clusters/cluster_{cid}"]
+            assert ds.dtype == np.float32
+            np.testing.assert_array_equal(ds[()], expected[:, cmap == cid])
+            other = b[f"scans/s/clusters/cluster_{cid}"]
+            assert ds.id.read_direct_chunk((0, 0)) == other.id.read_direct_chunk((0, 0))
+
+
+def test_blocks_of_one_scan_are_of_one_kind(tmp_path):
+    mask = np.ones((4, 3, 2), bool)
+    layout = ClusterLayout(mask, np.ones(mask.size, int))
+    with pytest.raises(ValueError, match="after blocks of"), MultiScanWriter(
+            tmp_path / "k.h5", geometry=Geometry(mask.shape, np.eye(4)), layout=layout,
+            store="full") as w:
+        scan = w.add_scan("s", 10)
+        scan.write_grouped(np.zeros((2, 24), np.int16), scaling=(2.0, 1.0))
+        with pytest.raises(ValueError, match="stored integer"):
+            scan.write_grouped(np.zeros((2, 24), np.float32), scaling=(2.0, 1.0))
+        scan.write_grouped(np.zeros((2, 24), np.float32))
+    assert not (tmp_path / "k.h5").exists()

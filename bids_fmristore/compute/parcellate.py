@@ -25,7 +25,8 @@ from bids_fmristore.compute.moments import VoxelMoments
 from bids_fmristore.errors import RunError
 from bids_fmristore.inputs.nifti_stream import NiftiInfo, iter_volumes
 
-__all__ = ["Parcels", "RunMeans", "VoxelMoments", "parcellate_run", "VOLUMES_PER_CHUNK"]
+__all__ = ["Parcels", "RunMeans", "StoredValues", "VoxelMoments", "parcellate_run",
+           "VOLUMES_PER_CHUNK"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,24 @@ class Parcels:
         add each label's voxels in ascending order."""
         k = self.ids.size
         return np.stack([np.bincount(bins, weights=row, minlength=k + 1)[:k] for row in block])
+
+
+class StoredValues:
+    """A voxel sink that takes an integer run's stored values as they are: its own dtype,
+    unscaled (the sink scales them, e.g. where it encodes them, and buffers half the bytes of
+    float32 for int16). For a float run it gets the float32 values, as any sink.
+
+    Parameters
+    ----------
+    sink : callable
+        ``sink(t0, block)``, as a voxel sink of :func:`parcellate_run`.
+    """
+
+    def __init__(self, sink: VoxelSink) -> None:
+        self.sink = sink
+
+    def __call__(self, t0: int, block: np.ndarray) -> None:
+        self.sink(t0, block)
 
 
 class RunMeans(list):
@@ -171,7 +190,8 @@ def parcellate_run(
         One per output; all must index volumes of ``info``'s grid.
     voxel_sinks : sequence of callables or None, optional
         ``sink(t0, block)`` receives the scaled float32 voxel data ``(k, N)`` of the
-        corresponding ``parcels`` entry, columns in ``Parcels.grouped`` order, in time order.
+        corresponding ``parcels`` entry, columns in ``Parcels.grouped`` order, in time order
+        (a :class:`StoredValues` sink: an integer run's stored values instead).
         The block is reused afterwards: copy what must outlive the call.
     moments : VoxelMoments, optional
         Also accumulates voxel-wise temporal statistics in the same pass.
@@ -229,7 +249,9 @@ def parcellate_run(
             out[t0:t1] = p.sums(values)
             if finite is not None:
                 finite.check(p, values, out[t0:t1])
-            if sink is not None:
+            if isinstance(sink, StoredValues) and values.dtype.kind in "iu":
+                sink(t0, values)
+            elif sink is not None:
                 values = values.astype(np.float32, copy=False)  # a new array: scaled in place
                 if info.scaled:
                     values *= slope

@@ -28,7 +28,7 @@ _deflate, _inflate, _InflateError = _zlib.compress, _zlib.decompress, _zlib.erro
 
 __all__ = ["DIRECT_LEVEL", "GZIP", "NOISE_SAVING", "ChunkedFloat32", "RowBuffers",
            "deflate_planes", "encode_chunk", "noise_planes", "pool", "read_float32",
-           "start_read"]
+           "start_read", "to_float32"]
 
 #: Deflate level of direct chunks: isal's level 1 compresses like zlib's 4, ~10x faster.
 DIRECT_LEVEL = 1
@@ -73,7 +73,7 @@ class ChunkedFloat32:
 
 
 class RowBuffers:
-    """Float32 buffers that finished users hand to later ones: a writer's scans.
+    """Buffers that finished users hand to later ones: a writer's scans.
 
     A buffer of the whole time-row of a scan's chunks is ~92 MB for the MNI brain at 2 mm. A
     new one costs the page faults of its first fill: 0.2 s of CPU on a VM whose balloon takes
@@ -82,25 +82,26 @@ class RowBuffers:
     """
 
     def __init__(self, keep: int = 2) -> None:
-        self._free: list[np.ndarray] = []  # flat, each its own memory
+        self._free: list[np.ndarray] = []  # flat bytes, each its own memory
         self._keep = keep
         self._lock = threading.Lock()  # scans are written from several threads
 
-    def take(self, shape: tuple[int, int]) -> np.ndarray:
-        """An uninitialised C-contiguous float32 array of ``shape``."""
-        size = shape[0] * shape[1]
+    def take(self, shape: tuple[int, int], dtype=np.float32) -> np.ndarray:
+        """An uninitialised C-contiguous array of ``shape`` and ``dtype``."""
+        dtype = np.dtype(dtype)
+        size = shape[0] * shape[1] * dtype.itemsize
         with self._lock:
             fits = [i for i, flat in enumerate(self._free) if flat.size >= size]
             if fits:
                 flat = self._free.pop(min(fits, key=lambda i: self._free[i].size))
-                return flat[:size].reshape(shape)
-        return np.empty(shape, dtype=np.float32)
+                return flat[:size].view(dtype).reshape(shape)
+        return np.empty(shape, dtype=dtype)
 
     def give(self, buffer: np.ndarray) -> None:
         """Hand back an array from :meth:`take` (the caller drops it)."""
         owner = buffer if buffer.base is None else buffer.base
         with self._lock:
-            self._free.append(owner.reshape(-1))
+            self._free.append(owner.reshape(-1).view(np.uint8))
             self._free.sort(key=lambda flat: flat.size)
             del self._free[: max(0, len(self._free) - self._keep)]  # the smallest go
 
@@ -133,9 +134,13 @@ def _scratch(name: str, size: int, dtype) -> np.ndarray:
     return buf[:size]
 
 
-def _shuffle(block: np.ndarray, chunk: tuple[int, int]) -> np.ndarray:
+Scaling = tuple[float, float] | None  # (slope, inter) of stored integer values
+
+
+def _shuffle(block: np.ndarray, chunk: tuple[int, int], scaling: Scaling = None) -> np.ndarray:
     """The (4, *chunk) byte planes of HDF5's shuffle filter: byte ``j`` of every element, in C
-    order, as plane ``j``. ``block`` (rows, width) float32 is zero-padded to ``chunk``.
+    order, as plane ``j``. ``block`` (rows, width) is zero-padded to ``chunk``: float32, or
+    stored integers with their ``scaling`` (see :func:`encode_chunk`).
 
     The words are first copied together (blocks are usually column slices of a wider buffer),
     then each plane is their low byte, shifted down by 8 bits in place between planes:
@@ -147,7 +152,7 @@ def _shuffle(block: np.ndarray, chunk: tuple[int, int]) -> np.ndarray:
     if block.shape != chunk:
         words[rows:] = 0
         words[:rows, width:] = 0
-    np.copyto(words[:rows, :width], block.view(np.uint32))
+    to_float32(block, scaling, words[:rows, :width].view(np.float32))
     flat = words.reshape(-1)
     planes = _scratch("planes", 4 * n, np.uint8).reshape(4, n)
     planes[0] = flat  # the low byte (unsafe cast of the assignment)
@@ -157,14 +162,37 @@ def _shuffle(block: np.ndarray, chunk: tuple[int, int]) -> np.ndarray:
     return planes.reshape(4, *chunk)
 
 
+def to_float32(block: np.ndarray, scaling: Scaling, out: np.ndarray) -> np.ndarray:
+    """``block`` as float32 into ``out``: a float32 block as it is, stored integers as
+    ``float32(block) * slope + inter`` computed in float32 (as a NIfTI reader scales them
+    into float32; ``scaling`` None: slope 1, inter 0)."""
+    if block.dtype == np.float32:
+        if scaling is not None:
+            raise ValueError("a scaling is for stored integer values, not float32 ones")
+        np.copyto(out, block)
+        return out
+    if block.dtype.kind not in "iu":
+        raise ValueError(f"voxel values of dtype {block.dtype}: float32 or integers")
+    slope, inter = scaling if scaling is not None else (1.0, 0.0)
+    if slope == 1.0:
+        np.copyto(out, block, casting="unsafe")
+    else:
+        np.multiply(block, np.float32(slope), out=out, dtype=np.float32)
+    if inter != 0.0:
+        out += np.float32(inter)
+    return out
+
+
 def encode_chunk(block: np.ndarray, chunk: tuple[int, int], *,
-                 stored: Sequence[bool] = ()) -> bytes:
+                 stored: Sequence[bool] = (), scaling: Scaling = None) -> bytes:
     """HDF5 shuffle then deflate (zlib format) of one float32 chunk, zero-padded at the edges.
 
+    ``block``: float32 values, or stored integer values that ``scaling`` (slope, inter) turns
+    into float32 ones here (:func:`to_float32`), so that a writer may buffer the integers.
     ``stored``: one flag per byte plane, true for those written as stored deflate blocks
     rather than compressed (see :func:`deflate_planes`); empty: all compressed.
     """
-    planes = _shuffle(block, chunk)
+    planes = _shuffle(block, chunk, scaling)
     if any(stored):
         return deflate_planes(planes.reshape(4, -1), stored)
     return _deflate(planes, DIRECT_LEVEL)
@@ -177,9 +205,10 @@ NOISE_SAVING = 0.03
 _PROBES = 16  # chunks compressed plane by plane to judge a dataset's planes
 
 
-def noise_planes(blocks: Sequence[np.ndarray]) -> tuple[bool, ...]:
+def noise_planes(blocks: Sequence[np.ndarray], scaling: Scaling = None) -> tuple[bool, ...]:
     """Which of the 4 byte planes of these float32 blocks (rows, width) deflate would shorten
-    by less than :data:`NOISE_SAVING`, judged on up to 16 of them spread over the sequence.
+    by less than :data:`NOISE_SAVING`, judged on up to 16 of them spread over the sequence
+    (stored integers and their ``scaling``: as in :func:`encode_chunk`).
 
     Meant for the first chunks of a run's voxel series: the later ones come from the same
     scanner noise. The size of each plane compressed alone is what :func:`deflate_planes`
@@ -189,7 +218,7 @@ def noise_planes(blocks: Sequence[np.ndarray]) -> tuple[bool, ...]:
     step = max(1, len(blocks) // _PROBES)
     raw, packed = np.zeros(4), np.zeros(4)
     for block in list(blocks)[::step][:_PROBES]:
-        for j, plane in enumerate(_shuffle(block, block.shape)):
+        for j, plane in enumerate(_shuffle(block, block.shape, scaling)):
             raw[j] += plane.size
             packed[j] += len(_deflate(plane, DIRECT_LEVEL))
     return tuple(bool(p > (1 - NOISE_SAVING) * r) for p, r in zip(packed, raw, strict=True))

@@ -17,6 +17,7 @@ from bids_fmristore.formats._chunks import (
     GZIP,
     ChunkedFloat32,
     RowBuffers,
+    Scaling,
     encode_chunk,
     noise_planes,
     pool,
@@ -260,15 +261,21 @@ class ScanWriter:
         self._pending_values = 0
         self._complete = False
         self._stored: tuple[bool, ...] | None = None  # byte planes not deflated
+        self._kind: tuple[np.dtype, Scaling] | None = None  # of write_grouped's blocks
 
     def write_voxels(self, block: np.ndarray) -> None:
         """Append time points: ``block`` shape (k, N), mask order, the next k volumes."""
         if self.wants_voxels:
             self.write_grouped(np.asarray(block)[:, self.layout.by_cluster])
 
-    def write_grouped(self, block: np.ndarray) -> None:
+    def write_grouped(self, block: np.ndarray, *, scaling: Scaling = None) -> None:
         """Like :meth:`write_voxels` with columns already grouped by cluster (ascending id,
-        mask order within a cluster): the clusters' datasets laid end to end."""
+        mask order within a cluster): the clusters' datasets laid end to end.
+
+        ``block`` holds float32 values, or a run's stored integers with their ``scaling``
+        (slope, inter): those are buffered as they are (half the memory for int16) and
+        scaled to float32 where the chunks are encoded, as a NIfTI reader scales them. Every
+        block of a scan is of the same kind."""
         if not self.wants_voxels:
             return
         self._check_open()
@@ -277,8 +284,17 @@ class ScanWriter:
         if self._written + self._filled + block.shape[0] > self.n_time or block.shape[1] != n_vox:
             raise ValueError(f"voxel block {block.shape} does not fit at "
                              f"t={self._written + self._filled}")
+        if scaling is not None and block.dtype.kind not in "iu":
+            raise ValueError(f"a scaling is for stored integer values, not {block.dtype}")
+        if block.dtype != np.float32 and block.dtype.kind not in "iu":
+            block = block.astype(np.float32)
+        kind = (block.dtype, scaling)
+        if self._kind is None:
+            self._kind = kind
+        elif kind != self._kind:
+            raise ValueError(f"voxel block of {kind} after blocks of {self._kind}")
         if self._buffer is None:
-            self._buffer = self._buffers.take((self._chunk_t, n_vox))
+            self._buffer = self._buffers.take((self._chunk_t, n_vox), block.dtype)
         start = 0
         while start < block.shape[0]:
             take = min(block.shape[0] - start, self._chunk_t - self._filled)
@@ -361,16 +377,18 @@ class ScanWriter:
             width = ds.chunks[1]
             for c0 in range(0, block.shape[1], width):
                 jobs.append((ds, (t0, c0), block[:, c0 : c0 + width], (self._chunk_t, width)))
+        scaling = self._kind[1]
         if self._stored is None:  # the scan's noise planes, judged on its first chunks
-            self._stored = noise_planes([job[2] for job in jobs])
+            self._stored = noise_planes([job[2] for job in jobs], scaling)
         stored = self._stored
-        encoded = pool().map(lambda job: encode_chunk(job[2], job[3], stored=stored), jobs)
+        encoded = pool().map(
+            lambda job: encode_chunk(job[2], job[3], stored=stored, scaling=scaling), jobs)
         for (ds, offset, _, _), payload in zip(jobs, encoded, strict=True):
             ds.id.write_direct_chunk(offset, payload)
         self._written += rows
         self._filled = 0
         if self._written == self.n_time:
-            self._buffers.give(self._buffer)  # 92 MB at 2 mm: for the writer's next scan
+            self._buffers.give(self._buffer)  # 92 MB at 2 mm (float32): for the next scan
             self._buffer = None
 
     def write_summary(self, summary: np.ndarray) -> None:

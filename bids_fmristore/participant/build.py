@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 
-from bids_fmristore.compute.parcellate import parcellate_run
+from bids_fmristore.compute.parcellate import StoredValues, parcellate_run
 from bids_fmristore.compute.tiles import TileStore
 from bids_fmristore.derivatives import scan_names, write_json
 from bids_fmristore.errors import RunError
@@ -75,7 +75,7 @@ def write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prep
     staged = [stage_voxels(info.shape[3], t.layout.counts, t.output.parent)
               if stage and t.denoise and s.wants_voxels else None
               for t, s in zip(targets, scans, strict=True)]
-    sinks = [_voxel_sink(s, st) if s.wants_voxels else None
+    sinks = [_voxel_sink(s, st, info) if s.wants_voxels else None
              for s, st in zip(scans, staged, strict=True)]
     moments = prep.maps.moments() if prep.maps is not None else None
     label = run_label(prep.job.label, index, len(prep.job.runs), name)
@@ -111,9 +111,11 @@ def write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prep
     return run_maps(prep.maps, index, moments, info.slope, info.inter), kept_means, staged
 
 
-def _voxel_sink(scan, store: TileStore | None):
-    if store is None:
-        return lambda t0, block: scan.write_grouped(block)
+def _voxel_sink(scan, store: TileStore | None, info: NiftiInfo):
+    if store is None:  # an integer run's values buffered as stored, scaled when encoded
+        scaling = (info.slope, info.inter)
+        return StoredValues(lambda t0, block: scan.write_grouped(
+            block, scaling=scaling if block.dtype.kind in "iu" else None))
 
     def sink(t0: int, block: np.ndarray) -> None:
         scan.write_grouped(block)
