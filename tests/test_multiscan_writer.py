@@ -236,3 +236,26 @@ def test_blocks_of_one_scan_are_of_one_kind(tmp_path):
             scan.write_grouped(np.zeros((2, 24), np.float32), scaling=(2.0, 1.0))
         scan.write_grouped(np.zeros((2, 24), np.float32))
     assert not (tmp_path / "k.h5").exists()
+
+
+def test_big_endian_stored_integers_give_the_same_file(tmp_path, rng):
+    """A big-endian NIfTI run's stored values arrive in the file's byte order: buffered as
+    they are, they are scaled to the same float32 values as little-endian ones."""
+    mask = np.ones((8, 6, 4), bool)
+    layout = ClusterLayout(mask, rng.integers(1, 3, size=mask.size))
+    values = rng.integers(-3000, 3000, size=(30, mask.size)).astype("<i2")
+    arrays = {}
+    for order in ("<i2", ">i2"):
+        path = tmp_path / f"{order[0] == '<'}.h5"
+        with MultiScanWriter(path, geometry=Geometry(mask.shape, np.eye(4)), layout=layout,
+                             store="full") as w:
+            scan = w.add_scan("s", 30)
+            for t0 in range(0, 30, 7):
+                block = values[t0 : t0 + 7][:, layout.by_cluster].astype(order)
+                scan.write_grouped(block, scaling=(0.5, 3.0))
+            scan.check_complete()
+        with ParcellatedMultiScan(path) as f:
+            arrays[order] = f.series("s")
+    expected = values.astype(np.float32) * np.float32(0.5) + np.float32(3.0)
+    np.testing.assert_array_equal(arrays["<i2"], expected)
+    np.testing.assert_array_equal(arrays[">i2"], expected)
