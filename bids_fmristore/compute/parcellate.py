@@ -23,7 +23,7 @@ import numpy as np
 
 from bids_fmristore.compute.moments import VoxelMoments
 from bids_fmristore.errors import RunError
-from bids_fmristore.inputs.nifti_stream import NiftiInfo, iter_volumes
+from bids_fmristore.inputs.nifti_stream import NiftiInfo, iter_volumes, scaled_float32
 
 __all__ = ["Parcels", "RunMeans", "StoredValues", "VoxelMoments", "parcellate_run",
            "VOLUMES_PER_CHUNK"]
@@ -220,7 +220,6 @@ def parcellate_run(
     sinks = list(voxel_sinks or [None] * len(parcels))
     n_t = info.shape[3]
     means = RunMeans(np.empty((n_t, p.ids.size)) for p in parcels)
-    slope, inter = np.float32(info.slope), np.float32(info.inter)
     finite = (_Finite(parcels, -info.inter / info.slope if info.scaled else 0.0)
               if info.dtype.kind == "f" else None)
     # The moments' voxels are gathered first, in ascending order (a sequential read of the
@@ -252,10 +251,8 @@ def parcellate_run(
             if isinstance(sink, StoredValues) and values.dtype.kind in "iu":
                 sink(t0, values)
             elif sink is not None:
-                values = values.astype(np.float32, copy=False)  # a new array: scaled in place
-                if info.scaled:
-                    values *= slope
-                    values += inter
+                if info.scaled or values.dtype != np.float32:
+                    values = scaled_float32(values, info.slope, info.inter)
                 sink(t0, values)
         if progress is not None:
             progress(t1)

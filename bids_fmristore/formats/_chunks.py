@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import h5py
 import numpy as np
 
+from bids_fmristore.inputs.nifti_stream import scaled_float32
 from bids_fmristore.resources import available_cpus
 
 try:
@@ -28,7 +29,7 @@ _deflate, _inflate, _InflateError = _zlib.compress, _zlib.decompress, _zlib.erro
 
 __all__ = ["DIRECT_LEVEL", "GZIP", "NOISE_SAVING", "ChunkedFloat32", "RowBuffers",
            "deflate_planes", "encode_chunk", "noise_planes", "pool", "read_float32",
-           "start_read", "to_float32"]
+           "start_read"]
 
 #: Deflate level of direct chunks: isal's level 1 compresses like zlib's 4, ~10x faster.
 DIRECT_LEVEL = 1
@@ -152,7 +153,7 @@ def _shuffle(block: np.ndarray, chunk: tuple[int, int], scaling: Scaling = None)
     if block.shape != chunk:
         words[rows:] = 0
         words[:rows, width:] = 0
-    to_float32(block, scaling, words[:rows, :width].view(np.float32))
+    _as_float32(block, scaling, words[:rows, :width].view(np.float32))
     flat = words.reshape(-1)
     planes = _scratch("planes", 4 * n, np.uint8).reshape(4, n)
     planes[0] = flat  # the low byte (unsafe cast of the assignment)
@@ -162,25 +163,18 @@ def _shuffle(block: np.ndarray, chunk: tuple[int, int], scaling: Scaling = None)
     return planes.reshape(4, *chunk)
 
 
-def to_float32(block: np.ndarray, scaling: Scaling, out: np.ndarray) -> np.ndarray:
-    """``block`` as float32 into ``out``: a float32 block as it is, stored integers as
-    ``float32(block) * slope + inter`` computed in float32 (as a NIfTI reader scales them
-    into float32; ``scaling`` None: slope 1, inter 0)."""
+def _as_float32(block: np.ndarray, scaling: Scaling, out: np.ndarray) -> None:
+    """``block`` as float32 into ``out``: float32 values as they are, stored integers scaled
+    (:func:`~bids_fmristore.inputs.nifti_stream.scaled_float32`; ``scaling`` None: slope 1,
+    inter 0)."""
     if block.dtype == np.float32:
         if scaling is not None:
             raise ValueError("a scaling is for stored integer values, not float32 ones")
         np.copyto(out, block)
-        return out
-    if block.dtype.kind not in "iu":
-        raise ValueError(f"voxel values of dtype {block.dtype}: float32 or integers")
-    slope, inter = scaling if scaling is not None else (1.0, 0.0)
-    if slope == 1.0:
-        np.copyto(out, block, casting="unsafe")
+    elif block.dtype.kind in "iu":
+        scaled_float32(block, *(scaling if scaling is not None else (1.0, 0.0)), out=out)
     else:
-        np.multiply(block, np.float32(slope), out=out, dtype=np.float32)
-    if inter != 0.0:
-        out += np.float32(inter)
-    return out
+        raise ValueError(f"voxel values of dtype {block.dtype}: float32 or integers")
 
 
 def encode_chunk(block: np.ndarray, chunk: tuple[int, int], *,
@@ -188,7 +182,7 @@ def encode_chunk(block: np.ndarray, chunk: tuple[int, int], *,
     """HDF5 shuffle then deflate (zlib format) of one float32 chunk, zero-padded at the edges.
 
     ``block``: float32 values, or stored integer values that ``scaling`` (slope, inter) turns
-    into float32 ones here (:func:`to_float32`), so that a writer may buffer the integers.
+    into float32 ones here, so that a writer may buffer the integers.
     ``stored``: one flag per byte plane, true for those written as stored deflate blocks
     rather than compressed (see :func:`deflate_planes`); empty: all compressed.
     """

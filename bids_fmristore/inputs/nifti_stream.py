@@ -22,7 +22,7 @@ import numpy as np
 
 from bids_fmristore.errors import RunError
 
-__all__ = ["NiftiInfo", "read_info", "iter_volumes"]
+__all__ = ["NiftiInfo", "read_info", "iter_volumes", "scaled_float32"]
 
 try:  # isal's gzip is 2x faster than zlib at decompression (see bench/)
     from isal import igzip as _gzip
@@ -75,6 +75,34 @@ class NiftiInfo:
     @property
     def gzipped(self) -> bool:
         return self.path.name.endswith(".gz")
+
+
+def scaled_float32(values: np.ndarray, slope: float, inter: float,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """Stored values as the float32 data they stand for: ``float32(values) * slope + inter``,
+    computed in float32 (voxel series; parcel means are scaled from float64 sums instead).
+
+    Every path that turns stored values into float32 ones goes through here, so that a
+    series buffered as stored and scaled later is the same, to the bit, as one scaled at once.
+
+    Parameters
+    ----------
+    values : ndarray
+        Stored values, any real dtype and byte order.
+    slope, inter : float
+        The scaling (:attr:`NiftiInfo.slope`, :attr:`NiftiInfo.inter`).
+    out : ndarray of float32, optional
+        Where to put them (``values``' shape); a new array by default.
+    """
+    if out is None:
+        out = np.empty(values.shape, dtype=np.float32)
+    if slope == 1.0:
+        np.copyto(out, values, casting="unsafe")
+    else:
+        np.multiply(values, np.float32(slope), out=out, dtype=np.float32)
+    if inter != 0.0:
+        out += np.float32(inter)
+    return out
 
 
 def read_info(path: str | Path, *, want_4d: bool = False) -> NiftiInfo:
