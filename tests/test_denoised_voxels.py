@@ -108,3 +108,17 @@ def test_missing_cluster_write_is_incomplete(tmp_path, rng):
         scan.write_cluster(0, np.zeros((5, 2), np.float32))
         scan.check_complete()
     assert not (tmp_path / "g.h5").exists()
+
+
+def test_staged_stored_integers_are_the_scaled_series(tmp_path, rng):
+    """An integer run's stored values staged with their scaling come back as the float32
+    series the NIfTI scaling gives (float32(x) * slope + inter), as staged scaled floats."""
+    n_t = 21
+    raw = rng.integers(-20000, 20000, size=(n_t, sum(SIZES))).astype(np.int16)
+    want = raw.astype(np.float32) * np.float32(0.03) + np.float32(-7.5)
+    with stage_voxels(n_t, np.array(SIZES), tmp_path) as store:
+        for t0 in range(0, n_t, 4):
+            store.write(t0, raw[t0 : t0 + 4], (0.03, -7.5))
+        got = np.concatenate([band for _, band in store.series()], axis=1)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)

@@ -112,15 +112,14 @@ def write_scans(run: BoldRun, info: NiftiInfo, name: str, index: int, prep: Prep
 
 
 def _voxel_sink(scan, store: TileStore | None, info: NiftiInfo):
-    if store is None:  # an integer run's values buffered as stored, scaled when encoded
-        scaling = (info.slope, info.inter)
-        return StoredValues(lambda t0, block: scan.write_grouped(
-            block, scaling=scaling if block.dtype.kind in "iu" else None))
-
+    """An integer run's values go as stored: the writer buffers them so and scales them when
+    it encodes them; the staging store scales them as it copies them in."""
     def sink(t0: int, block: np.ndarray) -> None:
-        scan.write_grouped(block)
-        store.write(t0, block)
-    return sink
+        scaling = (info.slope, info.inter) if block.dtype.kind in "iu" else None
+        scan.write_grouped(block, scaling=scaling)
+        if store is not None:
+            store.write(t0, block, scaling)
+    return StoredValues(sink)
 
 
 def _close(stores) -> None:
