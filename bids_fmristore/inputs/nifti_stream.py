@@ -80,10 +80,12 @@ class NiftiInfo:
 def scaled_float32(values: np.ndarray, slope: float, inter: float,
                    out: np.ndarray | None = None) -> np.ndarray:
     """Stored values as the float32 data they stand for: ``float32(values) * slope + inter``,
-    computed in float32 (voxel series; parcel means are scaled from float64 sums instead).
+    computed in float32 (parcel means are scaled from float64 sums instead).
 
-    Every path that turns stored values into float32 ones goes through here, so that a
-    series buffered as stored and scaled later is the same, to the bit, as one scaled at once.
+    The voxel series of the parcellated files go through here, whether scaled in the
+    streaming pass or buffered as stored and scaled where they are encoded or staged, so that
+    both ways give the same values to the bit. (``--dense``/``--latent`` scale in float64 as
+    nibabel does, ``participant.dense._decoder``: up to one float32 ulp apart.)
 
     Parameters
     ----------
