@@ -12,6 +12,7 @@ from bids_fmristore.formats._chunks import (
     ChunkedFloat32,
     deflate_planes,
     encode_chunk,
+    encode_chunks,
     noise_planes,
     read_float32,
     start_read,
@@ -75,6 +76,35 @@ def test_chunk_bytes_are_hdf5_shuffle_of_the_zero_padded_block(rng):
         expected = padded.view(np.uint8).reshape(-1, 4).T.reshape(-1)  # HDF5's shuffle
         got = np.frombuffer(zlib.decompress(encode_chunk(block, (100, 1024))), np.uint8)
         np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("kind", ["float32", "int16 scaled"])
+@pytest.mark.parametrize("stored", [(), (False, True, False, False), (True, True, False, False)])
+def test_chunks_side_by_side_are_hdf5_shuffle_of_each_padded_part(rng, kind, stored):
+    """encode_chunks: each part is the shuffle of its own columns zero-padded to its chunk
+    (narrow last chunks of a cluster, a short last time row), as HDF5's filter makes it, and
+    what encode_chunk gives for that part alone: batches change no byte of a file."""
+    import zlib
+
+    if kind == "float32":
+        block, scaling = rng.normal(800, 8, size=(60, 2600)).astype(np.float32), None
+        values = block
+    else:
+        block, scaling = rng.integers(-3000, 3000, size=(60, 2600)).astype(np.int16), (0.25, 7.0)
+        values = block.astype(np.float32) * np.float32(0.25) + np.float32(7.0)
+    parts = [(0, 1024, (100, 1024)), (1024, 300, (100, 1024)), (1324, 650, (100, 650)),
+             (1974, 626, (100, 700))]
+    encode_chunks(rng.normal(size=(100, 3000)).astype(np.float32), [(0, 3000, (100, 3000))])
+    got = encode_chunks(block, parts, stored=stored, scaling=scaling)
+    assert len(got) == len(parts)
+    for (c0, width, chunk), payload in zip(parts, got, strict=True):
+        padded = np.zeros(chunk, dtype=np.float32)
+        padded[:60, :width] = values[:, c0 : c0 + width]
+        expected = padded.view(np.uint8).reshape(-1, 4).T.reshape(-1)  # HDF5's shuffle
+        np.testing.assert_array_equal(np.frombuffer(zlib.decompress(payload), np.uint8),
+                                      expected)
+        assert payload == encode_chunk(block[:, c0 : c0 + width], chunk, stored=stored,
+                                       scaling=scaling)
 
 
 @pytest.mark.parametrize("stored", [0, 1, 2, 4])

@@ -28,8 +28,8 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the s
 _deflate, _inflate, _InflateError = _zlib.compress, _zlib.decompress, _zlib.error
 
 __all__ = ["DIRECT_LEVEL", "GZIP", "NOISE_SAVING", "ChunkedFloat32", "RowBuffers",
-           "deflate_planes", "encode_chunk", "noise_planes", "pool", "read_float32",
-           "start_read"]
+           "deflate_planes", "encode_chunk", "encode_chunks", "noise_planes", "pool",
+           "read_float32", "start_read"]
 
 #: Deflate level of direct chunks: isal's level 1 compresses like zlib's 4, ~10x faster.
 DIRECT_LEVEL = 1
@@ -190,6 +190,37 @@ def encode_chunk(block: np.ndarray, chunk: tuple[int, int], *,
     if any(stored):
         return deflate_planes(planes.reshape(4, -1), stored)
     return _deflate(planes, DIRECT_LEVEL)
+
+
+def encode_chunks(block: np.ndarray, parts: Sequence[tuple[int, int, tuple[int, int]]], *,
+                  stored: Sequence[bool] = (), scaling: Scaling = None) -> list[bytes]:
+    """:func:`encode_chunk` of several chunks side by side in ``block`` (rows, n), each part
+    ``(c0, width, chunk)`` its columns ``c0 : c0 + width`` zero-padded to ``chunk``: the same
+    bytes.
+
+    The byte planes of the whole block are cut at once, so that a chunk costs one copy besides
+    its deflate: a dozen numpy calls fewer per chunk, each a release and a retake of the GIL,
+    which the other coding thread, the readers and the writer wait for (two threads encoded a
+    time row of the MNI brain in 0.15-0.17 s instead of 0.19-0.22)."""
+    rows, n = block.shape
+    words = _scratch("batch_words", rows * n, np.uint32).reshape(rows, n)
+    _as_float32(block, scaling, words.view(np.float32))
+    planes = _scratch("batch_planes", 4 * rows * n, np.uint8).reshape(4, rows, n)
+    planes[0] = words  # the low byte (unsafe cast of the assignment)
+    for j in (1, 2, 3):
+        np.right_shift(words, 8, out=words)
+        planes[j] = words
+    out = []
+    for c0, width, chunk in parts:
+        size = chunk[0] * chunk[1]
+        piece = _scratch("piece", 4 * size, np.uint8).reshape(4, *chunk)
+        if (rows, width) != chunk:
+            piece[:, rows:] = 0
+            piece[:, :rows, width:] = 0
+        piece[:, :rows, :width] = planes[:, :, c0 : c0 + width]
+        flat = piece.reshape(4, size)
+        out.append(deflate_planes(flat, stored) if any(stored) else _deflate(flat, DIRECT_LEVEL))
+    return out
 
 
 #: A byte plane is stored rather than deflated when deflate would save less than this

@@ -19,6 +19,7 @@ from bids_fmristore.formats._chunks import (
     RowBuffers,
     Scaling,
     encode_chunk,
+    encode_chunks,
     noise_planes,
     pool,
 )
@@ -54,6 +55,10 @@ VOXEL_CHUNK = 1024
 SUMMARY_TIME_CHUNK = 128
 #: Values of whole-cluster writes (float32) that may wait for their encoding: 16 MB.
 PENDING_VALUES = 4_000_000
+#: Values of the chunks a coding thread encodes in one task (:func:`encode_chunks`): about 7
+#: clusters of the MNI brain, 1.6 MB of a time row (twice that in each coding thread's scratch
+#: arrays; 4 times as many values were no faster).
+BATCH_VALUES = 400_000
 #: Values a whole-cluster block needs for its chunks to judge the scan's noise planes.
 PROBE_VALUES = 1 << 16
 
@@ -218,6 +223,19 @@ def _even_split(n: int, most: int) -> int:
     return -(-n // pieces)
 
 
+def _batches(jobs: list[tuple], columns: int) -> list[list[tuple]]:
+    """Consecutive ``jobs`` (their third and fourth fields: first column and columns) grouped
+    into runs of at most ``columns`` columns, or of one job where a job is wider."""
+    batches: list[list[tuple]] = []
+    start = None
+    for job in jobs:
+        if start is None or job[2] + job[3] - start > columns:
+            batches.append([])
+            start = job[2]
+        batches[-1].append(job)
+    return batches
+
+
 class ScanWriter:
     """Receives one scan's data in time order; created by :meth:`MultiScanWriter.add_scan`.
 
@@ -371,20 +389,29 @@ class ScanWriter:
         rows, t0 = self._filled, self._written
         grouped = self._buffer[:rows]
         bounds = self.layout.bounds
+        # (dataset, offset, column in the buffer, columns, chunk shape), in column order
         jobs = []
         for k, ds in enumerate(self._datasets):
-            block = grouped[:, bounds[k] : bounds[k + 1]]
-            width = ds.chunks[1]
-            for c0 in range(0, block.shape[1], width):
-                jobs.append((ds, (t0, c0), block[:, c0 : c0 + width], (self._chunk_t, width)))
+            first, n_k, width = int(bounds[k]), int(bounds[k + 1] - bounds[k]), ds.chunks[1]
+            for c0 in range(0, n_k, width):
+                jobs.append((ds, (t0, c0), first + c0, min(width, n_k - c0),
+                             (self._chunk_t, width)))
         scaling = self._kind[1]
         if self._stored is None:  # the scan's noise planes, judged on its first chunks
-            self._stored = noise_planes([job[2] for job in jobs], scaling)
+            self._stored = noise_planes([grouped[:, c : c + w] for _, _, c, w, _ in jobs],
+                                        scaling)
         stored = self._stored
-        encoded = pool().map(
-            lambda job: encode_chunk(job[2], job[3], stored=stored, scaling=scaling), jobs)
-        for (ds, offset, _, _), payload in zip(jobs, encoded, strict=True):
-            ds.id.write_direct_chunk(offset, payload)
+        batches = _batches(jobs, BATCH_VALUES // max(rows, 1))
+
+        def encode(batch: list[tuple]) -> list[bytes]:
+            start = batch[0][2]
+            block = grouped[:, start : batch[-1][2] + batch[-1][3]]
+            return encode_chunks(block, [(c - start, w, chunk) for _, _, c, w, chunk in batch],
+                                 stored=stored, scaling=scaling)
+
+        for batch, payloads in zip(batches, pool().map(encode, batches), strict=True):
+            for (ds, offset, *_), payload in zip(batch, payloads, strict=True):
+                ds.id.write_direct_chunk(offset, payload)
         self._written += rows
         self._filled = 0
         if self._written == self.n_time:
