@@ -154,13 +154,18 @@ def _shuffle(block: np.ndarray, chunk: tuple[int, int], scaling: Scaling = None)
         words[rows:] = 0
         words[:rows, width:] = 0
     _as_float32(block, scaling, words[:rows, :width].view(np.float32))
-    flat = words.reshape(-1)
-    planes = _scratch("planes", 4 * n, np.uint8).reshape(4, n)
-    planes[0] = flat  # the low byte (unsafe cast of the assignment)
+    planes = _scratch("planes", 4 * n, np.uint8).reshape(4, *chunk)
+    _cut_planes(words, planes)
+    return planes
+
+
+def _cut_planes(words: np.ndarray, planes: np.ndarray) -> None:
+    """Byte ``j`` of every uint32 of ``words`` into ``planes[j]`` (``words``' shape), low byte
+    first; ``words`` is shifted in place (left holding the high bytes)."""
+    planes[0] = words  # the low byte (unsafe cast of the assignment)
     for j in (1, 2, 3):
-        np.right_shift(flat, 8, out=flat)
-        planes[j] = flat
-    return planes.reshape(4, *chunk)
+        np.right_shift(words, 8, out=words)
+        planes[j] = words
 
 
 def _as_float32(block: np.ndarray, scaling: Scaling, out: np.ndarray) -> None:
@@ -206,10 +211,7 @@ def encode_chunks(block: np.ndarray, parts: Sequence[tuple[int, int, tuple[int, 
     words = _scratch("batch_words", rows * n, np.uint32).reshape(rows, n)
     _as_float32(block, scaling, words.view(np.float32))
     planes = _scratch("batch_planes", 4 * rows * n, np.uint8).reshape(4, rows, n)
-    planes[0] = words  # the low byte (unsafe cast of the assignment)
-    for j in (1, 2, 3):
-        np.right_shift(words, 8, out=words)
-        planes[j] = words
+    _cut_planes(words, planes)
     out = []
     for c0, width, chunk in parts:
         size = chunk[0] * chunk[1]
