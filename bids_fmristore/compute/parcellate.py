@@ -38,14 +38,13 @@ VOLUMES_PER_CHUNK = 2
 VoxelSink = Callable[[int, np.ndarray], None]
 
 
-def _check_indices(indices: np.ndarray, n: int, what: str) -> np.ndarray:
-    """``indices`` if all are in ``range(n)``, else ValueError naming ``what``: checked once
+def _check_indices(indices: np.ndarray, n: int, what: str) -> None:
+    """ValueError naming ``what`` unless all ``indices`` are in ``range(n)``: checked once
     per run, so that the gathers of every block may skip numpy's per-index check
     (``np.take(..., mode="clip")``: the two gathers of a block 15-20 % faster; the clipping
     never applies)."""
     if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= n):
         raise ValueError(f"{what}: indices outside 0..{n - 1}")
-    return indices
 
 
 @dataclass(frozen=True)

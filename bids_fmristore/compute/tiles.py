@@ -99,8 +99,7 @@ class TileStore:
         per tile for all of them (``pwritev``): one call per tile and volume block made
         50,000 calls for 1000 volumes of 100 tiles, 0.9 s where the copies take 0.2 s."""
         values = np.asarray(values)
-        if scaling is None:
-            values = values.astype(np.float32, copy=False)
+        slope, inter = scaling if scaling is not None else (1.0, 0.0)
         if t0 != self._written or values.shape[1] != self.n_vox:
             raise ValueError(f"block {values.shape} at t={t0} does not follow t={self._written}")
         if self._buffer is None:
@@ -109,11 +108,8 @@ class TileStore:
         done = 0
         while done < values.shape[0]:
             take = min(values.shape[0] - done, self._buffer.shape[0] - self._filled)
-            rows = self._buffer[self._filled : self._filled + take]
-            if scaling is None:
-                rows[...] = values[done : done + take]
-            else:
-                scaled_float32(values[done : done + take], *scaling, out=rows)
+            scaled_float32(values[done : done + take], slope, inter,
+                           out=self._buffer[self._filled : self._filled + take])
             self._filled += take
             done += take
             if self._filled == self._buffer.shape[0] or (
