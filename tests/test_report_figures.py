@@ -15,7 +15,7 @@ from PIL import Image
 
 from bids_fmristore.report import figures
 from bids_fmristore.report.collect import confounds_path, network_order, read_fd
-from bids_fmristore.report.group import _mean_connectivity
+from bids_fmristore.report.group import _mean_connectivity, mean_volume
 from bids_fmristore.report.participant import global_signal, labels_on_grid
 
 
@@ -161,6 +161,39 @@ def test_group_mean_connectivity_is_the_fisher_mean_of_run_correlations(tmp_path
     np.fill_diagonal(ref, 1.0)
     np.testing.assert_allclose(matrix, ref, atol=1e-6)
     assert names == ["1", "2", "4"]
+
+
+def test_group_mean_tsnr_is_nanmean_and_holds_one_volume_at_a_time(tmp_path, rng):
+    """The group page's mean over a group file's volumes (one per subject) equals numpy's
+    nanmean of their stack, and its memory does not grow with the number of volumes: the
+    stack of 1,000 subjects' MNI 2 mm volumes is 4.3 GB (the page took 251 MB for 1,000
+    subjects of a 20x24x20 grid against 114 MB for 100)."""
+    import tracemalloc
+
+    from bids_fmristore.formats.labeled import LabeledVolumeSet, write_labeled
+
+    shape, n = (30, 30, 30), 60
+    mask = np.zeros(shape, bool)
+    mask[2:28, 3:27, 1:29] = True
+    volumes = rng.normal(50, 10, size=(n, *shape)).astype(np.float32)
+    volumes[rng.random(volumes.shape) < 0.1] = np.nan  # voxels outside a subject's mask
+    volumes[:, 5, 5, 5] = np.nan  # in no subject's mask
+    volumes[:, ~mask] = np.nan
+    path = write_labeled(tmp_path / "g.h5", mask=mask, affine=np.eye(4),
+                         labels=[f"sub-{i:02d}" for i in range(n)], volumes=iter(volumes))
+    with LabeledVolumeSet(path) as maps:
+        tracemalloc.start()
+        try:
+            got = mean_volume(maps)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    one = np.zeros(shape).nbytes  # a float64 volume: the two totals and a volume or two
+    assert peak < 6 * one < volumes.nbytes / 4, (peak, one)
+    with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning, match="Mean of empty"):
+        expected = np.nanmean(volumes.astype(np.float64), axis=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, equal_nan=True)
+    assert np.isnan(got[5, 5, 5]) and np.isnan(got[~mask]).all()
 
 
 def test_pngs_are_written_atomically(tmp_path, monkeypatch):
