@@ -279,6 +279,8 @@ def main() -> None:
     if a.quick:
         a.cases, a.rounds = ["f32-T300-L400"], 2
     print(f"cores: {os.cpu_count()}, python {sys.version.split()[0]}")
+    if any(m.startswith(("cli-", "participant")) for m in a.modes):  # timed from outside
+        print(command.compile_package())
     header = f"{'case':16s} " + " ".join(f"{m + ' s':>10s} {m + ' MB':>10s}" for m in a.modes)
     rows = []
     for case in a.cases:

@@ -238,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bids_fmristore-startup-", dir=opts.workdir))
     print(f"data in {workdir}; {FILES_PER_SUBJECT} files per subject in the fMRIPrep dataset, "
           f"{opts.rounds} round(s)", flush=True)
+    sys.path.insert(0, str(HERE))
+    import command  # bench/command.py, beside this file
+
+    print(command.compile_package(), flush=True)
     try:
         datasets = {}
         for n in sizes:  # one dataset per size, so that rounds can alternate between them
