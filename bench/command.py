@@ -109,9 +109,9 @@ def compile_package() -> str:
     does for an installed package; returns a line saying so.
 
     Where ``PYTHONDONTWRITEBYTECODE`` is set (as in some CI and container images) an editable
-    checkout is otherwise compiled anew by every command it starts: 0.13 s more start-up
-    per command measured here (our modules' imports 0.17 s instead of 0.034), which the
-    users of an installed package do not pay."""
+    checkout is otherwise compiled anew by every command it starts: 0.1-0.2 s more start-up
+    per command measured here (our modules' own import time 0.17 s instead of 0.034), which
+    the users of an installed package do not pay."""
     import compileall
 
     import bids_fmristore

@@ -319,9 +319,9 @@ def test_reader_without_qform_uses_zero_translation(written, tmp_path):
 
 def test_metadata_cache_stays_small_however_many_volumes(tmp_path):
     """A group file holds a volume per subject, and HDF5's metadata cache keeps the headers of
-    the datasets visited: plain h5py lets it fill 2 MB (HDF5's count; in RSS, reading every
-    volume of a 1,000-subject group file took 27 MB, of a 100-subject one 8 MB). The writer
-    and the reader (the group report reads every volume) cap it at 1 MB: 8 MB for that file."""
+    the datasets visited: plain h5py lets it fill 2 MB by HDF5's own count, which in RSS made
+    reading every volume of a 1,000-subject group file take 27 MB. The writer and the reader
+    (the group report reads every volume) cap it at 1 MB: 8 MB of RSS for that file."""
     n, mask = 1500, make_mask()
     volumes = (np.full(SHAPE, float(i)) for i in range(n))
     path = write_labeled(tmp_path / "many.h5", mask=mask, affine=np.eye(4),

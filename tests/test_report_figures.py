@@ -15,7 +15,7 @@ from PIL import Image
 
 from bids_fmristore.report import figures
 from bids_fmristore.report.collect import confounds_path, network_order, read_fd
-from bids_fmristore.report.group import _mean_connectivity, mean_volume
+from bids_fmristore.report.group import _mean_connectivity, _mean_volume
 from bids_fmristore.report.participant import global_signal, labels_on_grid
 
 
@@ -184,7 +184,7 @@ def test_group_mean_tsnr_is_nanmean_and_holds_one_volume_at_a_time(tmp_path, rng
     with LabeledVolumeSet(path) as maps:
         tracemalloc.start()
         try:
-            got = mean_volume(maps)
+            got = _mean_volume(maps)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()

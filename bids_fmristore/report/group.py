@@ -39,7 +39,7 @@ from bids_fmristore.report.html import (
 )
 from bids_fmristore.report.participant import labels_on_grid, report_path
 
-__all__ = ["GROUP_PAGE", "mean_volume", "write_group_page"]
+__all__ = ["GROUP_PAGE", "write_group_page"]
 
 log = logging.getLogger(__name__)
 GROUP_PAGE = "group.html"
@@ -146,7 +146,7 @@ def _plot_matrix(matrix: np.ndarray, names: list[str], path: Path, title: str) -
     return path
 
 
-def mean_volume(maps: LabeledVolumeSet) -> np.ndarray:
+def _mean_volume(maps: LabeledVolumeSet) -> np.ndarray:
     """Voxel-wise mean of a set's volumes, their NaN left out, as ``np.nanmean`` of their stack
     (NaN where every volume is NaN, outside the mask among them; zeros for a set without
     volumes), holding one volume at a time: a group file has a volume per subject, and the
@@ -174,7 +174,7 @@ def _group_masks(output_dir: Path, atlas_files: dict[str, Path | None], page_pat
     for path in sorted((Path(output_dir) / "group").glob("*_stat-tsnr*_bold.h5")):
         stem = path.name[: -len("_bold.h5")]
         with LabeledVolumeSet(path) as maps:
-            mean = mean_volume(maps)
+            mean = _mean_volume(maps)
             mask, affine = maps.mask, maps.affine
             n_subjects = len(maps.labels)
         body.append(f"<h3>{esc(path.name)}</h3><p>Group mask: {int(mask.sum())} voxels inside "
