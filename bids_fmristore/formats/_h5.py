@@ -12,7 +12,7 @@ import numpy as np
 
 from bids_fmristore.errors import FormatError
 
-__all__ = ["AtomicH5Writer", "H5Reader", "open_h5", "decode", "str_attr",
+__all__ = ["AtomicH5Writer", "H5Reader", "bound_metadata_cache", "open_h5", "decode", "str_attr",
            "read_group_datasets", "write_metadata_value"]
 
 #: What h5py and the readers' checks raise on a damaged file or a missing object.
@@ -89,6 +89,22 @@ def open_h5(path: str | Path) -> h5py.File:
         return h5py.File(path, "r")
     except OSError:
         raise FormatError(f"{path}: not an HDF5 file or truncated") from None
+
+
+def bound_metadata_cache(f: h5py.File) -> None:
+    """Cap HDF5's metadata cache of ``f`` at 1 MB, for files of many small datasets each
+    visited once (a group file's volume per subject, a scan's cluster per parcel).
+
+    By default the cache fills to 2 MB by HDF5's count and may grow to 32 MB, and its entries
+    cost more memory than it counts: writing a group file of 1,000 subjects' volumes peaked
+    20 MB above one of 100 (issue 10), reading every volume of it took 27 MB of RSS (8 MB
+    capped), reading every cluster of a 4-scan, 400-parcel file 57-61 MB (39-45 MB capped, in
+    the same time)."""
+    config = f.id.get_mdc_config()
+    config.set_initial_size = True
+    config.initial_size = config.min_size = 1 << 19
+    config.max_size = 1 << 20
+    f.id.set_mdc_config(config)
 
 
 def reason(err: BaseException, path: Path) -> str:

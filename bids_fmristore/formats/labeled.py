@@ -21,7 +21,7 @@ import numpy as np
 from bids_fmristore.atomic import atomic_path
 from bids_fmristore.errors import FormatError
 from bids_fmristore.formats._chunks import GZIP, encode_chunk, pool
-from bids_fmristore.formats._h5 import H5Reader
+from bids_fmristore.formats._h5 import H5Reader, bound_metadata_cache
 from bids_fmristore.formats.header import (
     Geometry,
     mask_from_disk,
@@ -76,7 +76,7 @@ class LabeledVolumeSet(H5Reader):
 
     def _load(self) -> None:
         name = self.path
-        _bound_metadata_cache(self._f)  # a group file holds a volume per subject
+        bound_metadata_cache(self._f)  # a group file holds a volume per subject
         header = self._require("header", h5py.Group)
         labels = self._require("labels")
         mask = self._require("mask")
@@ -230,7 +230,7 @@ def write_labeled(
     geometry = Geometry(mask.shape, affine)
     n = int(order.size)
     with atomic_path(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
-        _bound_metadata_cache(f)
+        bound_metadata_cache(f)
         f.attrs["fmristore_class"] = FMRISTORE_CLASS
         for key, value in attrs.items():
             f.attrs[key] = value
@@ -261,18 +261,6 @@ def _write_vector(group: h5py.Group, name: str, vec: np.ndarray, chunk: int) -> 
     encoded = pool().map(lambda c0: encode_chunk(rows[:, c0 : c0 + chunk], (1, chunk)), offsets)
     for c0, payload in zip(offsets, encoded, strict=True):
         ds.id.write_direct_chunk((c0,), payload)
-
-
-def _bound_metadata_cache(f: h5py.File) -> None:
-    """Cap HDF5's metadata cache (default: grows to 32 MB) of a file open for writing or
-    reading: writing a group file of 1,000 subjects' volumes otherwise peaks 20 MB above one
-    of 100 (issue 10), and reading every volume of it (the group report's mean tSNR) took
-    27 MB of RSS, 8 MB capped; each volume's dataset is visited once."""
-    config = f.id.get_mdc_config()
-    config.set_initial_size = True
-    config.initial_size = config.min_size = 1 << 19
-    config.max_size = 1 << 20
-    f.id.set_mdc_config(config)
 
 
 def _dataset_names(labels: list[str]) -> list[str]:

@@ -26,6 +26,7 @@ from bids_fmristore.errors import FormatError
 from bids_fmristore.formats._chunks import read_float32, start_read
 from bids_fmristore.formats._h5 import (
     H5Reader,
+    bound_metadata_cache,
     decode,
     read_group_datasets,
     str_attr,
@@ -105,6 +106,7 @@ class ParcellatedMultiScan(H5Reader):
     _LAYOUT = "an H5ParcellatedMultiScan"
 
     def _load(self) -> None:
+        bound_metadata_cache(self._f)  # a dataset per cluster and scan
         geom = read_header(self._require("header", h5py.Group))
         self.shape, self.affine = geom.shape, geom.affine
         cmap = self._require("cluster_map")
