@@ -83,6 +83,9 @@ class ScanWriter:
         self.layout, self.n_time = layout, n_time
         self._written = 0
         self._datasets: list[h5py.Dataset] = []
+        #: the datasets' chunk widths: h5py's ``Dataset.chunks`` asks HDF5 each time (5 us,
+        #: holding the GIL that the other run's thread and the coding threads wait for)
+        self._widths: list[int] = []
         self._group = group
         # As few time rows of chunks as TIME_CHUNK allows, of equal height: T = 300 in 3 x 100
         # rather than fmristore's 128 + 128 + 44, whose last row is 66 % padding that is
@@ -94,9 +97,10 @@ class ScanWriter:
             clusters = group.create_group("clusters")
             maker = ChunkedFloat32()
             for cid, n in zip(layout.cluster_ids, layout.counts, strict=True):
+                self._widths.append(_even_split(int(n), VOXEL_CHUNK))
                 self._datasets.append(maker.create(
                     clusters, f"cluster_{int(cid)}", (n_time, int(n)),
-                    (self._chunk_t, _even_split(int(n), VOXEL_CHUNK))))
+                    (self._chunk_t, self._widths[-1])))
         self.wants_voxels = bool(self._datasets)
         self.wants_summary = store in ("summary", "both")
         self._summary_written = False
@@ -170,7 +174,7 @@ class ScanWriter:
             raise ValueError(f"cluster block {block.shape} does not fit {ds.name} {ds.shape}")
         # encoded after this returns: an own copy unless the caller gives it up
         block = np.array(block, dtype=np.float32) if copy else np.asarray(block, np.float32)
-        rows, width = ds.chunks
+        rows, width = self._chunk_t, self._widths[k]
         parts = [((t0, c0), block[t0 : t0 + rows, c0 : c0 + width])
                  for t0 in range(0, block.shape[0], rows)
                  for c0 in range(0, block.shape[1], width)]
@@ -220,8 +224,8 @@ class ScanWriter:
         bounds = self.layout.bounds
         # (dataset, offset, column in the buffer, columns, chunk shape), in column order
         jobs = []
-        for k, ds in enumerate(self._datasets):
-            first, n_k, width = int(bounds[k]), int(bounds[k + 1] - bounds[k]), ds.chunks[1]
+        for k, (ds, width) in enumerate(zip(self._datasets, self._widths, strict=True)):
+            first, n_k = int(bounds[k]), int(bounds[k + 1] - bounds[k])
             for c0 in range(0, n_k, width):
                 jobs.append((ds, (t0, c0), first + c0, min(width, n_k - c0),
                              (self._chunk_t, width)))
