@@ -104,7 +104,7 @@ def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
     elif mode == "floor":
         from isal import igzip
 
-        buf = bytearray(4 << 20)  # the fastest read size for isal here (see nifti_stream)
+        buf = bytearray(4 << 20)  # the fastest read size for isal here (see inputs/gzip_reader.py)
         with igzip.open(bold, "rb") as f:
             while f.readinto(buf):
                 pass
@@ -116,7 +116,7 @@ def work(mode: str, bold: Path, atlas: Path, mask: Path, out_dir: Path) -> None:
         from bids_fmristore.formats.header import Geometry, mask_order
         from bids_fmristore.formats.multiscan import ClusterLayout
         from bids_fmristore.formats.multiscan_writer import MultiScanWriter
-        from bids_fmristore.inputs.nifti_stream import read_info
+        from bids_fmristore.inputs.nifti_header import read_info
 
         info = read_info(bold)
         labels = load_atlas("B", atlas).labels

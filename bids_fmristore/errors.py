@@ -23,6 +23,8 @@ Exit codes (also listed in the README and ``bids_fmristore --help``):
 
 from __future__ import annotations
 
+from pathlib import Path
+
 __all__ = [
     "EXIT_OK",
     "EXIT_BUG",
@@ -38,6 +40,7 @@ __all__ = [
     "AtlasError",
     "RunError",
     "FormatError",
+    "describe",
 ]
 
 EXIT_OK = 0
@@ -85,3 +88,14 @@ class RunError(InputError):
 class FormatError(InputError):
     """An HDF5 file is not a readable fmristore layout (truncated, or a required object is
     missing). ``str(err)`` names the file and what is wrong."""
+
+
+def describe(err: BaseException, path: Path | None = None) -> str:
+    """An exception's first line of text for a one-line error, without a repeated ``path``
+    (many libraries put the file's name in their messages; ours name it first)."""
+    text = str(err) or type(err).__name__
+    if path is not None:
+        for name in (str(path), path.name):
+            text = text.replace(f'"{name}"', "the file").replace(f"'{name}'", "the file")
+            text = text.replace(name, "the file")
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__

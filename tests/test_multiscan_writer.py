@@ -10,7 +10,8 @@ from bids_fmristore.errors import RunError
 from bids_fmristore.formats.header import Geometry
 from bids_fmristore.formats.multiscan import ClusterLayout, ParcellatedMultiScan
 from bids_fmristore.formats.multiscan_writer import MultiScanWriter
-from bids_fmristore.inputs.nifti_stream import iter_volumes, read_info
+from bids_fmristore.inputs.nifti_header import read_info
+from bids_fmristore.inputs.nifti_stream import iter_volumes
 
 
 @pytest.mark.parametrize("n_time", [1, 130, 256])

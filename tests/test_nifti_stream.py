@@ -11,7 +11,8 @@ from nibabel.testing import data_path as NIBABEL_DATA
 
 from bids_fmristore.compute.parcellate import Parcels, parcellate_run
 from bids_fmristore.errors import RunError
-from bids_fmristore.inputs.nifti_stream import iter_volumes, read_info
+from bids_fmristore.inputs.nifti_header import read_info
+from bids_fmristore.inputs.nifti_stream import iter_volumes
 
 
 def _rows(img) -> np.ndarray:

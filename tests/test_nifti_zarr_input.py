@@ -23,7 +23,7 @@ import bids_fmristore
 from bids_fmristore.cli.run import main
 from bids_fmristore.errors import EXIT_OK, EXIT_USAGE, RunError, UsageError
 from bids_fmristore.example import NIBABEL_DATA, build_example
-from bids_fmristore.inputs import nifti_stream, nifti_zarr
+from bids_fmristore.inputs import nifti_header, nifti_stream, nifti_zarr
 from bids_fmristore.inputs.discovery import discover
 
 
@@ -47,7 +47,7 @@ def test_blocks_equal_the_nifti_blocks(name, options, tmp_path: Path) -> None:
     source = tmp_path / name
     shutil.copy(NIBABEL_DATA / name, source)
     path = convert(source, **options)
-    want, got = nifti_stream.read_info(source), nifti_stream.read_info(path, want_4d=True)
+    want, got = nifti_header.read_info(source), nifti_header.read_info(path, want_4d=True)
     assert isinstance(got, nifti_zarr.ZarrInfo) and not got.gzipped
     assert (got.shape, got.dtype, got.slope, got.inter) == \
         (want.shape, want.dtype, want.slope, want.inter)
@@ -73,7 +73,7 @@ def test_reading_memory_is_bounded(tmp_path: Path) -> None:
     path = tmp_path / "run_bold.nii.zarr"
     niizarr.nii2zarr(img, str(path), nb_levels=1)
     del img
-    info = nifti_stream.read_info(path)
+    info = nifti_header.read_info(path)
     tracemalloc.start()
     try:
         total = 0.0
@@ -101,12 +101,12 @@ def test_bad_nifti_zarr_are_one_line_run_errors(tmp_path: Path) -> None:
     plain = tmp_path / "file_bold.nii.zarr"
     plain.write_text("not a folder")
     with pytest.raises(RunError, match="not a NIfTI-Zarr folder"):
-        nifti_stream.read_info(plain)
+        nifti_header.read_info(plain)
     with pytest.raises(RunError, match="no such file"):
-        nifti_stream.read_info(tmp_path / "absent_bold.nii.zarr")
+        nifti_header.read_info(tmp_path / "absent_bold.nii.zarr")
     shutil.rmtree(path / "nifti")
     with pytest.raises(RunError, match="no 'nifti' header array"):
-        nifti_stream.read_info(path)
+        nifti_header.read_info(path)
 
     (tmp_path / "b").mkdir()
     path = _zarr_with(tmp_path / "b", "example4d.nii.gz")
@@ -116,19 +116,19 @@ def test_bad_nifti_zarr_are_one_line_run_errors(tmp_path: Path) -> None:
     niizarr.write_nifti_header(group, header)
     with pytest.raises(RunError, match=r"header shape 128x96x24x3 but level '0' holds "
                                        r"128x96x24x2"):
-        nifti_stream.read_info(path)
+        nifti_header.read_info(path)
 
     (tmp_path / "c").mkdir()
     three_d = tmp_path / "c" / "vol.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4)), three_d)
     with pytest.raises(RunError, match=r"is 3-D \(4x5x6\); expected a 4-D BOLD series"):
-        nifti_stream.read_info(convert(three_d), want_4d=True)
+        nifti_header.read_info(convert(three_d), want_4d=True)
 
     (tmp_path / "d").mkdir()
     path = _zarr_with(tmp_path / "d", "example4d.nii.gz")
     chunk = next(p for p in (path / "0").rglob("*") if p.is_file() and p.name != "zarr.json")
     chunk.write_bytes(b"\0garbage" * 8)
-    info = nifti_stream.read_info(path)
+    info = nifti_header.read_info(path)
     with pytest.raises(RunError, match=r"truncated or damaged"):
         blocks(info, 1)
     with pytest.raises(RunError, match=r"truncated or damaged"):
@@ -139,7 +139,7 @@ def test_missing_zarr_is_a_usage_error(tmp_path: Path, monkeypatch) -> None:
     path = _zarr_with(tmp_path, "functional.nii")
     monkeypatch.setitem(sys.modules, "zarr", None)
     with pytest.raises(UsageError) as err:
-        nifti_stream.read_info(path)
+        nifti_header.read_info(path)
     assert str(err.value) == (f"{path}: NIfTI-Zarr needs the optional dependency zarr: "
                               "pip install 'bids_fmristore[zarr]'")
 

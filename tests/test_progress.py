@@ -10,7 +10,7 @@ import numpy as np
 
 from bids_fmristore import progress
 from bids_fmristore.compute.parcellate import Parcels, parcellate_run
-from bids_fmristore.inputs.nifti_stream import read_info
+from bids_fmristore.inputs.nifti_header import read_info
 from bids_fmristore.progress import Progress, run_label
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from bids_fmristore.compute.parcellate import Parcels, VoxelMoments, parcellate_run
 from bids_fmristore.errors import InputError, RunError
-from bids_fmristore.inputs.nifti_stream import iter_volumes, read_info
+from bids_fmristore.inputs.nifti_header import read_info
+from bids_fmristore.inputs.nifti_stream import iter_volumes
 
 
 def _save(path, data, **kw):

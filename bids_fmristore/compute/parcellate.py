@@ -23,7 +23,8 @@ import numpy as np
 
 from bids_fmristore.compute.moments import VoxelMoments
 from bids_fmristore.errors import RunError
-from bids_fmristore.inputs.nifti_stream import NiftiInfo, iter_volumes, scaled_float32
+from bids_fmristore.inputs.nifti_header import NiftiInfo, scaled_float32
+from bids_fmristore.inputs.nifti_stream import iter_volumes
 
 __all__ = ["Parcels", "RunMeans", "StoredValues", "VoxelMoments", "parcellate_run",
            "VOLUMES_PER_CHUNK"]
@@ -194,7 +195,7 @@ def parcellate_run(
     Parameters
     ----------
     info : NiftiInfo
-        The run (from :func:`bids_fmristore.inputs.nifti_stream.read_info`).
+        The run (from :func:`bids_fmristore.inputs.nifti_header.read_info`).
     parcels : sequence of Parcels
         One per output; all must index volumes of ``info``'s grid.
     voxel_sinks : sequence of callables or None, optional

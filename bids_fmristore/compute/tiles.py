@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_fmristore.inputs.nifti_stream import scaled_float32
+from bids_fmristore.inputs.nifti_header import scaled_float32
 
 __all__ = ["TileStore", "TILE", "TILE_VALUES"]
 
@@ -93,7 +93,7 @@ class TileStore:
               scaling: tuple[float, float] | None = None) -> None:
         """Volumes ``t0 : t0 + k`` of the kept voxels, ``values`` shape (k, N) float32, or
         a run's stored values with their ``scaling`` (slope, inter), scaled as they are
-        copied in (:func:`~bids_fmristore.inputs.nifti_stream.scaled_float32`).
+        copied in (:func:`~bids_fmristore.inputs.nifti_header.scaled_float32`).
 
         Volumes are gathered in a buffer of a few and written tile by tile, one system call
         per tile for all of them (``pwritev``): one call per tile and volume block made

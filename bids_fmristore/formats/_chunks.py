@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import h5py
 import numpy as np
 
-from bids_fmristore.inputs.nifti_stream import scaled_float32
+from bids_fmristore.inputs.nifti_header import scaled_float32
 from bids_fmristore.resources import available_cpus
 
 try:
@@ -170,7 +170,7 @@ def _cut_planes(words: np.ndarray, planes: np.ndarray) -> None:
 
 def _as_float32(block: np.ndarray, scaling: Scaling, out: np.ndarray) -> None:
     """``block`` as float32 into ``out``: float32 values as they are, stored integers scaled
-    (:func:`~bids_fmristore.inputs.nifti_stream.scaled_float32`; ``scaling`` None: slope 1,
+    (:func:`~bids_fmristore.inputs.nifti_header.scaled_float32`; ``scaling`` None: slope 1,
     inter 0)."""
     if block.dtype == np.float32:
         if scaling is not None:

@@ -39,7 +39,8 @@ from bids_fmristore.atlas import same_grid
 from bids_fmristore.atomic import PARTIAL_MARK
 from bids_fmristore.errors import InputError, RunError, UsageError
 from bids_fmristore.formats.labeled import sanitize_label, write_labeled
-from bids_fmristore.inputs.nifti_stream import NiftiInfo, iter_volumes, read_info
+from bids_fmristore.inputs.nifti_header import NiftiInfo, read_info
+from bids_fmristore.inputs.nifti_stream import iter_volumes
 
 __all__ = ["Cohort", "CohortRow", "read_cohort", "write_cohort_sets", "output_paths"]
 

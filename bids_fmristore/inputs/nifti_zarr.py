@@ -28,8 +28,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from bids_fmristore.errors import RunError, UsageError
-from bids_fmristore.inputs.nifti_stream import NiftiInfo
+from bids_fmristore.errors import RunError, UsageError, describe
+from bids_fmristore.inputs.nifti_header import NiftiInfo
 
 __all__ = ["EXTRA", "ZarrInfo", "is_nifti_zarr", "import_zarr", "read_header", "read_info",
            "iter_volumes", "load_image"]
@@ -101,12 +101,7 @@ def _open_group(path: Path):
     try:
         return zarr.open_group(store=str(path), mode="r")
     except Exception as err:  # zarr raises many types for a folder that is not a group
-        raise RunError(f"{path}: not a Zarr group ({_reason(err)})") from None
-
-
-def _reason(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+        raise RunError(f"{path}: not a Zarr group ({describe(err)})") from None
 
 
 def _header_of(group, path: Path) -> nib.Nifti1Header:
@@ -116,7 +111,7 @@ def _header_of(group, path: Path) -> nib.Nifti1Header:
         raise RunError(f"{path}: no 'nifti' header array (an OME-Zarr, not a NIfTI-Zarr: its "
                        "world coordinates are unknown)") from None
     except Exception as err:
-        raise RunError(f"{path}: unreadable 'nifti' header array ({_reason(err)})") from None
+        raise RunError(f"{path}: unreadable 'nifti' header array ({describe(err)})") from None
     if len(raw) < 4:
         raise RunError(f"{path}: the 'nifti' header array holds {len(raw)} bytes")
     size = {int.from_bytes(raw[:4], order) for order in ("little", "big")}
@@ -128,7 +123,7 @@ def _header_of(group, path: Path) -> nib.Nifti1Header:
     try:
         return klass.from_fileobj(io.BytesIO(raw), check=False)
     except Exception as err:  # nibabel raises many types for damaged headers
-        raise RunError(f"{path}: unreadable NIfTI header in 'nifti' ({_reason(err)})") from None
+        raise RunError(f"{path}: unreadable NIfTI header in 'nifti' ({describe(err)})") from None
 
 
 def read_header(path: str | Path) -> nib.Nifti1Header:
@@ -179,7 +174,7 @@ def read_info(path: str | Path, *, want_4d: bool = False) -> ZarrInfo:
         array = group[name]
         stored = tuple(int(v) for v in array.shape)
     except Exception as err:
-        raise RunError(f"{path}: no level array {name!r} ({_reason(err)})") from None
+        raise RunError(f"{path}: no level array {name!r} ({describe(err)})") from None
     if not axes:
         axes = ("t", "c", "z", "y", "x")[-len(stored):] if len(stored) <= 5 else ()
     if len(axes) != len(stored) or tuple(a for a in axes if a in _SPATIAL) != _SPATIAL \
@@ -265,7 +260,7 @@ def iter_volumes(info: ZarrInfo, per_chunk: int, *,
             with zarr.config.set({"async.concurrency": concurrency}):
                 data = array[index + (Ellipsis,)]
         except Exception as err:  # codecs raise many types for a damaged chunk
-            raise RunError(f"{info.path}: truncated or damaged: {_reason(err)}") from None
+            raise RunError(f"{info.path}: truncated or damaged: {describe(err)}") from None
         return np.ascontiguousarray(data).reshape(-1, info.n_vox)
 
     starts = range(0, n_t, k)

@@ -21,7 +21,7 @@ from bids_fmristore.errors import RunError
 from bids_fmristore.formats.multiscan import ParcellatedMultiScan
 from bids_fmristore.formats.multiscan_writer import MultiScanWriter
 from bids_fmristore.inputs.discovery import BoldRun
-from bids_fmristore.inputs.nifti_stream import NiftiInfo
+from bids_fmristore.inputs.nifti_header import NiftiInfo
 from bids_fmristore.participant.denoised import (
     Denoising,
     denoised_path,

@@ -34,7 +34,7 @@ from bids_fmristore.formats.header import Geometry, mask_order
 from bids_fmristore.formats.latent import LatentWriter
 from bids_fmristore.formats.neurovec_stream import NeuroVecWriter
 from bids_fmristore.inputs.discovery import ENTITY_KEYS, BoldRun
-from bids_fmristore.inputs.nifti_stream import NiftiInfo
+from bids_fmristore.inputs.nifti_header import NiftiInfo
 from bids_fmristore.resume import inputs_record, should_build, sidecar_of
 
 __all__ = ["RunOutputs", "RunSink", "dense_path", "latent_path", "plan_run_outputs",

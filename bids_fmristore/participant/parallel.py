@@ -18,7 +18,7 @@ from pathlib import Path
 from bids_fmristore.derivatives import scan_names
 from bids_fmristore.errors import RunError, UserError
 from bids_fmristore.inputs.discovery import BoldRun
-from bids_fmristore.inputs.nifti_stream import NiftiInfo
+from bids_fmristore.inputs.nifti_header import NiftiInfo
 from bids_fmristore.interrupt import init_worker
 from bids_fmristore.participant.build import (
     JobResult,

@@ -21,7 +21,7 @@ from bids_fmristore.derivatives import output_path
 from bids_fmristore.errors import RunError
 from bids_fmristore.grids import Grid, grid_labels
 from bids_fmristore.inputs.discovery import BoldRun
-from bids_fmristore.inputs.nifti_stream import NiftiInfo, read_info
+from bids_fmristore.inputs.nifti_header import NiftiInfo, read_info
 from bids_fmristore.voxelmaps import MAPS_DESC
 
 __all__ = ["Job", "Options", "plan_jobs"]

@@ -19,7 +19,7 @@ from bids_fmristore.formats.header import Geometry, mask_order
 from bids_fmristore.formats.multiscan import ClusterLayout
 from bids_fmristore.formats.multiscan_writer import MultiScanWriter
 from bids_fmristore.inputs.discovery import BoldRun
-from bids_fmristore.inputs.nifti_stream import NiftiInfo, read_info
+from bids_fmristore.inputs.nifti_header import NiftiInfo, read_info
 from bids_fmristore.inputs.nifti_zarr import is_nifti_zarr, load_image
 from bids_fmristore.participant.denoised import (
     Denoising,
