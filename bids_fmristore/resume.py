@@ -1,10 +1,12 @@
 """When an existing output counts as done (a resubmitted job keeps it) and when it is rebuilt.
 
-An output is done only if its ``.h5`` and its JSON sidecar both exist, no run failed when it
-was written (``FailedRuns``), and the sidecar's ``Inputs`` equal what this invocation would
-write from: the same runs, masks and atlas files (by BIDS URI, size and modification time) and
-the same content options (store mode, coverage threshold). Anything else is rebuilt, with a
-WARNING giving the reason; ``--overwrite`` rebuilds regardless.
+An output is done only if its ``.h5`` and its JSON sidecar both exist, the ``.h5`` has the
+size the sidecar recorded when it was written (``FileSize``: a file truncated by a full disk or
+a partial copy, or replaced, is rebuilt), no run failed when it was written (``FailedRuns``),
+and the sidecar's ``Inputs`` equal what this invocation would write from: the same runs, masks
+and atlas files (by BIDS URI, size and modification time) and the same content options (store
+mode, coverage threshold). Anything else is rebuilt, with a WARNING giving the reason;
+``--overwrite`` rebuilds regardless.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["file_stamp", "inputs_record", "why_rebuild", "sidecar_of", "should_build"]
+__all__ = ["file_stamp", "inputs_record", "why_rebuild", "sidecar_of", "should_build",
+           "with_size"]
+
+#: The sidecar's record of the size (bytes) of the file it describes, when that was written.
+SIZE_KEY = "FileSize"
 
 
 def sidecar_of(output: Path) -> Path:
@@ -31,6 +37,12 @@ def file_stamp(path: Path) -> dict[str, int]:
     """Size (bytes) and modification time (ns) of a file, following symlinks."""
     st = os.stat(path)
     return {"Size": int(st.st_size), "MTime": int(st.st_mtime_ns)}
+
+
+def with_size(output: Path, content: Mapping) -> dict:
+    """A sidecar's ``content`` with :data:`SIZE_KEY`, the size of ``output`` as it is now: call
+    it once ``output`` is complete and in place, for the sidecar written after it."""
+    return {**content, SIZE_KEY: int(os.stat(output).st_size)}
 
 
 def inputs_record(files: Mapping[str, Path], options: Mapping[str, object]) -> dict:
@@ -53,6 +65,10 @@ def why_rebuild(output: Path, expected: Mapping) -> str | None:
         return f"it has no sidecar {sidecar.name} (an interrupted job?)"
     except (OSError, ValueError) as err:
         return f"its sidecar {sidecar.name} is unreadable ({err.__class__.__name__})"
+    written = content.get(SIZE_KEY)  # None in the sidecars of versions before it
+    if written is not None and (size := output.stat().st_size) != written:
+        return (f"it holds {size} bytes, {written} when it was written (truncated or replaced "
+                "since)")
     failed = content.get("FailedRuns") or []
     if failed:
         names = ", ".join(Path(str(f.get("Source", "?"))).name for f in failed)

@@ -97,6 +97,37 @@ def test_other_options_or_a_lost_sidecar_rebuild(tmp_path, rng, capsys):
     assert target.with_suffix(".json").exists()
 
 
+def test_an_output_truncated_since_it_was_written_is_rebuilt(tmp_path, rng, capsys):
+    """A full disk or a partial copy cuts a finished .h5 short: the sidecar recorded its size,
+    so a plain rerun rebuilds it (and only it) instead of keeping it as done."""
+    ds = dataset(tmp_path, rng)
+    assert main(argv(ds)) == 0
+    func = ds["out"] / "sub-01/func"
+    parcellated = func / "sub-01_space-MNI152NLin2009cAsym_res-2_atlas-Demo_bold.h5"
+    maps = func / "sub-01_space-MNI152NLin2009cAsym_res-2_desc-voxelstats_bold.h5"
+    sizes = {}
+    for path in (parcellated, maps):
+        data = path.read_bytes()
+        assert json.loads(path.with_suffix(".json").read_text())["FileSize"] == len(data)
+        path.write_bytes(data[: len(data) // 2])
+        sizes[path] = len(data)
+    before = outputs(ds["out"])
+    capsys.readouterr()
+    assert main(argv(ds)) == 0
+    err = capsys.readouterr().err
+    for path, size in sizes.items():
+        assert (f"rebuilding {path}: it holds {size // 2} bytes, {size} when it was written "
+                "(truncated or replaced since)") in err, err
+    after = outputs(ds["out"])
+    assert {p.name for p in before if before[p] != after[p]} == {
+        p.name for path in sizes for p in (path, path.with_suffix(".json"))}
+    with bids_fmristore.open(parcellated) as f:  # whole again
+        assert f.scan_names == ["sub-01_task-rest_run-01", "sub-01_task-rest_run-02"]
+        assert np.isfinite(np.asarray(f.summary("sub-01_task-rest_run-02"))).all()
+    with bids_fmristore.open(maps) as f:
+        assert len(f.labels) == 9  # mean, std and tSNR of the two runs and of their average
+
+
 def test_failed_run_listed_and_repaired_by_a_plain_rerun(tmp_path, rng, capsys):
     ds = dataset(tmp_path, rng)
     bold = ds["bolds"]["01", 2]

@@ -23,7 +23,7 @@ from bids_fmristore.derivatives import write_json
 from bids_fmristore.errors import InputError
 from bids_fmristore.formats.labeled import LabeledVolumeSet, write_labeled
 from bids_fmristore.grids import Grid, grid_labels
-from bids_fmristore.resume import inputs_record, should_build
+from bids_fmristore.resume import inputs_record, should_build, with_size
 from bids_fmristore.voxelmaps import MAPS_DESC, STATS
 
 __all__ = ["GroupItem", "collect_maps", "write_group"]
@@ -175,14 +175,14 @@ def write_group(output_dir: Path, bids_dir: Path | None, *, group_by: str = "sub
             atomic_write_text(path.with_name(stem + ".tsv"),
                               rows.to_csv(sep="\t", index=False, na_rep="n/a"))
             # The sidecar last: it is what makes the file count as done.
-            write_json(path.with_name(stem + ".json"), {
+            write_json(path.with_name(stem + ".json"), with_size(path, {
                 "Description": f"Participant-level voxel maps (stat-{stat}) of each "
                                f"{group_by}; NaN outside each one's own mask",
                 "Statistic": stat, "GroupBy": group_by, "MaskThreshold": threshold,
                 "Sources": {item.label: f"bids::{item.source.relative_to(output_dir).as_posix()}"
                                         f"#{item.source_label}" for item in items},
                 "Inputs": record,
-            })
+            }))
             written.append(path)
     return written
 
