@@ -21,7 +21,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 __all__ = ["file_stamp", "inputs_record", "why_rebuild", "sidecar_of", "should_build",
-           "with_size"]
+           "with_size", "read_sidecar"]
 
 #: The sidecar's record of the size (bytes) of the file it describes, when that was written.
 SIZE_KEY = "FileSize"
@@ -51,24 +51,35 @@ def inputs_record(files: Mapping[str, Path], options: Mapping[str, object]) -> d
             "Options": dict(sorted(options.items()))}
 
 
+def read_sidecar(output: Path) -> tuple[dict | None, str | None]:
+    """The sidecar of a finished ``output`` and None, or None and why ``output`` is not
+    finished: missing, without a readable sidecar, or not of the size it was written with."""
+    if not output.exists():
+        return None, "missing"
+    sidecar = sidecar_of(output)
+    try:
+        content = json.loads(sidecar.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, f"it has no sidecar {sidecar.name} (an interrupted job?)"
+    except (OSError, ValueError) as err:
+        return None, f"its sidecar {sidecar.name} is unreadable ({err.__class__.__name__})"
+    if not isinstance(content, dict):
+        return None, f"its sidecar {sidecar.name} is not a JSON object"
+    written = content.get(SIZE_KEY)  # None in the sidecars of versions before it
+    if written is not None and (size := output.stat().st_size) != written:
+        return None, (f"it holds {size} bytes, {written} when it was written (truncated or "
+                      "replaced since)")
+    return content, None
+
+
 def why_rebuild(output: Path, expected: Mapping) -> str | None:
     """None when ``output`` is done for ``expected`` (an :func:`inputs_record`), else why not.
 
     A missing ``.h5`` gives ``"missing"``.
     """
-    if not output.exists():
-        return "missing"
-    sidecar = sidecar_of(output)
-    try:
-        content = json.loads(sidecar.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return f"it has no sidecar {sidecar.name} (an interrupted job?)"
-    except (OSError, ValueError) as err:
-        return f"its sidecar {sidecar.name} is unreadable ({err.__class__.__name__})"
-    written = content.get(SIZE_KEY)  # None in the sidecars of versions before it
-    if written is not None and (size := output.stat().st_size) != written:
-        return (f"it holds {size} bytes, {written} when it was written (truncated or replaced "
-                "since)")
+    content, reason = read_sidecar(output)
+    if content is None:
+        return reason
     failed = content.get("FailedRuns") or []
     if failed:
         names = ", ".join(Path(str(f.get("Source", "?"))).name for f in failed)

@@ -83,3 +83,85 @@ def test_group_without_participant_outputs_is_a_clear_error(tmp_path, capsys):
     assert main([str(tmp_path / "bids"), str(tmp_path / "out"), "group"]) == 3
     err = capsys.readouterr().err
     assert "participant level first" in err and "Traceback" not in err
+
+
+def _three_subjects(tmp_path, rng):
+    """sub-01..03 with one run each on one grid; participants.tsv also lists sub-04, which
+    has no preprocessed run."""
+    shape = (6, 5, 4)
+    make_raw(tmp_path / "bids", subjects=("01", "02", "03", "04"))
+    for sub in ("01", "02", "03"):
+        make_fmriprep_run(tmp_path / "fmriprep", rng.normal(50, 3, (*shape, 5)).astype(np.float32),
+                          np.eye(4), np.ones(shape, bool), sub=sub)
+    atlas = make_atlas(tmp_path / "atlas", random_labels(shape, 3, rng), np.eye(4))
+    out = tmp_path / "out"
+    participant = [str(tmp_path / "bids"), str(out), "participant", "-d",
+                   f"f={tmp_path / 'fmriprep'}", "--atlas", f"A={atlas}"]
+    assert main(participant) == 0
+    return participant, [str(tmp_path / "bids"), str(out), "group"], out
+
+
+def _maps(out, sub):
+    return out / f"sub-{sub}/func/sub-{sub}_space-MNI152NLin2009cAsym_desc-voxelstats_bold.h5"
+
+
+def test_one_subjects_damaged_maps_do_not_stop_the_others(tmp_path, rng, capsys):
+    participant, group, out = _three_subjects(tmp_path, rng)
+    damaged, interrupted = _maps(out, "02"), _maps(out, "03")
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[: len(data) // 2])  # a full disk, a partial copy
+    interrupted.with_suffix(".json").unlink()  # killed between the .h5 and its sidecar
+    capsys.readouterr()
+    assert main(group) == 5
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if ": ERROR: " in line]
+    assert len(errors) == 2, err
+    assert str(damaged) in errors[0] and "truncated or replaced" in errors[0]
+    assert str(interrupted) in errors[1] and "no sidecar" in errors[1]
+    assert "WARNING: 3 subject(s) of participants.tsv have no participant-level maps, so are " \
+           "in no group file: sub-02, sub-03, sub-04" in err
+    assert "3 group file(s) written, 2 problem(s)" in err
+    for stat in ("mean", "std", "tsnr"):
+        with LabeledVolumeSet(out / "group" /
+                              f"space-MNI152NLin2009cAsym_stat-{stat}_bold.h5") as g:
+            assert g.labels == ["sub-01"]
+    # the participant level repairs both (a size other than the one written; no sidecar),
+    # and the group level then takes all three
+    assert main(participant) == 0
+    assert main(group) == 0
+    with LabeledVolumeSet(out / "group" / "space-MNI152NLin2009cAsym_stat-tsnr_bold.h5") as g:
+        assert g.labels == ["sub-01", "sub-02", "sub-03"]
+
+
+def test_unreadable_maps_and_absent_subjects_are_named(tmp_path, rng, capsys):
+    participant, group, out = _three_subjects(tmp_path, rng)
+    garbage = _maps(out, "02")
+    size = garbage.stat().st_size
+    garbage.write_bytes(b"\0" * size)  # same size: passes the sidecar's check, not HDF5's
+    capsys.readouterr()
+    assert main([*group, "--participant-label", "01", "02", "07"]) == 5
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if ": ERROR: " in line]
+    assert len(errors) == 2 and "Traceback" not in err, err
+    assert "sub-07: no participant-level maps" in errors[0]
+    assert str(garbage) in errors[1]
+    assert "participants.tsv" not in err  # the selection, not the whole table
+    with LabeledVolumeSet(out / "group" / "space-MNI152NLin2009cAsym_stat-mean_bold.h5") as g:
+        assert g.labels == ["sub-01"]
+
+
+def test_two_maps_files_of_one_subject_on_a_grid_fail_that_grid_only(tmp_path, rng, capsys):
+    participant, group, out = _three_subjects(tmp_path, rng)
+    src = _maps(out, "01")
+    stale = src.with_name(src.name.replace("_space-", "_acq-old_space-"))
+    for a, b in ((src, stale), (src.with_suffix(".json"), stale.with_suffix(".json"))):
+        b.write_bytes(a.read_bytes())
+    capsys.readouterr()
+    assert main(group) == 5
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if ": ERROR: " in line]
+    assert len(errors) == 3 and "Traceback" not in err, err  # one per statistic's file
+    assert all(f"has several maps files on this grid ({stale.name}, {src.name})" in line
+               for line in errors)
+    assert not list((out / "group").glob("*.h5"))

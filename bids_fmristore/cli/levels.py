@@ -238,6 +238,7 @@ def group(opts) -> int:
     _start(opts, "group", output_dir)
     resume_collections()  # one subject's maps at a time, but 1,000s of subjects
     remove_stale([output_dir, output_dir / "group", output_dir / "group" / "figures"])
+    problems: list[str] = []
     if opts.cohort_file is not None:
         from bids_fmristore.group.cohort import read_cohort, write_cohort_sets
 
@@ -248,9 +249,10 @@ def group(opts) -> int:
     else:
         from bids_fmristore.group import write_group
 
-        written = write_group(output_dir, bids_dir, group_by=opts.group_by,
-                              threshold=opts.group_mask_threshold,
-                              participants=opts.participant_label, overwrite=opts.overwrite)
+        written, problems = write_group(output_dir, bids_dir, group_by=opts.group_by,
+                                        threshold=opts.group_mask_threshold,
+                                        participants=opts.participant_label,
+                                        overwrite=opts.overwrite)
     write_dataset_description(output_dir, [Dataset("raw", bids_dir, False)])
     if opts.cohort_file is None and not getattr(opts, "no_report", False):  # -- reports --
         from bids_fmristore.report import write_group_report
@@ -258,9 +260,9 @@ def group(opts) -> int:
         write_group_report(output_dir, log_file=getattr(opts, "log_file", None))
     for path in written:
         log.debug("wrote %s", path)
-    log.info("finished in %.0f s: %d group file(s) written", time.monotonic() - started,
-             len(written))
-    return EXIT_OK
+    log.info("finished in %.0f s: %d group file(s) written, %d problem(s)",
+             time.monotonic() - started, len(written), len(problems))
+    return EXIT_PARTIAL if problems else EXIT_OK
 
 
 # -- reports (bids_fmristore.report) ---------------------------------------------------------

@@ -5,6 +5,11 @@ subject and grid) and writes, for each statistic and grid,
 ``OUTPUT_DIR/group/[space-<S>_][res-<R>_]stat-<stat>[_desc-runs]_bold.h5`` with one volume
 per subject (or per run), its JSON sidecar and a TSV of the matching ``participants.tsv`` rows.
 Memory holds one volume (and the voxel counts of the group mask) at a time.
+
+One subject's problem does not stop the others: a participant file that is incomplete (no
+sidecar, a size other than the one it was written with) or unreadable is left out with an
+ERROR naming it, as is a group file that cannot be made (two files of one subject on a grid);
+the problems are returned, and the command exits 5 (:class:`GroupResult`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -23,10 +29,10 @@ from bids_fmristore.derivatives import write_json
 from bids_fmristore.errors import InputError
 from bids_fmristore.formats.labeled import LabeledVolumeSet, write_labeled
 from bids_fmristore.grids import Grid, grid_labels
-from bids_fmristore.resume import inputs_record, should_build, with_size
+from bids_fmristore.resume import inputs_record, read_sidecar, should_build, with_size
 from bids_fmristore.voxelmaps import MAPS_DESC, STATS
 
-__all__ = ["GroupItem", "collect_maps", "write_group"]
+__all__ = ["GroupItem", "GroupResult", "collect_maps", "write_group"]
 
 log = logging.getLogger(__name__)
 _ENTITY = re.compile(r"(?:^|_)([a-z]+)-([a-zA-Z0-9+]+)")
@@ -42,50 +48,63 @@ class GroupItem:
     source_label: str
 
 
+class GroupResult(NamedTuple):
+    """What :func:`write_group` did: the files written, and one line per problem (each also
+    logged as an ERROR when found)."""
+
+    written: list[Path]
+    problems: list[str]
+
+
+def _problem(problems: list[str], message: str) -> None:
+    log.error("%s", message)
+    problems.append(message)
+
+
 def _entities(path: Path) -> dict[str, str]:
     return dict(_ENTITY.findall(path.name.split(".")[0]))
 
 
 def collect_maps(output_dir: Path, *, group_by: str = "subject",
-                 participants: list[str] | None = None) -> dict[tuple, dict[str, list[GroupItem]]]:
+                 participants: list[str] | None = None,
+                 problems: list[str] | None = None) -> dict[tuple, dict[str, list[GroupItem]]]:
     """The participant maps of OUTPUT_DIR grouped by grid and statistic.
 
     Returns ``{(space, res): {stat: [GroupItem, ...]}}`` where ``res`` is the grid's label
     among the grids of its space (:func:`bids_fmristore.grids.grid_labels`: the participant
     files' own ``res-`` where it tells the grids apart, else one derived from the grid).
+    Files that are incomplete or unreadable, and ``participants`` without maps, are left out
+    with an ERROR, added to ``problems``; a subject whose maps leave out failed runs gets a
+    WARNING.
 
     Raises
     ------
     InputError
-        When OUTPUT_DIR holds no participant maps.
+        When OUTPUT_DIR holds no usable participant maps.
     """
+    problems = [] if problems is None else problems
     files = sorted(output_dir.glob(f"sub-*/**/func/*_desc-{MAPS_DESC}_bold.h5"))
     if participants:
         files = [f for f in files if _entities(f).get("sub") in set(participants)]
     if not files:
         raise InputError(f"{output_dir} holds no participant-level maps "
                          f"(*_desc-{MAPS_DESC}_bold.h5): run the participant level first")
+    for label in sorted(set(participants or ()) - {_entities(f).get("sub") for f in files}):
+        _problem(problems, f"sub-{label}: no participant-level maps in {output_dir}; not in "
+                           "the group files")
     by_grid: dict[tuple, dict[str, list[GroupItem]]] = defaultdict(lambda: defaultdict(list))
     res_of: dict[tuple, list[str | None]] = defaultdict(list)
     for path in files:
-        ents = _entities(path)
-        subject_label = "_".join(f"{k}-{ents[k]}" for k in ("sub", "ses") if k in ents)
-        with LabeledVolumeSet(path) as f:
-            labels = f.labels
-            key = (ents.get("space"), Grid.of(f.shape, f.affine))
-        res_of[key].append(ents.get("res"))
-        for stat in STATS:
-            suffix = f"_stat-{stat}"
-            if group_by == "subject":
-                chosen = [f"{subject_label}{suffix}"]
-            else:
-                chosen = [lab for lab in labels
-                          if lab.endswith(suffix) and lab != f"{subject_label}{suffix}"]
-            for lab in chosen:
-                if lab not in labels:
-                    raise InputError(f"{path}: no volume {lab!r}")
-                by_grid[key][stat].append(GroupItem(lab[: -len(suffix)], ents["sub"], path,
-                                                    lab))
+        found = _read_maps(path, group_by, problems)
+        if found is None:
+            continue
+        key, res, items = found
+        res_of[key].append(res)
+        for stat, item in items:
+            by_grid[key][stat].append(item)
+    if not by_grid:
+        raise InputError(f"{output_dir}: none of its {len(files)} participant-level maps "
+                         "file(s) can be used (see the errors above)")
     groups = {}
     for space in sorted({s for s, _ in by_grid}, key=str):
         grids = [g for s, g in by_grid if s == space]
@@ -93,6 +112,44 @@ def collect_maps(output_dir: Path, *, group_by: str = "subject",
                              strict=True):
             groups[(space, res)] = by_grid[space, grid]
     return groups
+
+
+def _read_maps(path: Path, group_by: str, problems: list[str]
+               ) -> tuple[tuple, str | None, list[tuple[str, GroupItem]]] | None:
+    """One participant maps file's grid key, ``res-`` and (statistic, item) pairs; None (and
+    an ERROR) when it cannot be used."""
+    ents = _entities(path)
+    content, reason = read_sidecar(path)
+    if content is None:
+        _problem(problems, f"{path}: left out of the group files: {reason}; rerun the "
+                           f"participant level for sub-{ents.get('sub')}")
+        return None
+    failed = content.get("FailedRuns") or []
+    if failed:
+        log.warning("%s: %d run(s) failed at the participant level; sub-%s's maps are of its "
+                    "other runs", path, len(failed), ents.get("sub"))
+    subject_label = "_".join(f"{k}-{ents[k]}" for k in ("sub", "ses") if k in ents)
+    try:
+        with LabeledVolumeSet(path) as f:
+            labels = f.labels
+            key = (ents.get("space"), Grid.of(f.shape, f.affine))
+    except InputError as err:  # FormatError: names the file and what is wrong
+        _problem(problems, f"left out of the group files: {err}")
+        return None
+    items = []
+    for stat in STATS:
+        suffix = f"_stat-{stat}"
+        if group_by == "subject":
+            chosen = [f"{subject_label}{suffix}"]
+        else:
+            chosen = [lab for lab in labels
+                      if lab.endswith(suffix) and lab != f"{subject_label}{suffix}"]
+        for lab in chosen:
+            if lab not in labels:
+                _problem(problems, f"{path}: left out of the group files: no volume {lab!r}")
+                return None
+            items.append((stat, GroupItem(lab[: -len(suffix)], ents["sub"], path, lab)))
+    return key, ents.get("res"), items
 
 
 def _group_masks(stats: dict[str, list[GroupItem]], threshold: float) -> dict[str, tuple]:
@@ -127,64 +184,106 @@ def _group_masks(stats: dict[str, list[GroupItem]], threshold: float) -> dict[st
 
 def write_group(output_dir: Path, bids_dir: Path | None, *, group_by: str = "subject",
                 threshold: float = 1.0, participants: list[str] | None = None,
-                overwrite: bool = False) -> list[Path]:
-    """Write the group LabeledVolumeSets, sidecars and participants tables; return the files."""
+                overwrite: bool = False) -> GroupResult:
+    """Write the group LabeledVolumeSets, sidecars and participants tables.
+
+    Raises
+    ------
+    InputError
+        For a bad ``threshold``, or when OUTPUT_DIR holds no usable participant maps; any
+        other problem leaves out only what it concerns (:class:`GroupResult`).
+    """
     if not 0 < threshold <= 1:
         raise InputError(f"--group-mask-threshold must be in (0, 1], not {threshold}")
-    groups = collect_maps(output_dir, group_by=group_by, participants=participants)
+    problems: list[str] = []
+    groups = collect_maps(output_dir, group_by=group_by, participants=participants,
+                          problems=problems)
     table = _participants(bids_dir)
-    written = []
+    if table is not None and not participants:
+        _without_maps(table, groups)
+    written: list[Path] = []
     for (space, res), stats in sorted(groups.items(), key=lambda kv: str(kv[0])):
         todo = {}
         for stat, items in stats.items():
-            labels = [item.label for item in items]
-            if len(set(labels)) != len(labels):
-                raise InputError(f"duplicate group labels for stat-{stat}: several files of "
-                                 "one subject on this grid; select sessions or grids")
             parts = ([f"space-{space}"] if space else []) + ([f"res-{res}"] if res else [])
             parts += [f"stat-{stat}"] + (["desc-runs"] if group_by == "run" else [])
             path = output_dir / "group" / ("_".join(parts) + "_bold.h5")
+            labels = [item.label for item in items]
+            twice = sorted({lab for lab in labels if labels.count(lab) > 1})
+            if twice:
+                files = sorted({item.source.name for item in items if item.label in twice})
+                _problem(problems, f"{path}: not written: {group_by} {twice[0]} has several "
+                                   f"maps files on this grid ({', '.join(files)}); remove the "
+                                   "stale ones, or select sessions")
+                continue
             record = inputs_record(
                 {f"bids::{item.source.relative_to(output_dir).as_posix()}": item.source
                  for item in items},
-                {"GroupBy": group_by, "MaskThreshold": threshold,
-                 "Labels": [item.label for item in items]})
+                {"GroupBy": group_by, "MaskThreshold": threshold, "Labels": labels})
             if should_build(path, record, overwrite=overwrite,
                             kept=f"{len(items)} {group_by}(s)"):
                 todo[stat] = (path, record)
-        masks = _group_masks({stat: stats[stat] for stat in todo}, threshold) if todo else {}
+        try:
+            masks = _group_masks({stat: stats[stat] for stat in todo}, threshold) if todo else {}
+        except InputError as err:  # a participant file damaged inside (FormatError)
+            _problem(problems, f"group files of grid {res or space} not written: {err}")
+            continue
         for stat, (path, record) in todo.items():
-            items = stats[stat]
-            labels = [item.label for item in items]
-            mask, affine = masks[stat]
-            if not mask.any():
-                raise InputError(f"stat-{stat}: no voxel is inside {threshold:.0%} of the masks")
-
-            def volumes(items=items):
-                for item in items:  # one full volume in memory at a time
-                    with LabeledVolumeSet(item.source) as f:
-                        yield f.volume(item.source_label)
-
-            write_labeled(path, mask=mask, affine=affine, labels=labels, volumes=volumes(),
-                          overwrite=True)
-            stem = path.name[: -len(".h5")]
-            rows = pd.DataFrame({"label": labels, "participant_id": [
-                f"sub-{item.subject}" for item in items]})
-            if table is not None:
-                rows = rows.merge(table, on="participant_id", how="left")
-            atomic_write_text(path.with_name(stem + ".tsv"),
-                              rows.to_csv(sep="\t", index=False, na_rep="n/a"))
-            # The sidecar last: it is what makes the file count as done.
-            write_json(path.with_name(stem + ".json"), with_size(path, {
-                "Description": f"Participant-level voxel maps (stat-{stat}) of each "
-                               f"{group_by}; NaN outside each one's own mask",
-                "Statistic": stat, "GroupBy": group_by, "MaskThreshold": threshold,
-                "Sources": {item.label: f"bids::{item.source.relative_to(output_dir).as_posix()}"
-                                        f"#{item.source_label}" for item in items},
-                "Inputs": record,
-            }))
+            try:
+                _write_stat(path, record, stats[stat], masks[stat], stat=stat,
+                            group_by=group_by, threshold=threshold, table=table,
+                            output_dir=output_dir)
+            except InputError as err:
+                _problem(problems, f"{path}: not written: {err}")
+                continue
             written.append(path)
-    return written
+    return GroupResult(written, problems)
+
+
+def _write_stat(path: Path, record: dict, items: list[GroupItem], mask_affine: tuple, *,
+                stat: str, group_by: str, threshold: float, table: pd.DataFrame | None,
+                output_dir: Path) -> None:
+    """One group file (``path``), its participants table and, last, its sidecar."""
+    labels = [item.label for item in items]
+    mask, affine = mask_affine
+    if not mask.any():
+        raise InputError(f"no voxel is inside {threshold:.0%} of the masks")
+
+    def volumes():
+        for item in items:  # one full volume in memory at a time
+            with LabeledVolumeSet(item.source) as f:
+                yield f.volume(item.source_label)
+
+    write_labeled(path, mask=mask, affine=affine, labels=labels, volumes=volumes(),
+                  overwrite=True)
+    stem = path.name[: -len(".h5")]
+    rows = pd.DataFrame({"label": labels, "participant_id": [
+        f"sub-{item.subject}" for item in items]})
+    if table is not None:
+        rows = rows.merge(table, on="participant_id", how="left")
+    atomic_write_text(path.with_name(stem + ".tsv"),
+                      rows.to_csv(sep="\t", index=False, na_rep="n/a"))
+    # The sidecar last: it is what makes the file count as done.
+    write_json(path.with_name(stem + ".json"), with_size(path, {
+        "Description": f"Participant-level voxel maps (stat-{stat}) of each "
+                       f"{group_by}; NaN outside each one's own mask",
+        "Statistic": stat, "GroupBy": group_by, "MaskThreshold": threshold,
+        "Sources": {item.label: f"bids::{item.source.relative_to(output_dir).as_posix()}"
+                                f"#{item.source_label}" for item in items},
+        "Inputs": record,
+    }))
+
+
+def _without_maps(table: pd.DataFrame, groups: dict) -> None:
+    """A WARNING naming the subjects of participants.tsv that no group file holds."""
+    present = {f"sub-{item.subject}" for stats in groups.values()
+               for items in stats.values() for item in items}
+    absent = [pid for pid in dict.fromkeys(table["participant_id"]) if pid not in present]
+    if absent:
+        log.warning("%d subject(s) of participants.tsv have no participant-level maps, so "
+                    "are in no group file: %s", len(absent),
+                    ", ".join(absent[:10]) + (f" and {len(absent) - 10} more"
+                                              if len(absent) > 10 else ""))
 
 
 def _participants(bids_dir: Path | None) -> pd.DataFrame | None:
