@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - not POSIX
 
 __all__ = ["atomic_folder", "atomic_path", "atomic_write_text", "unreserve", "PARTIAL_MARK",
            "LOCK_SUFFIX", "ASIDE_SUFFIX", "final_of", "owner_token", "parse_token",
-           "remove_own_temporaries", "remove_path", "write_once", "WrittenTwice"]
+           "remove_own_temporaries", "remove_path", "write_once", "WrittenTwice", "errno_of"]
 
 #: Substring of every temporary name, so that leftovers of a killed process are recognisable.
 PARTIAL_MARK = ".partial-"
@@ -204,14 +204,39 @@ def _owned(final: Path, *, folder: bool) -> Iterator[Path]:
         raise
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         remove_path(tmp)
         _release(lock, fd)
         _live.pop(tmp, None)  # last: if interrupted before, remove_own_temporaries() can
         _remove_folders(created)
+        named = _naming(exc, final)
+        if named is not None:
+            raise named from exc
         raise
     _release(lock, fd)
     _live.pop(tmp, None)
+
+
+def errno_of(err: OSError) -> int | None:
+    """The errno, also from HDF5's messages (h5py leaves ``errno`` unset: "errno = 28")."""
+    if err.errno is not None:
+        return err.errno
+    found = re.search(r"errno = (\d+)", str(err))
+    return int(found.group(1)) if found else None
+
+
+def _naming(exc: BaseException, final: Path) -> OSError | None:
+    """An OSError that names ``final`` for one raised while its temporary was written
+    without a file name (``os.write``, ``Path.write_bytes``) or with the temporary's (HDF5's
+    messages, several lines long): ``<final>: cannot be written (No space left on device)``."""
+    if not isinstance(exc, OSError):
+        return None
+    if exc.filename is not None and PARTIAL_MARK not in Path(str(exc.filename)).name:
+        return None
+    code = errno_of(exc)
+    if code is None:
+        return None
+    return OSError(code, f"cannot be written ({os.strerror(code)})", str(final))
 
 
 def _refuse_after_signal() -> None:

@@ -60,6 +60,37 @@ class _StderrHandler(logging.StreamHandler):
             super().emit(record)
 
 
+class _LogFileHandler(logging.FileHandler):
+    """The invocation's log file. When it cannot be written (a full disk, a quota), stderr
+    gets one WARNING and the file is given up, instead of a traceback from logging for every
+    record: the run goes on, and its errors still reach the terminal."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, mode="a", encoding="utf-8")
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        self._give_up(sys.exc_info()[1])
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as err:  # the last flush, on a full disk
+            self._give_up(err)
+
+    def _give_up(self, err: BaseException | None) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+        sys.stderr.write(f"bids_fmristore: WARNING: {self.baseFilename}: the log file cannot "
+                         f"be written ({reason}); the rest goes to the terminal only\n")
+
+
 @contextlib.contextmanager
 def configure(*, verbose: int = 0, quiet: bool = False, debug: bool = False) -> Iterator[None]:
     """Log to stderr while the block runs; restore the package logger afterwards.
@@ -112,7 +143,7 @@ def open_log_file(output_dir: Path, level: str, argv: list[str] | None) -> Path:
     else:  # pragma: no cover - a thousand invocations in one second in one process
         raise FileExistsError(folder / (stem + ".log"))
     os.close(fd)  # the name is ours now (O_EXCL); FileHandler appends to it
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler = _LogFileHandler(path)
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     log.addHandler(handler)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import errno
 import logging
-import re
+import os
 import signal
 import sys
 
+from bids_fmristore.atomic import errno_of
 from bids_fmristore.errors import EXIT_BUG, EXIT_INPUT, UserError
 from bids_fmristore.interrupt import Terminated, handle_signals
 from bids_fmristore.resources import defer_collections
@@ -18,7 +19,8 @@ __all__ = ["console", "main", "run_command"]
 log = logging.getLogger("bids_fmristore")
 
 #: errno values of an OSError that is the user's environment, not a bug, even without a file
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM,
+                       errno.EROFS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,10 +99,9 @@ def _mapped(func) -> int:
             log.error("%s", exc)
             return exc.exit_code
         if isinstance(exc, OSError) and (exc.filename is not None
-                                         or _errno(exc) in _ENVIRONMENT_ERRNOS):
+                                         or errno_of(exc) in _ENVIRONMENT_ERRNOS):
             log.debug("OSError", exc_info=True)
-            where = exc.filename if exc.filename is not None else "cannot write output"
-            log.error("%s: %s", where, exc.strerror or exc)
+            log.error("%s", _os_error_line(exc))
             return EXIT_INPUT
         if isinstance(exc, Exception):
             return _bug()
@@ -126,12 +127,14 @@ def _interruption(exc: BaseException) -> int | None:
     return interrupt.exit_code(signum)
 
 
-def _errno(err: OSError) -> int | None:
-    """The errno, also from HDF5's messages (h5py leaves ``errno`` unset: "errno = 28")."""
-    if err.errno is not None:
-        return err.errno
-    found = re.search(r"errno = (\d+)", str(err))
-    return int(found.group(1)) if found else None
+def _os_error_line(err: OSError) -> str:
+    """One line naming the file and the problem (HDF5's messages span several lines)."""
+    code, text = errno_of(err), (err.strerror or str(err)).strip()
+    if code is not None and (not text or "errno = " in text):  # HDF5's: the errno says it
+        problem = os.strerror(code)
+    else:
+        problem = text.splitlines()[0] if text else type(err).__name__
+    return f"{err.filename}: {problem}" if err.filename else f"cannot write an output: {problem}"
 
 
 def _bug() -> int:

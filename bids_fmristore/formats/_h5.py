@@ -67,9 +67,13 @@ class AtomicH5Writer:
         self._atomic.__exit__(None, None, None)
 
     def _abort(self, exc: BaseException) -> None:
-        if self._file is not None and self._file.id.valid:
-            self._file.close()
-        self._atomic.__exit__(type(exc), exc, exc.__traceback__)
+        try:
+            if self._file is not None and self._file.id.valid:
+                self._file.close()
+        except OSError:  # on a full disk the close fails too: the temporary goes anyway
+            pass
+        finally:
+            self._atomic.__exit__(type(exc), exc, exc.__traceback__)
 
 
 def open_h5(path: str | Path) -> h5py.File:
