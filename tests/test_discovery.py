@@ -82,6 +82,25 @@ def test_raw_with_named_derivatives(tmp_path, rng):
     assert links(out)["fmriprep"] == str(fmriprep.resolve())
 
 
+def test_subjects_without_preprocessed_runs_are_named(tmp_path, rng, caplog):
+    """A subject of BIDS_DIR that fMRIPrep has not processed (yet) gets no output: a WARNING
+    names it, whether all subjects run or it was selected, and the others are found."""
+    bids, fmriprep = make_raw(tmp_path / "bids", subjects=("01", "02", "03")), tmp_path / "fp"
+    for sub in ("01", "02"):
+        make_fmriprep_run(fmriprep, bold_data(rng), AFFINE, full_mask(), sub=sub)
+    for selected, named in ((None, "sub-03"), (["01", "03"], "sub-03"), (["01"], None)):
+        caplog.clear()
+        found = discover(bids, derivatives={"fmriprep": fmriprep}, participants=selected)
+        assert {run.subject for run in found.runs} == set(selected or ("01", "02")) - {"03"}
+        said = [r.getMessage() for r in caplog.records if "no BOLD run matching" in r.message]
+        if named is None:
+            assert said == []
+        else:
+            assert said == [f"1 subject(s) have no BOLD run matching the selection "
+                            f"(space={SPACE}, the labels and filters given) in the datasets "
+                            f"BOLD comes from, so get no output: {named}"]
+
+
 def test_bids_dir_is_fmriprep_derivatives(tmp_path, rng):
     fmriprep = tmp_path / "fmriprep"
     bold = make_fmriprep_run(fmriprep, bold_data(rng), AFFINE, full_mask())

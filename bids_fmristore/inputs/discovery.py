@@ -251,13 +251,28 @@ def discover(
             log.warning("%s: %d raw BOLD run(s) have no brain mask (raw BIDS input: %s); every "
                         "voxel inside the atlas is used", ds.root, len(found), shown)
     _drop_duplicates(result)
+    what = f"space={space}" if any(ds.is_derivative for ds in sources) else "raw BOLD"
     if not result.runs and not result.problems:
         shown = {k: v for k, v in query.items() if k not in ("suffix", "datatype", "extension")}
         where = ", ".join(str(ds.root) for ds in sources)
-        what = f"space={space}" if any(ds.is_derivative for ds in sources) else "raw BOLD"
         raise InputError(f"no BOLD run matches ({what}, filters {shown or 'none'}) in {where}")
     result.runs.sort(key=lambda r: (r.subject, sorted(r.entities.items())))
+    _say_unmatched(selected or subject_labels(datasets[0].root), result, what)
     return result
+
+
+def _say_unmatched(expected: Sequence[str], result: DiscoveryResult, what: str) -> None:
+    """A WARNING naming the subjects (selected, else all of BIDS_DIR) that no run was found
+    for, usable or not: a subject fMRIPrep has not processed would otherwise be absent from
+    the outputs without a word."""
+    found = {run.subject for run in result.runs} | {run.subject for run, _ in result.failed}
+    absent = [f"sub-{s}" for s in expected if s not in found]
+    if absent:
+        shown = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more"
+                                          if len(absent) > 10 else "")
+        log.warning("%d subject(s) have no BOLD run matching the selection (%s, the labels "
+                    "and filters given) in the datasets BOLD comes from, so get no output: %s",
+                    len(absent), what, shown)
 
 
 def _datasets(bids_dir: Path, derivatives: Mapping[str, Path] | None) -> list[Dataset]:
