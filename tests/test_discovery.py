@@ -310,6 +310,30 @@ def test_each_run_uses_its_own_brain_mask(tmp_path, rng):
         assert scans[f"sub-01_task-rest_run-0{run}"]["Mask"] == f"bids:fmriprep:sub-01/func/{mask}"
 
 
+def test_an_empty_brain_mask_fails_its_run_only(tmp_path, rng, capsys):
+    """The subject's file uses the runs' common mask: one run's empty mask (a failed skull
+    strip) would empty it and lose the good runs. That run fails alone, named in FailedRuns."""
+    bids, fmriprep = make_raw(tmp_path / "bids"), tmp_path / "fmriprep"
+    good = rng.random(SHAPE) < 0.8
+    bolds = [make_fmriprep_run(fmriprep, bold_data(rng), AFFINE, m, run=r)
+             for r, m in ((1, good), (2, np.zeros(SHAPE, bool)))]
+    atlas, labels = atlas_for(tmp_path, rng)
+    out = tmp_path / "out"
+    code = main([str(bids), str(out), "participant", "--atlas", f"Demo={atlas}", "-d",
+                 f"fmriprep={fmriprep}"])
+    err = capsys.readouterr().err
+    assert code == 5, err
+    empty = bolds[1].with_name(bolds[1].name.replace("desc-preproc_bold", "desc-brain_mask"))
+    assert f"{empty}: the brain mask holds no voxel" in err and "Traceback" not in err
+    h5 = out / "sub-01" / "func" / h5_name()
+    with ParcellatedMultiScan(h5) as f:
+        assert f.scan_names == ["sub-01_task-rest_run-01"]
+        assert np.array_equal(f.mask, good & (labels > 0))
+    (failed,) = sidecar(h5)["FailedRuns"]
+    assert failed["Source"].endswith(bolds[1].name)
+    assert "the brain mask holds no voxel" in failed["Reason"]
+
+
 def test_run_without_brain_mask_uses_every_atlas_voxel(tmp_path, rng, caplog, capsys):
     bids, fmriprep = make_raw(tmp_path / "bids"), tmp_path / "fmriprep"
     partial_mask = rng.random(SHAPE) < 0.5

@@ -96,7 +96,10 @@ def _brain_mask(run: BoldRun, info: NiftiInfo) -> np.ndarray:
         log.warning("%s is on another grid than its BOLD run; resampled onto the run's grid "
                     "(nearest neighbour)", run.mask)
         data = resample_nearest(data, img.affine, shape, info.affine)
-    return np.asarray(data) > 0
+    mask = np.asarray(data) > 0
+    if not mask.any():  # the subject's files use the runs' common mask: it would empty it
+        raise RunError(f"{run.mask}: the brain mask holds no voxel (inside the run's grid)")
+    return mask
 
 
 def coverage_of(labels: np.ndarray, mask: np.ndarray, index: np.ndarray) -> np.ndarray:
