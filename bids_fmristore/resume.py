@@ -21,7 +21,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 __all__ = ["file_stamp", "inputs_record", "why_rebuild", "sidecar_of", "should_build",
-           "with_size", "read_sidecar"]
+           "with_size", "read_sidecar", "changed_inputs"]
 
 #: The sidecar's record of the size (bytes) of the file it describes, when that was written.
 SIZE_KEY = "FileSize"
@@ -70,6 +70,25 @@ def read_sidecar(output: Path) -> tuple[dict | None, str | None]:
         return None, (f"it holds {size} bytes, {written} when it was written (truncated or "
                       "replaced since)")
     return content, None
+
+
+def changed_inputs(recorded: Mapping, roots: Mapping[str, Path]) -> list[str]:
+    """The input files of ``recorded`` (a sidecar's ``Inputs``) that changed since: those whose
+    BIDS URI ``bids:<dataset>:<path>`` resolves under ``roots`` (dataset name → folder, ``""``
+    for the output dataset itself) to a file of another size or modification time. Files not
+    found are not counted: the datasets may be mounted elsewhere (a container, another node)."""
+    changed = []
+    for uri, stamp in (recorded.get("Files") or {}).items():
+        scheme, _, rest = str(uri).partition(":")
+        name, _, rel = rest.partition(":")
+        if scheme != "bids" or name not in roots or not rel:
+            continue
+        try:
+            if file_stamp(Path(roots[name]) / rel) != stamp:
+                changed.append(uri)
+        except OSError:
+            continue
+    return changed
 
 
 def why_rebuild(output: Path, expected: Mapping) -> str | None:

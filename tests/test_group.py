@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -165,3 +166,24 @@ def test_two_maps_files_of_one_subject_on_a_grid_fail_that_grid_only(tmp_path, r
     assert all(f"has several maps files on this grid ({stale.name}, {src.name})" in line
                for line in errors)
     assert not list((out / "group").glob("*.h5"))
+
+
+def test_maps_older_than_their_inputs_are_left_out(tmp_path, rng, capsys):
+    """Maps made from a BOLD run that has changed since (fMRIPrep rerun, a file replaced) are
+    those of an earlier run of the participant level: the group level does not mix them in."""
+    participant, group, out = _three_subjects(tmp_path, rng)
+    (bold,) = (tmp_path / "fmriprep" / "sub-02").rglob("*_desc-preproc_bold.nii.gz")
+    data = bold.read_bytes()
+    bold.unlink()
+    bold.write_bytes(data)  # the same bytes, written again: another modification time
+    os.utime(bold, ns=(bold.stat().st_atime_ns, bold.stat().st_mtime_ns + 10**9))
+    capsys.readouterr()
+    assert main(group) == 5
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if ": ERROR: " in line]
+    assert f"{_maps(out, '02')}: left out of the group files: out of date, {bold.name} " \
+           "changed since it was written; rerun the participant level for sub-02" in line
+    with LabeledVolumeSet(out / "group" / "space-MNI152NLin2009cAsym_stat-mean_bold.h5") as g:
+        assert g.labels == ["sub-01", "sub-03"]
+    assert main(participant) == 0  # rebuilds sub-02's files from the new input
+    assert main(group) == 0

@@ -7,13 +7,15 @@ per subject (or per run), its JSON sidecar and a TSV of the matching ``participa
 Memory holds one volume (and the voxel counts of the group mask) at a time.
 
 One subject's problem does not stop the others: a participant file that is incomplete (no
-sidecar, a size other than the one it was written with) or unreadable is left out with an
-ERROR naming it, as is a group file that cannot be made (two files of one subject on a grid);
-the problems are returned, and the command exits 5 (:class:`GroupResult`).
+sidecar, a size other than the one it was written with), unreadable or out of date (made from
+input files that have changed since) is left out with an ERROR naming it, as is a group file
+that cannot be made (two files of one subject on a grid); the problems are returned, and the
+command exits 5 (:class:`GroupResult`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import defaultdict
@@ -29,7 +31,13 @@ from bids_fmristore.derivatives import write_json
 from bids_fmristore.errors import InputError
 from bids_fmristore.formats.labeled import LabeledVolumeSet, write_labeled
 from bids_fmristore.grids import Grid, grid_labels
-from bids_fmristore.resume import inputs_record, read_sidecar, should_build, with_size
+from bids_fmristore.resume import (
+    changed_inputs,
+    inputs_record,
+    read_sidecar,
+    should_build,
+    with_size,
+)
 from bids_fmristore.voxelmaps import MAPS_DESC, STATS
 
 __all__ = ["GroupItem", "GroupResult", "collect_maps", "write_group"]
@@ -94,8 +102,9 @@ def collect_maps(output_dir: Path, *, group_by: str = "subject",
                            "the group files")
     by_grid: dict[tuple, dict[str, list[GroupItem]]] = defaultdict(lambda: defaultdict(list))
     res_of: dict[tuple, list[str | None]] = defaultdict(list)
+    roots = _dataset_roots(output_dir)
     for path in files:
-        found = _read_maps(path, group_by, problems)
+        found = _read_maps(path, group_by, problems, roots)
         if found is None:
             continue
         key, res, items = found
@@ -114,13 +123,31 @@ def collect_maps(output_dir: Path, *, group_by: str = "subject",
     return groups
 
 
-def _read_maps(path: Path, group_by: str, problems: list[str]
+def _dataset_roots(output_dir: Path) -> dict[str, Path]:
+    """Dataset name → folder, from OUTPUT_DIR's ``DatasetLinks`` (the participant level's
+    inputs), ``""`` for OUTPUT_DIR itself."""
+    try:
+        links = json.loads((output_dir / "dataset_description.json").read_text("utf-8"))
+        links = links.get("DatasetLinks") or {}
+    except (OSError, ValueError, AttributeError):
+        links = {}
+    return {**{str(k): Path(v) for k, v in links.items() if isinstance(v, str)},
+            "": output_dir}
+
+
+def _read_maps(path: Path, group_by: str, problems: list[str], roots: dict[str, Path]
                ) -> tuple[tuple, str | None, list[tuple[str, GroupItem]]] | None:
     """One participant maps file's grid key, ``res-`` and (statistic, item) pairs; None (and
-    an ERROR) when it cannot be used."""
+    an ERROR) when it cannot be used: incomplete, unreadable, or made from input files that
+    have changed since (maps of an earlier run of the participant level)."""
     ents = _entities(path)
     content, reason = read_sidecar(path)
-    if content is None:
+    if content is None or (changed := changed_inputs(content.get("Inputs") or {}, roots)):
+        if content is not None:
+            names = [uri.rsplit("/", 1)[-1] for uri in changed]
+            reason = (f"out of date, {', '.join(names[:3])}"
+                      f"{f' and {len(names) - 3} more' if len(names) > 3 else ''} changed "
+                      "since it was written")
         _problem(problems, f"{path}: left out of the group files: {reason}; rerun the "
                            f"participant level for sub-{ents.get('sub')}")
         return None
