@@ -140,8 +140,9 @@ def _difference(recorded: Mapping, expected: Mapping) -> str | None:
     old, new = recorded.get("Files", {}), expected["Files"]
     added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
     if added or removed:
-        return "its inputs changed: " + "; ".join(
-            [f"new {_short(added)}"] * bool(added) + [f"gone {_short(removed)}"] * bool(removed))
+        parts = [f"new {_short(added)}"] * bool(added)
+        parts += [f"no longer used (absent, or failed now) {_short(removed)}"] * bool(removed)
+        return "its inputs changed: " + "; ".join(parts)
     changed = sorted(uri for uri in new if old[uri] != new[uri])
     if changed:
         return f"{_short(changed)} changed since it was written"

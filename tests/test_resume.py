@@ -133,7 +133,11 @@ def test_failed_run_listed_and_repaired_by_a_plain_rerun(tmp_path, rng, capsys):
     bold = ds["bolds"]["01", 2]
     good = bold.read_bytes()
     bold.write_bytes(good[: len(good) // 2])
+    capsys.readouterr()
     assert main(argv(ds)) == 5
+    err = capsys.readouterr().err  # found unreadable before the job starts: still its failure
+    assert re.search(r"WARNING: sub-01: finished in \d+\.\d s: 2 file\(s\) written, 0 kept, "
+                     r"1 failure\(s\)", err), err
     sidecar = json.loads((ds["out"] / "sub-01/func/"
                           "sub-01_space-MNI152NLin2009cAsym_res-2_atlas-Demo_bold.json")
                          .read_text())

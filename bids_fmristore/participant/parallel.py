@@ -44,9 +44,12 @@ class _Subjects:
         self._left: dict[str, int] = defaultdict(int)
         self._runs: dict[str, set[Path]] = defaultdict(set)
         self._grids: dict[str, set] = defaultdict(set)
+        #: runs that failed before the jobs started (discovery, planning): not in the results
+        self._failed_early: dict[str, set[Path]] = defaultdict(set)
         for job in jobs:
             self._left[job.subject] += 1
             self._runs[job.subject] |= {r.path for r in job.runs} | {r.path for r, _ in job.failed}
+            self._failed_early[job.subject] |= {r.path for r, _ in job.failed}
             self._grids[job.subject].add((job.space, job.res))
         self._started: dict[str, float] = {}
         self._results: dict[str, list[JobResult]] = {}
@@ -68,7 +71,7 @@ class _Subjects:
         elapsed = time.monotonic() - self._started[job.subject]
         written = sum(len(r.written) for r in results)
         kept = sum(len(r.skipped) for r in results)
-        failed = sum(len(r.failures) for r in results)
+        failed = sum(len(r.failures) for r in results) + len(self._failed_early[job.subject])
         log.log(logging.WARNING if failed else logging.INFO,
                 "sub-%s: finished in %.1f s: %d file(s) written, %d kept, %d failure(s)",
                 job.subject, elapsed, written, kept, failed)
