@@ -152,7 +152,7 @@ def test_tr_from_json_sidecar(tmp_path, rng, caplog):
 
 @pytest.mark.parametrize(("unit", "pixdim", "expected"),
                          [("sec", 2.5, 2.5), ("msec", 2500.0, 2.5)])
-def test_header_tr_when_json_lacks_it(tmp_path, rng, unit, pixdim, expected):
+def test_header_tr_when_json_lacks_it(tmp_path, rng, unit, pixdim, expected, caplog):
     fmriprep = tmp_path / "fmriprep"
     bold = make_fmriprep_run(fmriprep, bold_data(rng), AFFINE, full_mask())
     img = nib.load(bold)
@@ -161,8 +161,12 @@ def test_header_tr_when_json_lacks_it(tmp_path, rng, unit, pixdim, expected):
     img.header["pixdim"][4] = pixdim
     nib.save(img, bold)
     write_json(bold.with_name(bold.name.replace(".nii.gz", ".json")), {"TaskName": "rest"})
-    (run,) = discover(fmriprep).runs
+    with caplog.at_level(logging.WARNING):
+        (run,) = discover(fmriprep).runs
     assert run.tr == pytest.approx(expected)
+    assert [r.getMessage() for r in caplog.records if "RepetitionTime" in r.getMessage()] == [
+        f"{bold.name}: no RepetitionTime in its JSON sidecar(s); using the header's "
+        f"{expected:.4g} s"]
 
 
 def test_tr_disagreement_warns(tmp_path, rng, caplog):

@@ -192,7 +192,9 @@ def repetition_time(path: Path, header, metadata: Mapping, source: Mapping[str, 
             log.warning("%s: RepetitionTime %.4g s in JSON but %.4g s in the header; using JSON",
                         path.name, json_tr, header_tr)
         return json_tr
-    if math.isfinite(header_tr) and header_tr > 0:
+    if math.isfinite(header_tr) and header_tr > 0:  # BIDS requires it in the sidecar
+        log.warning("%s: no RepetitionTime in its JSON sidecar(s); using the header's %.4g s",
+                    path.name, header_tr)
         return header_tr
     if pixdim == 0:
         raise RunError(f"{path}: no RepetitionTime in the JSON sidecar or the header "
