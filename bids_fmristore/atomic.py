@@ -16,6 +16,7 @@ lock, i.e. when its writer is dead.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -225,17 +226,19 @@ def errno_of(err: OSError) -> int | None:
     return int(found.group(1)) if found else None
 
 
+#: errno values that mean the file system refused the bytes (full, a quota, a size limit)
+_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
 def _naming(exc: BaseException, final: Path) -> OSError | None:
-    """An OSError that names ``final`` for one raised while its temporary was written
-    without a file name (``os.write``, ``Path.write_bytes``) or with the temporary's (HDF5's
-    messages, several lines long): ``<final>: cannot be written (No space left on device)``."""
-    if not isinstance(exc, OSError):
+    """An OSError that names ``final`` for a refused write of its temporary that names no
+    file (``os.write``, ``Path.write_bytes``) or the temporary (HDF5's messages, several lines
+    long): ``<final>: cannot be written (No space left on device)``."""
+    if not isinstance(exc, OSError) or errno_of(exc) not in _REFUSED:
         return None
     if exc.filename is not None and PARTIAL_MARK not in Path(str(exc.filename)).name:
         return None
     code = errno_of(exc)
-    if code is None:
-        return None
     return OSError(code, f"cannot be written ({os.strerror(code)})", str(final))
 
 

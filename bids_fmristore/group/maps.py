@@ -81,9 +81,9 @@ def collect_maps(output_dir: Path, *, group_by: str = "subject",
     Returns ``{(space, res): {stat: [GroupItem, ...]}}`` where ``res`` is the grid's label
     among the grids of its space (:func:`bids_fmristore.grids.grid_labels`: the participant
     files' own ``res-`` where it tells the grids apart, else one derived from the grid).
-    Files that are incomplete or unreadable, and ``participants`` without maps, are left out
-    with an ERROR, added to ``problems``; a subject whose maps leave out failed runs gets a
-    WARNING.
+    Files that are incomplete, unreadable or out of date, and ``participants`` without maps,
+    are left out with an ERROR, added to ``problems``; a subject whose maps leave out failed
+    runs gets a WARNING.
 
     Raises
     ------
