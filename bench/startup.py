@@ -181,8 +181,10 @@ def group_outputs(out: Path, n: int, bids: Path) -> None:
     writes them."""
     import numpy as np
 
+    from bids_fmristore.derivatives import write_json
     from bids_fmristore.formats.header import Geometry
-    from bids_fmristore.voxelmaps import MapsTarget, write_maps
+    from bids_fmristore.resume import sidecar_of, with_size
+    from bids_fmristore.voxelmaps import STATS, MapsTarget, write_maps
 
     affine = np.diag([4.0, 4.0, 4.0, 1.0])
     affine[:3, 3] = [-40.0, -48.0, -40.0]
@@ -201,7 +203,11 @@ def group_outputs(out: Path, n: int, bids: Path) -> None:
         mean = 100 + rng.standard_normal(voxels.size)
         std = 1 + rng.random(voxels.size)
         stats = {"mean": mean, "std": std, "tsnr": mean / std}
-        write_maps(target, sub, [(f"{sub}_{_RUN}", stats)])
+        labels = write_maps(target, sub, [(f"{sub}_{_RUN}", stats)])
+        # the sidecar after the file, as the participant level writes it: it marks it done
+        write_json(sidecar_of(path), with_size(path, {
+            "Labels": labels, "Statistics": list(STATS), "FailedRuns": [],
+            "Inputs": {"Files": {}, "Options": {}}}))
     from bids_fmristore.derivatives import write_dataset_description
     from bids_fmristore.inputs.discovery import Dataset
 

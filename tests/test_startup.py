@@ -20,6 +20,7 @@ import pytest
 
 from bids_fmristore.cli.run import main
 from bids_fmristore.errors import EXIT_INPUT, EXIT_OK, EXIT_USAGE
+from bids_fmristore.formats.labeled import LabeledVolumeSet
 
 _spec = importlib.util.spec_from_file_location(
     "bench_startup", Path(__file__).parents[1] / "bench" / "startup.py")
@@ -143,3 +144,15 @@ def test_out_of_date_database_is_one_error_line(tmp_path, capsys):
     assert main(argv) == EXIT_INPUT
     err = capsys.readouterr().err
     assert "out of date" not in err and "sub-00004_task-rest_run-01" in err, err
+
+
+def test_the_benchmarks_group_maps_are_what_the_group_level_takes(stub, tmp_path, capsys):
+    """bench/startup.py's group part times the group level over generated participant maps:
+    they must be complete outputs (a sidecar after each file), or it times an error."""
+    out = tmp_path / "out"
+    bench.group_outputs(out, 5, stub.bids)
+    assert main([str(stub.bids), str(out), "group", "-q"]) == EXIT_OK, capsys.readouterr().err
+    groups = sorted((out / "group").glob("*_stat-tsnr_bold.h5"))
+    assert len(groups) == 1
+    with LabeledVolumeSet(groups[0]) as g:
+        assert len(g.labels) == 5
