@@ -21,7 +21,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 __all__ = ["file_stamp", "inputs_record", "why_rebuild", "sidecar_of", "should_build",
-           "with_size", "read_sidecar", "changed_inputs"]
+           "with_size", "read_sidecar", "changed_inputs", "short_uris"]
 
 #: The sidecar's record of the size (bytes) of the file it describes, when that was written.
 SIZE_KEY = "FileSize"
@@ -140,15 +140,16 @@ def _difference(recorded: Mapping, expected: Mapping) -> str | None:
     old, new = recorded.get("Files", {}), expected["Files"]
     added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
     if added or removed:
-        parts = [f"new {_short(added)}"] * bool(added)
-        parts += [f"no longer used (absent, or failed now) {_short(removed)}"] * bool(removed)
+        parts = [f"new {short_uris(added)}"] * bool(added)
+        parts += [f"no longer used (absent, or failed now) {short_uris(removed)}"] * bool(removed)
         return "its inputs changed: " + "; ".join(parts)
     changed = sorted(uri for uri in new if old[uri] != new[uri])
     if changed:
-        return f"{_short(changed)} changed since it was written"
+        return f"{short_uris(changed)} changed since it was written"
     return None
 
 
-def _short(uris: Iterable[str]) -> str:
+def short_uris(uris: Iterable[str]) -> str:
+    """The file names of BIDS URIs, for a message: the first three and how many more."""
     uris = [u.replace(":", "/").rsplit("/", 1)[-1] for u in uris]  # the file names
     return ", ".join(uris[:3]) + (f" and {len(uris) - 3} more" if len(uris) > 3 else "")

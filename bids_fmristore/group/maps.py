@@ -35,6 +35,7 @@ from bids_fmristore.resume import (
     changed_inputs,
     inputs_record,
     read_sidecar,
+    short_uris,
     should_build,
     with_size,
 )
@@ -144,10 +145,7 @@ def _read_maps(path: Path, group_by: str, problems: list[str], roots: dict[str, 
     content, reason = read_sidecar(path)
     if content is None or (changed := changed_inputs(content.get("Inputs") or {}, roots)):
         if content is not None:
-            names = [uri.rsplit("/", 1)[-1] for uri in changed]
-            reason = (f"out of date, {', '.join(names[:3])}"
-                      f"{f' and {len(names) - 3} more' if len(names) > 3 else ''} changed "
-                      "since it was written")
+            reason = f"out of date, {short_uris(changed)} changed since it was written"
         _problem(problems, f"{path}: left out of the group files: {reason}; rerun the "
                            f"participant level for sub-{ents.get('sub')}")
         return None
