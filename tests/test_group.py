@@ -187,3 +187,40 @@ def test_maps_older_than_their_inputs_are_left_out(tmp_path, rng, capsys):
         assert g.labels == ["sub-01", "sub-03"]
     assert main(participant) == 0  # rebuilds sub-02's files from the new input
     assert main(group) == 0
+
+
+def test_maps_with_and_without_sessions_of_one_subject_are_not_counted_twice(tmp_path, rng,
+                                                                             capsys):
+    """Runs of the participant level with and without --session-label leave per-session maps
+    beside the subject's maps of all its sessions: a group file would count its runs twice."""
+    shape = (6, 5, 4)
+    make_raw(tmp_path / "bids", subjects=("01", "02"), sessions=("1", "2"))
+    for sub in ("01", "02"):
+        for ses in ("1", "2"):
+            make_fmriprep_run(tmp_path / "fmriprep",
+                              rng.normal(50, 3, (*shape, 5)).astype(np.float32), np.eye(4),
+                              np.ones(shape, bool), sub=sub, ses=ses)
+    atlas = make_atlas(tmp_path / "atlas", random_labels(shape, 3, rng), np.eye(4))
+    out = tmp_path / "out"
+    participant = [str(tmp_path / "bids"), str(out), "participant", "-d",
+                   f"f={tmp_path / 'fmriprep'}", "--atlas", f"A={atlas}"]
+    assert main([*participant, "--session-label", "1", "2"]) == 0
+    group = [str(tmp_path / "bids"), str(out), "group"]
+    assert main(group) == 0
+    with LabeledVolumeSet(out / "group" / "space-MNI152NLin2009cAsym_stat-mean_bold.h5") as g:
+        assert g.labels == ["sub-01_ses-1", "sub-01_ses-2", "sub-02_ses-1", "sub-02_ses-2"]
+    assert main([*participant, "--participant-label", "01"]) == 0  # sub-01 without sessions
+    capsys.readouterr()
+    for extra in ((), ("--group-by", "run")):
+        assert main([*group, *extra]) == 5
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if ": ERROR: " in line]
+        assert len(errors) == 3, err  # one per statistic
+        name = "sub-01_{}space-MNI152NLin2009cAsym_desc-voxelstats_bold.h5"
+        if extra:  # the run found twice, and the two files that hold it
+            want = (f"sub-01_ses-1_task-rest_run-01 has several maps files on this grid "
+                    f"({name.format('ses-1_')}, {name.format('')})")
+        else:
+            want = (f"sub-01 has several maps files on this grid ({name.format('ses-1_')}, "
+                    f"{name.format('ses-2_')}, {name.format('')})")
+        assert all(want in line and line.endswith("remove the stale ones") for line in errors)

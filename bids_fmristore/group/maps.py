@@ -234,12 +234,11 @@ def write_group(output_dir: Path, bids_dir: Path | None, *, group_by: str = "sub
             parts += [f"stat-{stat}"] + (["desc-runs"] if group_by == "run" else [])
             path = output_dir / "group" / ("_".join(parts) + "_bold.h5")
             labels = [item.label for item in items]
-            twice = sorted({lab for lab in labels if labels.count(lab) > 1})
-            if twice:
-                files = sorted({item.source.name for item in items if item.label in twice})
-                _problem(problems, f"{path}: not written: {group_by} {twice[0]} has several "
-                                   f"maps files on this grid ({', '.join(files)}); remove the "
-                                   "stale ones, or select sessions")
+            conflict = _conflict(items)
+            if conflict is not None:
+                who, files = conflict
+                _problem(problems, f"{path}: not written: {who} has several maps files on "
+                                   f"this grid ({', '.join(files)}); remove the stale ones")
                 continue
             record = inputs_record(
                 {f"bids::{item.source.relative_to(output_dir).as_posix()}": item.source
@@ -263,6 +262,24 @@ def write_group(output_dir: Path, bids_dir: Path | None, *, group_by: str = "sub
                 continue
             written.append(path)
     return GroupResult(written, problems)
+
+
+def _conflict(items: list[GroupItem]) -> tuple[str, list[str]] | None:
+    """A subject or run found in several maps files of one grid, and those files: the same
+    label twice, or one subject's maps both per session and for all its sessions (outputs of
+    runs with and without ``--session-label``, which would count its runs twice)."""
+    labels = [item.label for item in items]
+    twice = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if twice:
+        return twice[0], sorted({item.source.name for item in items if item.label == twice[0]})
+    sources: dict[str, set[Path]] = defaultdict(set)
+    for item in items:
+        sources[item.subject].add(item.source)
+    for subject, files in sorted(sources.items()):
+        sessions = {_entities(f).get("ses") for f in files}
+        if None in sessions and len(sessions) > 1:
+            return f"sub-{subject}", sorted(f.name for f in files)
+    return None
 
 
 def _write_stat(path: Path, record: dict, items: list[GroupItem], mask_affine: tuple, *,
