@@ -352,8 +352,9 @@ def test_filter_on_entity_no_file_has(tmp_path):
     fmriprep, _ = subjects(tmp_path)
     # valid BIDS entities, just absent: null matches all, a value matches none
     assert len(discover(fmriprep, filters={"bold": {"acquisition": None, "echo": None}}).runs) == 2
-    with pytest.raises(InputError, match="no BOLD run matches"):
+    with pytest.raises(InputError, match="no BOLD run matches") as caught:
         discover(fmriprep, filters={"bold": {"acquisition": "x"}})
+    assert "'acquisition': 'x'" in str(caught.value)  # the filter that selected nothing
     bids = make_raw(tmp_path / "bids")
     (run,) = discover(bids, filters={"bold": {"desc": None}}).runs  # desc: derivatives only
     assert run.space is None

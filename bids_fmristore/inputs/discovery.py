@@ -254,6 +254,7 @@ def discover(
     what = f"space={space}" if any(ds.is_derivative for ds in sources) else "raw BOLD"
     if not result.runs and not result.problems:
         shown = {k: v for k, v in query.items() if k not in ("suffix", "datatype", "extension")}
+        shown.update(filters.get("bold", {}))  # the --bids-filter-file's, as the user wrote them
         where = ", ".join(str(ds.root) for ds in sources)
         raise InputError(f"no BOLD run matches ({what}, filters {shown or 'none'}) in {where}")
     result.runs.sort(key=lambda r: (r.subject, sorted(r.entities.items())))
