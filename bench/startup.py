@@ -181,9 +181,8 @@ def group_outputs(out: Path, n: int, bids: Path) -> None:
     writes them."""
     import numpy as np
 
-    from bids_fmristore.derivatives import write_json
+    from bids_fmristore.derivatives import write_sidecar
     from bids_fmristore.formats.header import Geometry
-    from bids_fmristore.resume import sidecar_of, with_size
     from bids_fmristore.voxelmaps import STATS, MapsTarget, write_maps
 
     affine = np.diag([4.0, 4.0, 4.0, 1.0])
@@ -205,9 +204,9 @@ def group_outputs(out: Path, n: int, bids: Path) -> None:
         stats = {"mean": mean, "std": std, "tsnr": mean / std}
         labels = write_maps(target, sub, [(f"{sub}_{_RUN}", stats)])
         # the sidecar after the file, as the participant level writes it: it marks it done
-        write_json(sidecar_of(path), with_size(path, {
+        write_sidecar(path, {
             "Labels": labels, "Statistics": list(STATS), "FailedRuns": [],
-            "Inputs": {"Files": {}, "Options": {}}}))
+            "Inputs": {"Files": {}, "Options": {}}})
     from bids_fmristore.derivatives import write_dataset_description
     from bids_fmristore.inputs.discovery import Dataset
 

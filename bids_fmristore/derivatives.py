@@ -12,12 +12,14 @@ from pathlib import Path
 from bids_fmristore import __version__
 from bids_fmristore.atomic import atomic_write_text
 from bids_fmristore.inputs.discovery import ENTITY_KEYS, BoldRun, Dataset
+from bids_fmristore.resume import sidecar_of, with_size
 
 __all__ = [
     "BIDS_VERSION",
     "output_path",
     "scan_names",
     "write_json",
+    "write_sidecar",
     "write_dataset_description",
     "container_info",
 ]
@@ -91,6 +93,12 @@ def write_json(path: Path, content: Mapping) -> None:
     """Write a JSON file atomically (sorted, indented, UTF-8)."""
     atomic_write_text(path, json.dumps(content, indent=2, sort_keys=True, ensure_ascii=False)
                       + "\n")
+
+
+def write_sidecar(output: Path, content: Mapping) -> None:
+    """The JSON sidecar of a complete ``output`` (in place, renamed), with its size
+    (:func:`~bids_fmristore.resume.with_size`): written last, it marks the file as done."""
+    write_json(sidecar_of(output), with_size(output, content))
 
 
 def container_info() -> dict[str, str] | None:

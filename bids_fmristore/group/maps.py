@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from bids_fmristore.atomic import atomic_write_text
-from bids_fmristore.derivatives import write_json
+from bids_fmristore.derivatives import write_sidecar
 from bids_fmristore.errors import InputError
 from bids_fmristore.formats.labeled import LabeledVolumeSet, write_labeled
 from bids_fmristore.grids import Grid, grid_labels
@@ -37,7 +37,6 @@ from bids_fmristore.resume import (
     read_sidecar,
     short_uris,
     should_build,
-    with_size,
 )
 from bids_fmristore.voxelmaps import MAPS_DESC, STATS
 
@@ -306,14 +305,14 @@ def _write_stat(path: Path, record: dict, items: list[GroupItem], mask_affine: t
     atomic_write_text(path.with_name(stem + ".tsv"),
                       rows.to_csv(sep="\t", index=False, na_rep="n/a"))
     # The sidecar last: it is what makes the file count as done.
-    write_json(path.with_name(stem + ".json"), with_size(path, {
+    write_sidecar(path, {
         "Description": f"Participant-level voxel maps (stat-{stat}) of each "
                        f"{group_by}; NaN outside each one's own mask",
         "Statistic": stat, "GroupBy": group_by, "MaskThreshold": threshold,
         "Sources": {item.label: f"bids::{item.source.relative_to(output_dir).as_posix()}"
                                 f"#{item.source_label}" for item in items},
         "Inputs": record,
-    }))
+    })
 
 
 def _without_maps(table: pd.DataFrame, groups: dict) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from bids_fmristore.compute.parcellate import StoredValues, parcellate_run
 from bids_fmristore.compute.tiles import TileStore
-from bids_fmristore.derivatives import scan_names, write_json
+from bids_fmristore.derivatives import scan_names, write_sidecar
 from bids_fmristore.errors import RunError
 from bids_fmristore.formats.multiscan import ParcellatedMultiScan
 from bids_fmristore.formats.multiscan_writer import MultiScanWriter
@@ -43,7 +43,6 @@ from bids_fmristore.participant.targets import (
 from bids_fmristore.participant.threads import Abandoned, each_run, stoppable
 from bids_fmristore.progress import Progress, run_label
 from bids_fmristore.resources import release_free_memory
-from bids_fmristore.resume import sidecar_of, with_size
 from bids_fmristore.tables import write_run_tables
 from bids_fmristore.voxelmaps import STATS, run_maps, write_maps
 
@@ -202,7 +201,7 @@ def finish_job(prep: Prepared, opts: Options, done: dict, failed: list) -> None:
         content = _sidecar(target, opts, scans_info, job.space)
         content["Inputs"] = prep.inputs[target.output]
         content["FailedRuns"] = failed_runs
-        write_json(sidecar_of(target.output), with_size(target.output, content))
+        write_sidecar(target.output, content)
         result.written.append(target.output)
         for denoising in target.denoise:
             _finish_denoised(prep, target, i, denoising, opts, done, failed_runs)
@@ -212,14 +211,14 @@ def finish_job(prep: Prepared, opts: Options, done: dict, failed: list) -> None:
                             [(name, stats) for name, (_, _, stats, *_) in done.items()],
                             overwrite=True)
         sources = [uri for run, *_ in done.values() for uri in _run_sources(run)]
-        write_json(sidecar_of(prep.maps.output), with_size(prep.maps.output, {
+        write_sidecar(prep.maps.output, {
             "Description": "Voxel-wise temporal mean, standard deviation (ddof=0) and tSNR of "
                            "each run inside its brain mask (NaN outside), and their average "
                            "over runs; fmristore LabeledVolumeSet",
             "Sources": sources, "Labels": labels, "Statistics": list(STATS),
             "Inputs": prep.inputs[prep.maps.output], "FailedRuns": failed_runs,
             **({"Space": job.space} if job.space else {}),
-        }))
+        })
         result.written.append(prep.maps.output)
 
 
@@ -274,7 +273,7 @@ def _finish_denoised(prep: Prepared, target: Target, index: int, denoising: Deno
     content["Sources"] += [s["Confounds"] for s in scans.values()]
     content["Inputs"] = prep.inputs[path]
     content["FailedRuns"] = failed_here
-    write_json(sidecar_of(path), with_size(path, content))
+    write_sidecar(path, content)
     prep.result.written.append(path)
 
 

@@ -29,13 +29,13 @@ import numpy as np
 from bids_fmristore import __version__
 from bids_fmristore.compute.latent import decompose, loadings
 from bids_fmristore.compute.tiles import TileStore
-from bids_fmristore.derivatives import write_json
+from bids_fmristore.derivatives import write_sidecar
 from bids_fmristore.formats.header import Geometry, mask_order
 from bids_fmristore.formats.latent import LatentWriter
 from bids_fmristore.formats.neurovec_stream import NeuroVecWriter
 from bids_fmristore.inputs.discovery import ENTITY_KEYS, BoldRun
 from bids_fmristore.inputs.nifti_header import NiftiInfo
-from bids_fmristore.resume import inputs_record, should_build, sidecar_of, with_size
+from bids_fmristore.resume import inputs_record, should_build
 
 __all__ = ["RunOutputs", "RunSink", "dense_path", "latent_path", "plan_run_outputs",
            "run_outputs_sink", "LATENT_DESC", "DENSE_COMPRESS"]
@@ -178,11 +178,11 @@ def run_outputs_sink(plan: RunOutputs | None, name: str, run: BoldRun, info: Nif
             yield RunSink(sink, dense.ahead if dense is not None else None)
         # The sidecar after the rename: an .h5 without one is rebuilt by the next run.
         if plan.dense is not None:
-            write_json(sidecar_of(plan.dense), with_size(plan.dense, {
+            write_sidecar(plan.dense, {
                 **common, "Inputs": plan.inputs[plan.dense],
                 "Description": "The BOLD run as an fmristore H5NeuroVec: float32, scaled as "
                                "nibabel does, 4-D data at /data (h5py shape (T, Z, Y, X)); "
-                               "fmristore::H5NeuroVec(file) opens it"}))
+                               "fmristore::H5NeuroVec(file) opens it"})
         if store is not None:
             _write_latent(plan, store, name, run, info, components, common)
 
@@ -233,7 +233,7 @@ def _write_latent(plan: RunOutputs, store: TileStore, name: str, run: BoldRun,
     if store.nonfinite_voxels:
         log.warning("%s: %d voxel(s) inside the mask hold NaN or Inf; they count as 0 in the "
                     "latent decomposition", run.path, store.nonfinite_voxels)
-    write_json(sidecar_of(plan.latent), with_size(plan.latent, {
+    write_sidecar(plan.latent, {
         **common, "Inputs": plan.inputs[plan.latent],
         "Description": "PCA of the run's in-mask voxel series as an fmristore LatentNeuroVec: "
                        "value = embedding (temporal basis, T x K, orthonormal) x loadings "
@@ -247,4 +247,4 @@ def _write_latent(plan: RunOutputs, store: TileStore, name: str, run: BoldRun,
         "VarianceExplained": [round(float(v), 8) for v in explained],
         "CumulativeVarianceExplained": round(float(explained.sum()), 8),
         "NonFiniteVoxels": store.nonfinite_voxels,
-    }))
+    })
